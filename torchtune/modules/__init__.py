@@ -1,1 +1,17 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
+from torchtune.modules.attention import CausalSelfAttention
+from torchtune.modules.feed_forward import FeedForward
+from torchtune.modules.kv_cache import KVCache
+from torchtune.modules.position_embeddings import RotaryPositionalEmbeddings
+from torchtune.modules.rms_norm import RMSNorm
+from torchtune.modules.transformer import TransformerDecoder, TransformerDecoderLayer
+
+__all__ = [
+    "CausalSelfAttention",
+    "FeedForward",
+    "KVCache",
+    "RMSNorm",
+    "RotaryPositionalEmbeddings",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+]

@@ -1,0 +1,143 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchtune.modules.kv_cache import KVCache
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal self-attention with multi-head, grouped-query and multi-query variants.
+
+    ``num_kv_heads == num_heads`` is multi-head attention, ``num_kv_heads == 1`` multi-query,
+    anything dividing ``num_heads`` in between grouped-query (GQA, Ainslie et al. 2023). Each
+    key/value head serves ``num_heads // num_kv_heads`` consecutive query heads. The kernel is
+    ``F.scaled_dot_product_attention``.
+
+    Masking:
+      * no cache, ``mask=None``: plain causal attention (SDPA's ``is_causal``, no mask built).
+      * ``mask`` ``BoolTensor[b, s, s]`` (True = may attend): used as given, e.g. block-causal
+        masks of packed samples. It must include causality itself.
+      * with a KV cache and ``mask=None``: the query at position ``p`` attends cache slots
+        ``<= p`` (built from ``input_pos``).
+      * with a KV cache, ``mask`` ``BoolTensor[b, s, max_seq_len]``: used as given over cache
+        slots, e.g. for left-padded batched generation (causal and padding in one mask).
+    A query row that may attend nothing yields zeros (SDPA's convention), not NaN.
+
+    Args:
+        embed_dim: model dimension.
+        num_heads: number of query heads.
+        num_kv_heads: number of key/value heads; must divide ``num_heads``.
+        head_dim: per-head dimension.
+        q_proj: ``embed_dim -> num_heads * head_dim``.
+        k_proj: ``embed_dim -> num_kv_heads * head_dim``.
+        v_proj: ``embed_dim -> num_kv_heads * head_dim``.
+        output_proj: ``num_heads * head_dim -> embed_dim``.
+        pos_embeddings: applied to queries and keys, called as ``pos_embeddings(x, input_pos=...)``.
+        kv_cache: optional :class:`KVCache`; usually set by ``TransformerDecoder.setup_caches``.
+        max_seq_len: largest sequence length (and cache length).
+        attn_dropout: dropout on attention weights, in training only.
+
+    Raises:
+        ValueError: on inconsistent head counts or dropout outside ``[0, 1]``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        q_proj: nn.Module,
+        k_proj: nn.Module,
+        v_proj: nn.Module,
+        output_proj: nn.Module,
+        pos_embeddings: nn.Module,
+        kv_cache: Optional[KVCache] = None,
+        max_seq_len: int = 4096,
+        attn_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
+            )
+        if not 0.0 <= attn_dropout <= 1.0:
+            raise ValueError(f"attn_dropout must be in [0, 1], got {attn_dropout}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.max_seq_len = max_seq_len
+        self.attn_dropout = attn_dropout
+        self.q_proj = q_proj
+        self.k_proj = k_proj
+        self.v_proj = v_proj
+        self.output_proj = output_proj
+        self.pos_embeddings = pos_embeddings
+        self.kv_cache = kv_cache
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            x: ``[b, s, embed_dim]``.
+            mask: optional ``BoolTensor[b, s, s]`` (or ``[b, s, max_seq_len]`` with a KV cache),
+                True = may attend. See the class docstring.
+            input_pos: ``LongTensor[b, s]`` positions of the tokens; required with a KV cache,
+                ``arange(s)`` otherwise when None.
+
+        Returns:
+            ``[b, s, embed_dim]``.
+
+        Raises:
+            ValueError: if a KV cache is set and ``input_pos`` is None.
+        """
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+
+        q = self.pos_embeddings(q, input_pos=input_pos)
+        k = self.pos_embeddings(k, input_pos=input_pos)
+
+        # [b, n, s, h_d]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+        is_causal = False
+        if self.kv_cache is not None:
+            if input_pos is None:
+                raise ValueError("input_pos is required when the KV cache is enabled")
+            k, v = self.kv_cache.update(input_pos, k, v)  # [b, n_kv, max_seq_len, h_d]
+            if mask is None:
+                slots = torch.arange(k.shape[2], device=input_pos.device)
+                mask = slots.view(1, 1, -1) <= input_pos.unsqueeze(-1)  # [b, s, max_seq_len]
+        elif mask is None:
+            is_causal = True
+
+        if self.num_kv_heads != self.num_heads:
+            q_per_kv = self.num_heads // self.num_kv_heads
+            # [b, n_kv, kv_len, h_d] -> [b, n_h, kv_len, h_d]; kv head j serves q heads j*q_per_kv...
+            k = k.repeat_interleave(q_per_kv, dim=1)
+            v = v.repeat_interleave(q_per_kv, dim=1)
+
+        if mask is not None:
+            mask = mask.unsqueeze(1)  # [b, 1, s, kv_len], broadcast over heads
+
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [b, s, n_h*h_d]
+        return self.output_proj(out)

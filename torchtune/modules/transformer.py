@@ -1,0 +1,167 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+from typing import List, Optional, Union
+
+import torch
+from torch import nn
+
+from torchtune.modules.attention import CausalSelfAttention
+from torchtune.modules.kv_cache import KVCache
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Pre-norm decoder block: ``h = x + attn(sa_norm(x)); out = h + mlp(mlp_norm(h))``.
+
+    Args:
+        attn: the self-attention module (called with ``mask=`` and ``input_pos=``).
+        mlp: the feed-forward module.
+        sa_norm: norm before attention.
+        mlp_norm: norm before the feed-forward.
+    """
+
+    def __init__(
+        self, attn: CausalSelfAttention, mlp: nn.Module, sa_norm: nn.Module, mlp_norm: nn.Module
+    ) -> None:
+        super().__init__()
+        self.sa_norm = sa_norm
+        self.attn = attn
+        self.mlp_norm = mlp_norm
+        self.mlp = mlp
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            x: ``[b, s, d]``.
+            mask: see :class:`CausalSelfAttention`.
+            input_pos: ``LongTensor[b, s]`` or None.
+
+        Returns:
+            ``[b, s, d]``.
+        """
+        h = x + self.attn(self.sa_norm(x), mask=mask, input_pos=input_pos)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class TransformerDecoder(nn.Module):
+    """Decoder-only transformer: token embedding, a stack of layers, final norm, output head.
+
+    Args:
+        tok_embeddings: ``vocab -> d`` embedding.
+        layers: the decoder layers, applied in order.
+        norm: final norm.
+        output: ``d -> vocab`` projection.
+        max_seq_len: longest sequence (and KV cache length) the model accepts.
+        num_heads: query heads per layer (for bookkeeping).
+        head_dim: per-head dimension (used to size KV caches).
+    """
+
+    def __init__(
+        self,
+        tok_embeddings: nn.Embedding,
+        layers: Union[nn.ModuleList, List[nn.Module]],
+        norm: nn.Module,
+        output: nn.Module,
+        max_seq_len: int,
+        num_heads: int,
+        head_dim: int,
+    ) -> None:
+        super().__init__()
+        self.tok_embeddings = tok_embeddings
+        self.layers = layers if isinstance(layers, nn.ModuleList) else nn.ModuleList(layers)
+        self.norm = norm
+        self.output = output
+        self.max_seq_len = max_seq_len
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+
+    def setup_caches(self, batch_size: int, dtype: torch.dtype) -> None:
+        """Give every attention layer a fresh, zeroed KV cache of ``max_seq_len`` slots.
+
+        Args:
+            batch_size: largest batch that will be decoded.
+            dtype: dtype of the cached keys/values.
+        """
+        device = self.tok_embeddings.weight.device
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(
+                batch_size=batch_size,
+                max_seq_len=self.max_seq_len,
+                num_heads=layer.attn.num_kv_heads,
+                head_dim=self.head_dim,
+                dtype=dtype,
+                device=device,
+            )
+
+    def caches_are_enabled(self) -> bool:
+        return self.layers[0].attn.kv_cache is not None
+
+    def reset_caches(self) -> None:
+        """Zero the KV caches (start new sequences).
+
+        Raises:
+            RuntimeError: if caches were never set up.
+        """
+        if not self.caches_are_enabled():
+            raise RuntimeError("Caches are not set up; call model.setup_caches(batch_size, dtype)")
+        for layer in self.layers:
+            layer.attn.kv_cache.reset()
+
+    def teardown_caches(self) -> None:
+        """Drop the KV caches and go back to cache-free (training / scoring) forwards."""
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            tokens: ``LongTensor[b, s]``.
+            mask: optional ``BoolTensor[b, s, s]`` (True = may attend), e.g. block-causal masks
+                of packed samples or padding masks; it must include causality. With KV caches
+                on it may be ``[b, s, max_seq_len]`` over cache slots (e.g. left-padded
+                generation); None there means causal over cache slots.
+            input_pos: ``LongTensor[b, s]`` token positions; required with KV caches,
+                ``arange(s)`` per row otherwise when None.
+
+        Returns:
+            Logits ``[b, s, vocab]`` in the model's dtype.
+
+        Raises:
+            ValueError: on a too-long sequence, a badly shaped mask/input_pos, or missing
+                ``input_pos`` with caches on.
+        """
+        b, s = tokens.shape
+        if s > self.max_seq_len:
+            raise ValueError(f"Sequence length {s} exceeds the model's max_seq_len {self.max_seq_len}")
+        caches_on = self.caches_are_enabled()
+        if input_pos is not None and tuple(input_pos.shape) != (b, s):
+            raise ValueError(f"input_pos must have shape {(b, s)}, got {tuple(input_pos.shape)}")
+        if caches_on:
+            if input_pos is None:
+                raise ValueError("input_pos is required when KV caches are enabled")
+            if mask is None:
+                # Built once here rather than in every layer: query at p sees slots <= p.
+                slots = torch.arange(self.max_seq_len, device=tokens.device)
+                mask = slots.view(1, 1, -1) <= input_pos.unsqueeze(-1)  # [b, s, max_seq_len]
+        if mask is not None:
+            kv_len = self.max_seq_len if caches_on else s
+            if tuple(mask.shape) != (b, s, kv_len) or mask.dtype != torch.bool:
+                raise ValueError(
+                    f"mask must be a bool tensor of shape {(b, s, kv_len)}, got "
+                    f"{mask.dtype} {tuple(mask.shape)}"
+                )
+
+        h = self.tok_embeddings(tokens)  # [b, s, d]
+        for layer in self.layers:
+            h = layer(h, mask=mask, input_pos=input_pos)
+        return self.output(self.norm(h))  # [b, s, vocab]
