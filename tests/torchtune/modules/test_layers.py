@@ -1,0 +1,169 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""Per-module parity against Hugging Face's Llama pieces on the same weights and inputs."""
+import pytest
+import torch
+from transformers.models.llama import modeling_llama as hf_llama
+
+from tests.test_utils import tiny_hf_llama_config
+from torchtune.models.llama2._convert_weights import _unpermute
+from torchtune.modules import (
+    CausalSelfAttention,
+    FeedForward,
+    RMSNorm,
+    RotaryPositionalEmbeddings,
+)
+
+ATOL, RTOL = 1e-5, 1e-5
+
+
+def _meta_to_hf_layout(x: torch.Tensor) -> torch.Tensor:
+    """Meta's interleaved pairs -> HF's halves along the last dim (what HF's q/k permutation does)."""
+    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+
+
+def _hf_to_meta_layout(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.stack([x[..., :half], x[..., half:]], dim=-1).flatten(-2)
+
+
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    """Bool [b, s, t] (True = attend) -> HF eager's additive float mask [b, 1, s, t]."""
+    return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)[:, None]
+
+
+def test_rms_norm_matches_hf():
+    torch.manual_seed(0)
+    ref = hf_llama.LlamaRMSNorm(37, eps=1e-5)
+    ours = RMSNorm(37, eps=1e-5)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(37))
+        ours.scale.copy_(ref.weight)
+    x = torch.randn(3, 5, 37) * 4
+    torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=RTOL)
+    xb = x.bfloat16()
+    torch.testing.assert_close(ours.bfloat16()(xb), ref.bfloat16()(xb), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("explicit_pos", [False, True])
+def test_rope_matches_hf(explicit_pos):
+    torch.manual_seed(0)
+    cfg = tiny_hf_llama_config(hidden_size=96, num_heads=3, max_position_embeddings=64)
+    b, s, n_h, h_d = 2, 13, 3, 32
+    rope_ref = hf_llama.LlamaRotaryEmbedding(cfg)
+    rope = RotaryPositionalEmbeddings(h_d, max_seq_len=64, base=cfg.rope_parameters["rope_theta"])
+    x = torch.randn(b, s, n_h, h_d)
+    if explicit_pos:
+        pos = torch.randint(0, 64, (b, s))
+    else:
+        pos = torch.arange(s).expand(b, s)
+    cos, sin = rope_ref(x, pos)
+    x_hf = _meta_to_hf_layout(x).transpose(1, 2)  # [b, n_h, s, h_d]
+    ref, _ = hf_llama.apply_rotary_pos_emb(x_hf, x_hf, cos, sin)
+    ref = _hf_to_meta_layout(ref.transpose(1, 2))
+    out = rope(x, input_pos=pos if explicit_pos else None)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_rope_cache_is_fp32_non_persistent_and_meta_safe():
+    rope = RotaryPositionalEmbeddings(16, max_seq_len=32)
+    assert "cache" not in rope.state_dict()
+    expected = rope.cache.clone()
+    assert rope.to(torch.bfloat16).cache.dtype == torch.float32
+    torch.testing.assert_close(rope.cache, expected, atol=0, rtol=0)
+    with torch.device("meta"):
+        meta_rope = RotaryPositionalEmbeddings(16, max_seq_len=32)
+    meta_rope.to_empty(device="cpu")
+    torch.testing.assert_close(meta_rope.cache, expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="even dim"):
+        RotaryPositionalEmbeddings(15)
+
+
+def test_feed_forward_matches_hf():
+    torch.manual_seed(0)
+    cfg = tiny_hf_llama_config(hidden_size=40, intermediate_size=88)
+    ref = hf_llama.LlamaMLP(cfg)
+    lin = lambda i, o: torch.nn.Linear(i, o, bias=False)  # noqa: E731
+    ours = FeedForward(lin(40, 88), lin(88, 40), lin(40, 88))
+    ours.load_state_dict(
+        {
+            "w1.weight": ref.gate_proj.weight,
+            "w2.weight": ref.down_proj.weight,
+            "w3.weight": ref.up_proj.weight,
+        }
+    )
+    x = torch.randn(3, 7, 40)
+    torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=RTOL)
+
+
+def _attention_pair(num_heads, num_kv_heads, dim=64, max_seq_len=64):
+    cfg = tiny_hf_llama_config(
+        hidden_size=dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        max_position_embeddings=max_seq_len,
+    )  # fmt: skip
+    cfg._attn_implementation = "eager"
+    ref = hf_llama.LlamaAttention(cfg, layer_idx=0).eval()
+    head_dim = dim // num_heads
+    lin = lambda i, o: torch.nn.Linear(i, o, bias=False)  # noqa: E731
+    ours = CausalSelfAttention(
+        embed_dim=dim,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        q_proj=lin(dim, num_heads * head_dim),
+        k_proj=lin(dim, num_kv_heads * head_dim),
+        v_proj=lin(dim, num_kv_heads * head_dim),
+        output_proj=lin(dim, dim),
+        pos_embeddings=RotaryPositionalEmbeddings(head_dim, max_seq_len=max_seq_len),
+        max_seq_len=max_seq_len,
+    ).eval()
+    # HF permutes q/k rows for its rotate_half rotary; undo it to get Meta's layout.
+    ours.load_state_dict(
+        {
+            "q_proj.weight": _unpermute(ref.q_proj.weight, num_heads),
+            "k_proj.weight": _unpermute(ref.k_proj.weight, num_kv_heads),
+            "v_proj.weight": ref.v_proj.weight,
+            "output_proj.weight": ref.o_proj.weight,
+        }
+    )
+    return ref, ours, hf_llama.LlamaRotaryEmbedding(cfg)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (4, 1), (8, 2)])
+def test_attention_matches_hf_causal(num_heads, num_kv_heads):
+    torch.manual_seed(0)
+    ref, ours, rope_ref = _attention_pair(num_heads, num_kv_heads)
+    b, s = 3, 19
+    x = torch.randn(b, s, 64)
+    pos = torch.arange(s).expand(b, s)
+    causal = torch.ones(s, s, dtype=torch.bool).tril().expand(b, s, s)
+    with torch.no_grad():
+        expected, _ = ref(x, position_embeddings=rope_ref(x, pos), attention_mask=_additive(causal))
+        torch.testing.assert_close(ours(x), expected, atol=ATOL, rtol=RTOL)
+        # An explicit causal bool mask is the same thing.
+        torch.testing.assert_close(ours(x, mask=causal), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_attention_matches_hf_with_mask_and_positions():
+    """Block-causal mask + restarting positions (packing) against HF with the same mask."""
+    torch.manual_seed(0)
+    ref, ours, rope_ref = _attention_pair(4, 2)
+    b, s = 2, 12
+    x = torch.randn(b, s, 64)
+    lengths = [[5, 7], [3, 4, 5]]
+    mask = torch.zeros(b, s, s, dtype=torch.bool)
+    pos = torch.zeros(b, s, dtype=torch.long)
+    for i, row in enumerate(lengths):
+        start = 0
+        for n in row:
+            mask[i, start : start + n, start : start + n] = torch.ones(n, n).tril().bool()
+            pos[i, start : start + n] = torch.arange(n)
+            start += n
+    with torch.no_grad():
+        expected, _ = ref(x, position_embeddings=rope_ref(x, pos), attention_mask=_additive(mask))
+        torch.testing.assert_close(ours(x, mask=mask, input_pos=pos), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_attention_bad_heads_raise():
+    lin = torch.nn.Linear(8, 8)
+    with pytest.raises(ValueError, match="divisible"):
+        CausalSelfAttention(8, 4, 3, 2, lin, lin, lin, lin, RotaryPositionalEmbeddings(2))
