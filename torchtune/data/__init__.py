@@ -1,1 +1,11 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
+from torchtune.data._collate import padded_collate
+from torchtune.data._common import CROSS_ENTROPY_IGNORE_IDX
+from torchtune.data._templates import AlpacaInstructTemplate, InstructTemplate
+
+__all__ = [
+    "AlpacaInstructTemplate",
+    "CROSS_ENTROPY_IGNORE_IDX",
+    "InstructTemplate",
+    "padded_collate",
+]

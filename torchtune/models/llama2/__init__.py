@@ -8,6 +8,7 @@ from torchtune.models.llama2._model_builders import (
     lora_llama2_13b,
     lora_llama2_7b,
 )
+from torchtune.models.llama2._tokenizer import llama2_tokenizer
 
 __all__ = [
     "hf_to_tune",
@@ -15,6 +16,7 @@ __all__ = [
     "llama2_7b",
     "llama2_13b",
     "llama2_70b",
+    "llama2_tokenizer",
     "lora_llama2",
     "lora_llama2_7b",
     "lora_llama2_13b",

@@ -1,1 +1,4 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
+from torchtune.modules.tokenizers._sentencepiece import SentencePieceTokenizer
+
+__all__ = ["SentencePieceTokenizer"]

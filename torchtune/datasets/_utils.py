@@ -1,0 +1,99 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""Loading and validating Hugging Face datasets."""
+import importlib
+import logging
+from typing import Any, Dict, List, Optional
+
+import datasets
+
+logger = logging.getLogger(__name__)
+
+
+def load_hf_dataset(source: str, split: str, **load_dataset_kwargs: Any) -> datasets.Dataset:
+    """``datasets.load_dataset(source, split=split, **load_dataset_kwargs)``, checked to be one split.
+
+    ``source`` is a Hub id (``"tatsu-lab/alpaca"``) or a builder name such as ``"json"``,
+    ``"csv"`` or ``"parquet"`` with ``data_files=...``.
+
+    Raises:
+        ValueError: if the result is not a single map-style split.
+    """
+    # Called through the module so tests can patch datasets.load_dataset at the network edge.
+    ds = datasets.load_dataset(source, split=split, **load_dataset_kwargs)
+    if not isinstance(ds, datasets.Dataset):
+        raise ValueError(
+            f"load_dataset({source!r}, split={split!r}) returned {type(ds).__name__}; a single "
+            "map-style split is needed (pass split='train', and no streaming=True)"
+        )
+    return ds
+
+
+def validate_columns(
+    ds: datasets.Dataset,
+    columns: Dict[str, bool],
+    source: str,
+    skip_bad_rows: bool = False,
+) -> Optional[List[int]]:
+    """Check every row's text columns up front, so training never starts on bad data.
+
+    Args:
+        ds (datasets.Dataset): the loaded split.
+        columns (Dict[str, bool]): column name -> whether it must be a non-empty string (True)
+            or may also be empty / None (False).
+        source (str): the dataset source, for messages.
+        skip_bad_rows (bool): drop bad rows (with a warning giving their count) instead of raising.
+
+    Returns:
+        Optional[List[int]]: indices of the good rows when some were skipped, else None.
+
+    Raises:
+        ValueError: naming the column (and the row index) of the first bad value: a column
+            missing from the dataset, a missing (None) or non-string value, or an empty required
+            value. With ``skip_bad_rows`` it still raises for a missing column or when no row is good.
+    """
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"{source}: column(s) {missing} missing from every row (row 0 onwards); the dataset "
+            f"has columns {ds.column_names}. Rename them with column_map or fix the data."
+        )
+    bad_rows = set()
+    for column, required in columns.items():
+        # Whole-column access is one Arrow conversion, far faster than iterating rows.
+        for i, value in enumerate(ds[column][:]):
+            if value is None and not required:
+                continue
+            if not isinstance(value, str):
+                problem = "is missing" if value is None else f"is a {type(value).__name__} ({value!r}), not a string"
+            elif required and not value.strip():
+                problem = f"is empty ({value!r})"
+            else:
+                continue
+            if not skip_bad_rows:
+                raise ValueError(
+                    f"{source}: row {i}, column '{column}' {problem}. Fix the data, or pass "
+                    "skip_bad_rows=True to drop such rows."
+                )
+            bad_rows.add(i)
+    if not bad_rows:
+        return None
+    if len(bad_rows) == len(ds):
+        raise ValueError(f"{source}: all {len(ds)} rows are bad (columns {list(columns)})")
+    logger.warning(
+        "%s: skipped %d of %d rows with missing, non-string or empty values (first: row %d)",
+        source, len(bad_rows), len(ds), min(bad_rows),
+    )
+    return [i for i in range(len(ds)) if i not in bad_rows]
+
+
+def get_component(path: str) -> Any:
+    """Import ``"package.module.Name"`` and return ``Name``.
+
+    Raises:
+        ValueError: if the path cannot be imported.
+    """
+    module_name, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"cannot import {path!r}: {e}") from e
