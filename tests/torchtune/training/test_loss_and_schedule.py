@@ -1,0 +1,70 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchtune.training import ChunkedCrossEntropyLoss, get_cosine_schedule_with_warmup
+
+
+@pytest.mark.parametrize("num_chunks", [1, 3, 8, 50])
+def test_chunked_ce_matches_plain_ce(num_chunks):
+    torch.manual_seed(0)
+    b, s, v = 3, 17, 41
+    logits = torch.randn(b, s, v, dtype=torch.float64).float().requires_grad_()
+    labels = torch.randint(0, v, (b, s))
+    labels[0, :5] = -100
+    labels[2, 10:] = -100
+    loss_sum, n = ChunkedCrossEntropyLoss(num_chunks=num_chunks)(logits, labels)
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref = F.cross_entropy(ref_logits.reshape(-1, v), labels.reshape(-1), reduction="sum")
+    assert n.item() == int((labels != -100).sum())
+    torch.testing.assert_close(loss_sum, ref, rtol=0, atol=1e-6 * ref.abs().item())
+    (loss_sum / n).backward()
+    (ref / n).backward()
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_chunked_ce_upcasts_bf16():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, 33).to(torch.bfloat16)
+    labels = torch.randint(0, 33, (2, 9))
+    loss_sum, _ = ChunkedCrossEntropyLoss(num_chunks=4)(logits, labels)
+    assert loss_sum.dtype == torch.float32
+    ref = F.cross_entropy(logits.float().reshape(-1, 33), labels.reshape(-1), reduction="sum")
+    torch.testing.assert_close(loss_sum, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_ce_bad_shapes():
+    with pytest.raises(ValueError, match=r"\[b, s, vocab\]"):
+        ChunkedCrossEntropyLoss()(torch.randn(2, 5, 7), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_chunks"):
+        ChunkedCrossEntropyLoss(num_chunks=0)
+
+
+def test_cosine_schedule_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    ours_opt = torch.optim.SGD(params, lr=0.3)
+    ref_opt = torch.optim.SGD(params, lr=0.3)
+    ours = get_cosine_schedule_with_warmup(ours_opt, num_warmup_steps=4, num_training_steps=20)
+    ref = transformers.get_cosine_schedule_with_warmup(ref_opt, 4, 20)
+    lrs, ref_lrs = [], []
+    for _ in range(25):
+        lrs.append(ours_opt.param_groups[0]["lr"])
+        ref_lrs.append(ref_opt.param_groups[0]["lr"])
+        ours_opt.step(), ref_opt.step(), ours.step(), ref.step()
+    assert lrs == pytest.approx(ref_lrs, abs=1e-12)
+    assert lrs[0] == 0.0 and lrs[4] == pytest.approx(0.3) and lrs[20] == pytest.approx(0.0)
+
+
+def test_cosine_schedule_resumes_mid_run():
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD(params, lr=1.0)
+    sched = get_cosine_schedule_with_warmup(opt, 3, 10)
+    for _ in range(6):
+        opt.step(), sched.step()
+    expected = opt.param_groups[0]["lr"]
+    opt2 = torch.optim.SGD(params, lr=1.0)
+    opt2.load_state_dict(opt.state_dict())
+    get_cosine_schedule_with_warmup(opt2, 3, 10, last_epoch=5)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(expected)
