@@ -25,8 +25,13 @@ def sample_corpus(n_lines: int = 400, seed: int = 0) -> List[str]:
     return lines
 
 
-def train_sentencepiece(model_prefix: Path, vocab_size: int = 400, seed: int = 0) -> Path:
+def train_sentencepiece(
+    model_prefix: Path, vocab_size: int = 400, seed: int = 0, normalization_rule_name: str = "nmt_nfkc"
+) -> Path:
     """Train a Llama-style BPE SentencePiece model (unk=0, bos=1, eos=2, no pad).
+
+    ``normalization_rule_name="identity"`` matches Llama2's real tokenizer (newlines and other
+    unseen characters survive as byte-fallback pieces); the default NFKC rule maps "\\n" to " ".
 
     Returns the path of ``<model_prefix>.model``.
     """
@@ -47,6 +52,7 @@ def train_sentencepiece(model_prefix: Path, vocab_size: int = 400, seed: int = 0
         pad_id=-1,
         add_dummy_prefix=True,
         remove_extra_whitespaces=False,
+        normalization_rule_name=normalization_rule_name,
         num_threads=1,
         minloglevel=2,
     )
