@@ -5,6 +5,7 @@ from torchtune.modules.kv_cache import KVCache
 from torchtune.modules.position_embeddings import RotaryPositionalEmbeddings
 from torchtune.modules.rms_norm import RMSNorm
 from torchtune.modules.transformer import TransformerDecoder, TransformerDecoderLayer
+from torchtune.modules.weight_init import init_weights_
 
 __all__ = [
     "CausalSelfAttention",
@@ -14,4 +15,5 @@ __all__ = [
     "RotaryPositionalEmbeddings",
     "TransformerDecoder",
     "TransformerDecoderLayer",
+    "init_weights_",
 ]
