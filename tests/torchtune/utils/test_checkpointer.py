@@ -1,0 +1,255 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""Checkpointers: bit-exact round trips, parity of logits with HF, resume state, errors."""
+import json
+import os
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from torchtune.utils import (
+    FullModelHFCheckpointer,
+    FullModelMetaCheckpointer,
+    FullModelTorchTuneCheckpointer,
+    safe_torch_load,
+    validate_state_dict_shapes,
+)
+
+from tests.test_utils import tiny_hf_llama
+from tests.torchtune.utils.checkpoint_fixtures import (
+    hf_state_dict,
+    ours_like,
+    tiny_hf,
+    write_hf_checkpoint,
+    write_meta_checkpoint,
+)
+
+TOKENS = torch.tensor([[1, 17, 250, 3, 99, 320, 42, 7], [5, 0, 64, 128, 200, 11, 2, 300]])
+
+
+def _read_any(path):
+    return load_file(str(path)) if path.suffix == ".safetensors" else safe_torch_load(path)
+
+
+def _assert_same_files(src_dir, out_dir, names):
+    for name in names:
+        a, b = _read_any(src_dir / name), _read_any(out_dir / name)
+        assert list(a) == list(b) or sorted(a) == sorted(b), name
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{name}:{k}"
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+@pytest.mark.parametrize(
+    "n_shards,fmt,via_index",
+    [(1, "safetensors", False), (3, "safetensors", True), (2, "bin", True), (2, "safetensors", False)],
+)
+def test_hf_round_trip_bit_exact(tmp_path, num_kv_heads, n_shards, fmt, via_index):
+    hf = tiny_hf(num_kv_heads)
+    names = write_hf_checkpoint(tmp_path / "in", hf, n_shards, fmt)
+    index = [p.name for p in (tmp_path / "in").glob("*.index.json")]
+    files = index if via_index else names
+    ckpt = FullModelHFCheckpointer(tmp_path / "in", files, "LLAMA2", tmp_path / "out")
+    sd = ckpt.load_checkpoint()["model"]
+    assert all(k.startswith(("tok_embeddings", "layers.", "norm.", "output.")) for k in sd)
+    out = ckpt.save_checkpoint({"model": sd}, epoch=0)
+    assert out == tmp_path / "out" / "epoch_0"
+    _assert_same_files(tmp_path / "in", out, names)
+    assert (out / "config.json").read_text() == (tmp_path / "in" / "config.json").read_text()
+    if n_shards > 1:
+        src_index = json.loads(next((tmp_path / "in").glob("*.index.json")).read_text())
+        new_index = json.loads(next(out.glob("*.index.json")).read_text())
+        assert new_index["weight_map"] == src_index["weight_map"]
+        assert new_index["metadata"]["total_size"] == src_index["metadata"]["total_size"]
+    assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_meta_round_trip_bit_exact(tmp_path, num_kv_heads):
+    name = write_meta_checkpoint(tmp_path / "in", tiny_hf(num_kv_heads))
+    # Meta files may carry a RoPE table; it is not loaded but must survive the round trip.
+    sd = torch.load(tmp_path / "in" / name, weights_only=True)
+    sd["rope.freqs"] = torch.randn(8)
+    torch.save(sd, tmp_path / "in" / name)
+    ckpt = FullModelMetaCheckpointer(tmp_path / "in", [name], "LLAMA2", tmp_path / "out")
+    model = ckpt.load_checkpoint()["model"]
+    assert "rope.freqs" not in model and "norm.scale" in model
+    out = ckpt.save_checkpoint({"model": model}, epoch=3)
+    _assert_same_files(tmp_path / "in", out, [name])
+    assert json.loads((out / "params.json").read_text())["n_kv_heads"] == num_kv_heads
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_torchtune_round_trip(tmp_path, suffix):
+    hf = tiny_hf()
+    ours = ours_like(hf)
+    files = [f"a{suffix}", f"b{suffix}"]
+    sd = {k: v.clone() for k, v in ours.state_dict().items()}
+    keys = list(sd)
+    (tmp_path / "in").mkdir()
+    for name, part in zip(files, (keys[:7], keys[7:])):
+        shard = {k: sd[k] for k in part}
+        if suffix == ".pt":
+            torch.save(shard, tmp_path / "in" / name)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(shard, str(tmp_path / "in" / name))
+    ckpt = FullModelTorchTuneCheckpointer(tmp_path / "in", files, "llama2", tmp_path / "out")
+    loaded = ckpt.load_checkpoint()["model"]
+    validate_state_dict_shapes(ours.state_dict(), loaded)
+    out = ckpt.save_checkpoint({"model": loaded}, epoch=1)
+    _assert_same_files(tmp_path / "in", out, files)
+    assert json.loads((out / "model.safetensors.index.json").read_text() if suffix == ".safetensors"
+                      else (out / "pytorch_model.pt.index.json").read_text())["weight_map"][keys[0]] == files[0]
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_hf_and_meta_give_identical_logits_and_match_hf(tmp_path, num_kv_heads):
+    hf = tiny_hf(num_kv_heads, seed=1)
+    write_hf_checkpoint(tmp_path / "hf", hf, n_shards=2)
+    name = write_meta_checkpoint(tmp_path / "meta", hf)
+    from_hf = FullModelHFCheckpointer(
+        tmp_path / "hf", ["model.safetensors.index.json"], "LLAMA2", tmp_path / "o1"
+    ).load_checkpoint()["model"]
+    from_meta = FullModelMetaCheckpointer(tmp_path / "meta", [name], "LLAMA2", tmp_path / "o2").load_checkpoint()["model"]
+    logits = []
+    for sd in (from_hf, from_meta):
+        model = ours_like(hf)
+        model.load_state_dict(sd)
+        with torch.no_grad():
+            logits.append(model(TOKENS))
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+    with torch.no_grad():
+        ref = hf(TOKENS).logits
+    torch.testing.assert_close(logits[0], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_shards", [1, 2])
+def test_saved_hf_checkpoint_loads_with_from_pretrained(tmp_path, n_shards):
+    from transformers import AutoModelForCausalLM
+
+    hf = tiny_hf(2, seed=2)
+    names = write_hf_checkpoint(tmp_path / "in", hf, n_shards)
+    files = names if n_shards == 1 else ["model.safetensors.index.json"]
+    ckpt = FullModelHFCheckpointer(tmp_path / "in", files, "LLAMA2", tmp_path / "out")
+    model = ours_like(hf)
+    model.load_state_dict(ckpt.load_checkpoint()["model"])
+    # "Train" a little so the saved weights differ from the input.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        ours = model(TOKENS)
+    out = ckpt.save_checkpoint({"model": model.state_dict()}, epoch=0)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        theirs = reloaded(TOKENS).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_recipe_state_round_trip_on_resume(tmp_path):
+    hf = tiny_hf()
+    names = write_hf_checkpoint(tmp_path / "in", hf)
+    ckpt = FullModelHFCheckpointer(tmp_path / "in", names, "LLAMA2", tmp_path / "out")
+    sd = ckpt.load_checkpoint()["model"]
+    param = torch.nn.Parameter(torch.randn(5, 3))
+    opt = torch.optim.AdamW([param], lr=0.1)
+    param.sum().backward()
+    opt.step()
+    state = {
+        "model": sd,
+        "optimizer": opt.state_dict(),
+        "epochs_run": 2,
+        "total_epochs": 3,
+        "seed": 7,
+        "rng_state": torch.get_rng_state(),
+        "py_rng_state": random.getstate(),
+        "data_position": {"epoch": 1, "step": 11},
+    }
+    out = ckpt.save_checkpoint(state, epoch=1, intermediate_checkpoint=True)
+    assert (out / "recipe_state.pt").is_file()
+    # Resume from the intermediate checkpoint: the epoch folder is itself an HF checkpoint.
+    resumed = FullModelHFCheckpointer(
+        out, names, "LLAMA2", tmp_path / "out2",
+        recipe_checkpoint="recipe_state.pt", resume_from_checkpoint=True,
+    ).load_checkpoint()
+    assert set(resumed) == set(state)
+    for k in sd:
+        assert torch.equal(resumed["model"][k], sd[k])
+    assert torch.equal(resumed["rng_state"], state["rng_state"])
+    assert tuple(resumed["py_rng_state"][1]) == state["py_rng_state"][1]
+    assert resumed["epochs_run"] == 2 and resumed["data_position"] == {"epoch": 1, "step": 11}
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(5, 3))], lr=0.1)
+    opt2.load_state_dict(resumed["optimizer"])
+    torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"], rtol=0, atol=0)
+    # A final (non-intermediate) checkpoint has no recipe state.
+    assert not (ckpt.save_checkpoint(state, epoch=2) / "recipe_state.pt").exists()
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {_RunsCode.marker}",))
+
+
+@pytest.mark.parametrize("checkpointer,name", [(FullModelMetaCheckpointer, "consolidated.00.pth"), (FullModelHFCheckpointer, "pytorch_model.bin")])
+def test_pickle_with_code_is_refused(tmp_path, checkpointer, name):
+    hf = tiny_hf()
+    write_hf_checkpoint(tmp_path, hf, fmt="bin")
+    write_meta_checkpoint(tmp_path, hf)
+    _RunsCode.marker = tmp_path / "pwned"
+    sd = hf_state_dict(hf) if name.endswith(".bin") else torch.load(tmp_path / name, weights_only=True)
+    sd["extra"] = _RunsCode()
+    torch.save(sd, tmp_path / name)
+    ckpt = checkpointer(tmp_path, [name], "LLAMA2", tmp_path / "out")
+    with pytest.raises(ValueError, match=f"Refusing to load .*{name}"):
+        ckpt.load_checkpoint()
+    assert not _RunsCode.marker.exists()
+
+
+def test_errors_name_the_problem(tmp_path):
+    hf = tiny_hf()
+    names = write_hf_checkpoint(tmp_path / "in", hf, n_shards=2)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        FullModelHFCheckpointer(tmp_path / "in", [names[0], "nope.safetensors"], "LLAMA2", tmp_path / "o")
+    with pytest.raises(ValueError, match="Unknown model_type 'GPT9'"):
+        FullModelHFCheckpointer(tmp_path / "in", names, "GPT9", tmp_path / "o")
+    with pytest.raises(ValueError, match="needs recipe_checkpoint"):
+        FullModelHFCheckpointer(tmp_path / "in", names, "LLAMA2", tmp_path / "o", resume_from_checkpoint=True)
+    # An index naming a shard that is not there.
+    (tmp_path / "in" / names[1]).rename(tmp_path / "in" / "moved")
+    with pytest.raises(FileNotFoundError, match=names[1]):
+        FullModelHFCheckpointer(tmp_path / "in", ["model.safetensors.index.json"], "LLAMA2", tmp_path / "o")
+    (tmp_path / "in" / "moved").rename(tmp_path / "in" / names[1])
+    (tmp_path / "in" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        FullModelHFCheckpointer(tmp_path / "in", names, "LLAMA2", tmp_path / "o")
+
+
+def test_checkpoint_of_another_size_names_key_and_shapes(tmp_path):
+    # Weights of a wider model next to the small model's config.json.
+    write_hf_checkpoint(tmp_path, tiny_hf_llama(0, hidden_size=96))
+    small = tiny_hf(2)
+    small.config.to_json_file(str(tmp_path / "config.json"))
+    ckpt = FullModelHFCheckpointer(tmp_path, ["model.safetensors"], "LLAMA2", tmp_path / "o")
+    with pytest.raises(ValueError, match=r"'lm_head\.weight' in .*model\.safetensors has shape \(321, 96\) but config\.json .* \(321, 64\)"):
+        ckpt.load_checkpoint()
+    # A checkpoint with fewer layers than the model.
+    model = ours_like(small)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("layers.2.")}
+    with pytest.raises(ValueError, match=r"missing keys \['layers\.2\."):
+        validate_state_dict_shapes(model.state_dict(), sd)
+    sd = dict(model.state_dict(), **{"norm.scale": torch.ones(65)})
+    with pytest.raises(ValueError, match=r"'norm.scale' has shape \(65,\) in the checkpoint but the model expects \(64,\)"):
+        validate_state_dict_shapes(model.state_dict(), sd)
+
+
+def test_save_needs_matching_keys(tmp_path):
+    names = write_hf_checkpoint(tmp_path, tiny_hf())
+    ckpt = FullModelHFCheckpointer(tmp_path, names, "LLAMA2", tmp_path / "o")
+    with pytest.raises(ValueError, match="call load_checkpoint"):
+        ckpt.save_checkpoint({"model": {}}, epoch=0)
+    sd = ckpt.load_checkpoint()["model"]
+    del sd["norm.scale"]
+    with pytest.raises(ValueError, match=r"missing \['model.norm.weight'\]"):
+        ckpt.save_checkpoint({"model": sd}, epoch=0)
