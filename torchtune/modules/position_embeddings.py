@@ -35,17 +35,22 @@ class RotaryPositionalEmbeddings(nn.Module):
         )
         self.rope_init()
 
-    def rope_init(self) -> None:
-        """(Re)compute the cos/sin cache on the buffer's current device."""
-        device = self.cache.device
+    def rope_init(self, device: Optional[torch.device] = None) -> None:
+        """(Re)compute the cos/sin cache in fp32.
+
+        Args:
+            device: where to put it; the cache's current device when None. Nothing happens
+                while that is the meta device.
+        """
+        device = torch.device(device) if device is not None else self.cache.device
         if device.type == "meta":
             return
         half = torch.arange(0, self.dim, 2, device=device, dtype=torch.float32)
         theta = 1.0 / (self.base ** (half / self.dim))  # [h_d/2]
         positions = torch.arange(self.max_seq_len, device=device, dtype=torch.float32)
         angles = torch.outer(positions, theta)  # [max_seq_len, h_d/2]
-        with torch.no_grad():
-            self.cache.copy_(torch.stack([angles.cos(), angles.sin()], dim=-1))
+        # Assigning a registered buffer name keeps it registered (and non-persistent).
+        self.cache = torch.stack([angles.cos(), angles.sin()], dim=-1)
 
     def reset_parameters(self) -> None:
         self.rope_init()
@@ -56,7 +61,6 @@ class RotaryPositionalEmbeddings(nn.Module):
         was_meta = self.cache.is_meta
         super()._apply(fn, recurse)
         if not self.cache.is_meta and (was_meta or self.cache.dtype != torch.float32):
-            self.cache = self.cache.float()
             self.rope_init()
         return self
 
@@ -70,6 +74,10 @@ class RotaryPositionalEmbeddings(nn.Module):
             Tensor of the same shape and dtype as ``x``, rotated (computed in fp32).
         """
         b, s, n_h, h_d = x.shape
+        if self.cache.is_meta:
+            # Built on meta and loaded with load_state_dict(assign=True): the
+            # non-persistent cache was never materialised.
+            self.rope_init(x.device)
         if input_pos is None:
             rope = self.cache[:s].view(1, s, 1, h_d // 2, 2)
         else:

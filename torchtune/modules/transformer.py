@@ -79,18 +79,30 @@ class TransformerDecoder(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
 
-    def setup_caches(self, batch_size: int, dtype: torch.dtype) -> None:
-        """Give every attention layer a fresh, zeroed KV cache of ``max_seq_len`` slots.
+    def setup_caches(
+        self, batch_size: int, dtype: torch.dtype, max_seq_len: Optional[int] = None
+    ) -> None:
+        """Give every attention layer a fresh, zeroed KV cache.
 
         Args:
             batch_size: largest batch that will be decoded.
-            dtype: dtype of the cached keys/values.
+            dtype: dtype of the cached keys/values (use the model's dtype).
+            max_seq_len: cache slots per sequence; the model's ``max_seq_len`` when None.
+                A shorter cache saves memory and per-token attention work.
+
+        Raises:
+            ValueError: if ``max_seq_len`` exceeds the model's.
         """
+        cache_len = max_seq_len or self.max_seq_len
+        if cache_len > self.max_seq_len:
+            raise ValueError(
+                f"Cache length {cache_len} exceeds the model's max_seq_len {self.max_seq_len}"
+            )
         device = self.tok_embeddings.weight.device
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(
                 batch_size=batch_size,
-                max_seq_len=self.max_seq_len,
+                max_seq_len=cache_len,
                 num_heads=layer.attn.num_kv_heads,
                 head_dim=self.head_dim,
                 dtype=dtype,
@@ -128,8 +140,9 @@ class TransformerDecoder(nn.Module):
             tokens: ``LongTensor[b, s]``.
             mask: optional ``BoolTensor[b, s, s]`` (True = may attend), e.g. block-causal masks
                 of packed samples or padding masks; it must include causality. With KV caches
-                on it may be ``[b, s, max_seq_len]`` over cache slots (e.g. left-padded
-                generation); None there means causal over cache slots.
+                on it is ``[b, s, cache_len]`` over cache slots (e.g. left-padded generation:
+                pass ``input_pos`` = column index for every row and hide the pad slots here);
+                None there means causal over cache slots.
             input_pos: ``LongTensor[b, s]`` token positions; required with KV caches,
                 ``arange(s)`` per row otherwise when None.
 
@@ -141,9 +154,10 @@ class TransformerDecoder(nn.Module):
                 ``input_pos`` with caches on.
         """
         b, s = tokens.shape
-        if s > self.max_seq_len:
-            raise ValueError(f"Sequence length {s} exceeds the model's max_seq_len {self.max_seq_len}")
         caches_on = self.caches_are_enabled()
+        max_len = self.layers[0].attn.kv_cache.max_seq_len if caches_on else self.max_seq_len
+        if s > max_len:
+            raise ValueError(f"Sequence length {s} exceeds max_seq_len {max_len}")
         if input_pos is not None and tuple(input_pos.shape) != (b, s):
             raise ValueError(f"input_pos must have shape {(b, s)}, got {tuple(input_pos.shape)}")
         if caches_on:
@@ -151,10 +165,10 @@ class TransformerDecoder(nn.Module):
                 raise ValueError("input_pos is required when KV caches are enabled")
             if mask is None:
                 # Built once here rather than in every layer: query at p sees slots <= p.
-                slots = torch.arange(self.max_seq_len, device=tokens.device)
-                mask = slots.view(1, 1, -1) <= input_pos.unsqueeze(-1)  # [b, s, max_seq_len]
+                slots = torch.arange(max_len, device=tokens.device)
+                mask = slots.view(1, 1, -1) <= input_pos.unsqueeze(-1)  # [b, s, cache_len]
         if mask is not None:
-            kv_len = self.max_seq_len if caches_on else s
+            kv_len = max_len if caches_on else s
             if tuple(mask.shape) != (b, s, kv_len) or mask.dtype != torch.bool:
                 raise ValueError(
                     f"mask must be a bool tensor of shape {(b, s, kv_len)}, got "

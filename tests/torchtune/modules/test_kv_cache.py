@@ -53,11 +53,12 @@ def test_token_by_token_matches_full_forward(model):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=RTOL)
 
 
-def test_prefill_then_decode_matches_full_forward(model):
+@pytest.mark.parametrize("cache_len", [None, 25])
+def test_prefill_then_decode_matches_full_forward(model, cache_len):
     tokens = torch.randint(0, VOCAB, (3, 25), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(tokens)
-        model.setup_caches(batch_size=3, dtype=torch.float32)
+        model.setup_caches(batch_size=3, dtype=torch.float32, max_seq_len=cache_len)
         for _ in range(2):  # the second round checks reset_caches gives a clean start
             model.reset_caches()
             prefill = model(tokens[:, :9], input_pos=torch.arange(9).expand(3, 9))
@@ -108,6 +109,8 @@ def test_caches_need_input_pos_and_stay_out_of_state_dict(model):
     keys = set(model.state_dict())
     model.setup_caches(batch_size=1, dtype=torch.float32)
     assert set(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
+        model.setup_caches(batch_size=1, dtype=torch.float32, max_seq_len=MAX_SEQ + 1)
     with pytest.raises(ValueError, match="input_pos is required"):
         model(torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=str((1, 2, MAX_SEQ))):

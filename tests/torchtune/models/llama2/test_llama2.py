@@ -105,3 +105,24 @@ def test_param_counts_on_meta(builder, expected):
     with torch.device("meta"):
         model = builder()
     assert sum(p.numel() for p in model.parameters()) == expected
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_meta_device_build_then_load(models, assign):
+    """The distributed recipe builds on meta, materialises, then loads: same logits as HF."""
+    hf, _ = models
+    kv = hf.config.num_key_value_heads
+    with torch.device("meta"):
+        ours = llama2(
+            vocab_size=VOCAB, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=kv,
+            embed_dim=DIM, max_seq_len=MAX_SEQ, intermediate_dim=HIDDEN,
+        ).eval()  # fmt: skip
+    sd = hf_to_tune(hf.state_dict(), HEADS, kv)
+    if assign:
+        ours.load_state_dict(sd, assign=True)  # RoPE cache stays meta until first forward
+    else:
+        ours.to_empty(device="cpu")
+        ours.load_state_dict(sd)
+    tokens = torch.randint(0, VOCAB, (2, 31), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=ATOL, rtol=RTOL)
