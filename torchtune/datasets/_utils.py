@@ -64,7 +64,11 @@ def validate_columns(
             if value is None and not required:
                 continue
             if not isinstance(value, str):
-                problem = "is missing" if value is None else f"is a {type(value).__name__} ({value!r}), not a string"
+                problem = (
+                    "is missing"
+                    if value is None
+                    else f"is of type {type(value).__name__} ({value!r}), not a string"
+                )
             elif required and not value.strip():
                 problem = f"is empty ({value!r})"
             else:

@@ -1,0 +1,1 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.

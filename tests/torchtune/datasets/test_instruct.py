@@ -1,0 +1,217 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""Alpaca / instruct datasets, checked token by token against plain sentencepiece."""
+import json
+import logging
+
+import datasets
+import pytest
+import sentencepiece as spm
+
+from tests.test_utils import write_alpaca_json
+from torchtune.data import AlpacaInstructTemplate
+from torchtune.datasets import InstructDataset, alpaca_dataset, instruct_dataset
+from torchtune.modules.tokenizers import SentencePieceTokenizer
+
+# The Stanford Alpaca prompts, written out here independently of the library.
+WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def _prompt(r):
+    return WITH_INPUT.format(**r) if r.get("input") else NO_INPUT.format(instruction=r["instruction"])
+
+
+@pytest.fixture
+def alpaca_file(tmp_path):
+    return write_alpaca_json(tmp_path / "alpaca.json", n=8)
+
+
+def _records(path):
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("train_on_input", [True, False])
+def test_alpaca_tokens_and_labels(sp_model_path, alpaca_file, hf_cache, train_on_input):
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model_path))
+    tok = SentencePieceTokenizer(sp_model_path)
+    ds = alpaca_dataset(
+        tok, source="json", data_files=str(alpaca_file), train_on_input=train_on_input,
+        max_seq_len=None, cache_dir=hf_cache,
+    )
+    records = _records(alpaca_file)
+    assert len(ds) == len(records)
+    assert {bool(r["input"]) for r in records} == {True, False}  # both template variants
+    for r, sample in zip(records, ds):
+        prompt = _prompt(r)
+        prompt_ids = sp.encode(prompt, add_bos=True)
+        expected = prompt_ids + sp.encode(r["output"], add_eos=True)
+        tokens, labels = sample["tokens"], sample["labels"]
+        assert tokens == expected
+        n = len(prompt_ids)
+        # Decoding shows the exact template text, then the response (with its dummy-prefix space).
+        assert tok.decode(tokens[:n]) == prompt
+        assert tok.decode(tokens[n:]) == r["output"]
+        assert tok.decode(tokens) == prompt + " " + r["output"]
+        assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id
+        assert tokens.count(tok.eos_id) == 1
+        if train_on_input:
+            assert labels == tokens
+        else:
+            assert labels == [-100] * n + tokens[n:]
+
+
+def test_truncation_keeps_the_head(sp_model_path, alpaca_file, hf_cache):
+    tok = SentencePieceTokenizer(sp_model_path)
+    full = alpaca_dataset(tok, source="json", data_files=str(alpaca_file), max_seq_len=None, cache_dir=hf_cache)
+    lens = [len(s["tokens"]) for s in full]
+    max_seq_len = sorted(lens)[len(lens) // 2]
+    cut = alpaca_dataset(
+        tok, source="json", data_files=str(alpaca_file), max_seq_len=max_seq_len,
+        train_on_input=False, cache_dir=hf_cache,
+    )
+    for i, n in enumerate(lens):
+        s = cut[i]
+        assert len(s["tokens"]) == len(s["labels"]) == min(n, max_seq_len)
+        assert s["tokens"] == full[i]["tokens"][:max_seq_len]
+        # Untruncated samples end with EOS; truncated ones lose it (documented).
+        assert (s["tokens"][-1] == tok.eos_id) == (n <= max_seq_len)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_file_formats_give_the_same_samples(sp_model_path, alpaca_file, hf_cache, tmp_path, fmt):
+    tok = SentencePieceTokenizer(sp_model_path)
+    ref = alpaca_dataset(tok, source="json", data_files=str(alpaca_file), cache_dir=hf_cache)
+    table = datasets.Dataset.from_list(_records(alpaca_file))
+    path = str(tmp_path / f"data.{fmt}")
+    if fmt == "jsonl":
+        table.to_json(path, lines=True)
+        source = "json"
+    elif fmt == "csv":
+        table.to_csv(path, index=False)  # empty inputs come back as None: treated as no input
+        source = "csv"
+    else:
+        table.to_parquet(path)
+        source = "parquet"
+    ds = alpaca_dataset(tok, source=source, data_files=path, cache_dir=hf_cache)
+    assert [ds[i] for i in range(len(ds))] == [ref[i] for i in range(len(ref))]
+
+
+@pytest.mark.parametrize(
+    "template", ["torchtune.data.AlpacaInstructTemplate", AlpacaInstructTemplate, AlpacaInstructTemplate()]
+)
+def test_instruct_dataset_column_map(sp_model_path, alpaca_file, hf_cache, tmp_path, template):
+    tok = SentencePieceTokenizer(sp_model_path)
+    renamed = [{"prompt": r["instruction"], "context": r["input"], "answer": r["output"]} for r in _records(alpaca_file)]
+    path = tmp_path / "renamed.json"
+    path.write_text(json.dumps(renamed))
+    ds = instruct_dataset(
+        tok, "json", template=template,
+        column_map={"instruction": "prompt", "input": "context", "output": "answer"},
+        max_seq_len=512, data_files=str(path), cache_dir=hf_cache,
+    )
+    ref = alpaca_dataset(
+        tok, source="json", data_files=str(alpaca_file), train_on_input=False, cache_dir=hf_cache
+    )
+    assert isinstance(ds, InstructDataset) and len(ds) == len(ref)
+    assert [ds[i] for i in range(len(ds))] == [ref[i] for i in range(len(ref))]
+
+
+def test_hub_id_goes_through_load_dataset(monkeypatch, sp_model_path, alpaca_file):
+    calls = []
+    records = _records(alpaca_file)
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return datasets.Dataset.from_list(records)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    tok = SentencePieceTokenizer(sp_model_path)
+    ds = alpaca_dataset(tok, split="train[:50%]", revision="abc")
+    assert calls == [("tatsu-lab/alpaca", {"split": "train[:50%]", "revision": "abc"})]
+    assert len(ds) == len(records)
+    assert tok.decode(ds[0]["tokens"]) == _prompt(records[0]) + " " + records[0]["output"]
+
+
+def test_not_a_single_split_is_an_error(monkeypatch, sp_model_path, alpaca_file):
+    monkeypatch.setattr(
+        datasets, "load_dataset",
+        lambda path, **kw: datasets.DatasetDict({"train": datasets.Dataset.from_list(_records(alpaca_file))}),
+    )
+    with pytest.raises(ValueError, match="single map-style split"):
+        alpaca_dataset(SentencePieceTokenizer(sp_model_path), split=None)
+
+
+def _write(tmp_path, records):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+GOOD = {"instruction": "Say hi.", "input": "", "output": "hi"}
+
+
+@pytest.mark.parametrize(
+    "bad_row, match",
+    [
+        ({"instruction": "Say hi.", "input": ""}, r"row 2, column 'output' is missing"),
+        ({"instruction": "Say hi.", "input": "", "output": ""}, r"row 2, column 'output' is empty"),
+        ({"instruction": "Say hi.", "input": "", "output": "  \n"}, r"row 2, column 'output' is empty"),
+        ({"instruction": "Say hi.", "input": "", "output": 7}, r"row 2, column 'output' is of type int"),
+        ({"instruction": None, "input": "", "output": "x"}, r"row 2, column 'instruction' is missing"),
+        ({"instruction": "Say hi.", "input": ["a"], "output": "x"}, r"row 2, column 'input' is of type list"),
+    ],
+)
+def test_bad_rows_name_row_and_column(sp_model_path, tmp_path, hf_cache, bad_row, match):
+    tok = SentencePieceTokenizer(sp_model_path)
+    path = _write(tmp_path, [GOOD, GOOD, bad_row, GOOD])
+    with pytest.raises(ValueError, match=match):
+        alpaca_dataset(tok, source="json", data_files=path, cache_dir=hf_cache)
+
+
+def test_missing_column_names_it(sp_model_path, tmp_path, hf_cache):
+    tok = SentencePieceTokenizer(sp_model_path)
+    path = _write(tmp_path, [{"instruction": "a", "input": "", "response": "b"}])
+    with pytest.raises(ValueError, match=r"\['output'\] missing from every row \(row 0"):
+        alpaca_dataset(tok, source="json", data_files=path, cache_dir=hf_cache)
+    with pytest.raises(ValueError, match="column_map keys"):
+        instruct_dataset(tok, "json", AlpacaInstructTemplate, column_map={"answer": "response"},
+                         data_files=path, cache_dir=hf_cache)
+
+
+def test_bad_template_is_an_error(sp_model_path, alpaca_file, hf_cache):
+    tok = SentencePieceTokenizer(sp_model_path)
+    with pytest.raises(ValueError, match="torchtune.data.NoSuchTemplate"):
+        instruct_dataset(tok, "json", "torchtune.data.NoSuchTemplate", data_files=str(alpaca_file), cache_dir=hf_cache)
+    with pytest.raises(ValueError, match="must be an InstructTemplate"):
+        instruct_dataset(tok, "json", "torchtune.data.padded_collate", data_files=str(alpaca_file), cache_dir=hf_cache)
+
+
+def test_skip_bad_rows_reports_the_count(sp_model_path, tmp_path, hf_cache, caplog):
+    tok = SentencePieceTokenizer(sp_model_path)
+    rows = [GOOD, {**GOOD, "output": ""}, {**GOOD, "instruction": "Say bye.", "output": "bye"},
+            {**GOOD, "output": 3}, {"instruction": "x", "input": ""}]
+    path = _write(tmp_path, rows)
+    with caplog.at_level(logging.WARNING):
+        ds = alpaca_dataset(tok, source="json", data_files=path, skip_bad_rows=True, cache_dir=hf_cache)
+    assert ds.num_skipped == 3 and len(ds) == 2
+    assert "skipped 3 of 5 rows" in caplog.text
+    assert tok.decode(ds[1]["tokens"]).endswith("Say bye.\n\n### Response:\n bye")
+    all_bad = _write(tmp_path, [{**GOOD, "output": ""}])
+    with pytest.raises(ValueError, match="all 1 rows are bad"):
+        alpaca_dataset(tok, source="json", data_files=all_bad, skip_bad_rows=True, cache_dir=hf_cache)
+
+
+def test_index_errors(sp_model_path, alpaca_file, hf_cache):
+    ds = alpaca_dataset(SentencePieceTokenizer(sp_model_path), source="json", data_files=str(alpaca_file), cache_dir=hf_cache)
+    assert ds[-1] == ds[len(ds) - 1]
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    with pytest.raises(ValueError, match="max_seq_len"):
+        alpaca_dataset(SentencePieceTokenizer(sp_model_path), source="json", data_files=str(alpaca_file), max_seq_len=0)
