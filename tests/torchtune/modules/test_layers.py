@@ -11,6 +11,7 @@ from torchtune.modules import (
     FeedForward,
     RMSNorm,
     RotaryPositionalEmbeddings,
+    TransformerDecoderLayer,
 )
 
 ATOL, RTOL = 1e-5, 1e-5
@@ -167,3 +168,43 @@ def test_attention_bad_heads_raise():
     lin = torch.nn.Linear(8, 8)
     with pytest.raises(ValueError, match="divisible"):
         CausalSelfAttention(8, 4, 3, 2, lin, lin, lin, lin, RotaryPositionalEmbeddings(2))
+
+
+def test_decoder_layer_matches_hf():
+    torch.manual_seed(0)
+    cfg = tiny_hf_llama_config(hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=88)
+    cfg._attn_implementation = "eager"
+    ref = hf_llama.LlamaDecoderLayer(cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        ref.input_layernorm.weight.normal_(1.0, 0.1)
+        ref.post_attention_layernorm.weight.normal_(1.0, 0.1)
+    _, attn, rope_ref = _attention_pair(4, 2)
+    lin = lambda i, o: torch.nn.Linear(i, o, bias=False)  # noqa: E731
+    ours = TransformerDecoderLayer(
+        attn=attn,
+        mlp=FeedForward(lin(64, 88), lin(88, 64), lin(64, 88)),
+        sa_norm=RMSNorm(64, eps=1e-5),
+        mlp_norm=RMSNorm(64, eps=1e-5),
+    ).eval()
+    ours.load_state_dict(
+        {
+            "sa_norm.scale": ref.input_layernorm.weight,
+            "mlp_norm.scale": ref.post_attention_layernorm.weight,
+            "attn.q_proj.weight": _unpermute(ref.self_attn.q_proj.weight, 4),
+            "attn.k_proj.weight": _unpermute(ref.self_attn.k_proj.weight, 2),
+            "attn.v_proj.weight": ref.self_attn.v_proj.weight,
+            "attn.output_proj.weight": ref.self_attn.o_proj.weight,
+            "mlp.w1.weight": ref.mlp.gate_proj.weight,
+            "mlp.w2.weight": ref.mlp.down_proj.weight,
+            "mlp.w3.weight": ref.mlp.up_proj.weight,
+        }
+    )
+    b, s = 2, 23
+    x = torch.randn(b, s, 64)
+    pos = torch.arange(s).expand(b, s)
+    causal = torch.ones(s, s, dtype=torch.bool).tril().expand(b, s, s)
+    with torch.no_grad():
+        expected = ref(
+            x, attention_mask=_additive(causal), position_ids=pos, position_embeddings=rope_ref(x, pos)
+        )
+        torch.testing.assert_close(ours(x), expected, atol=ATOL, rtol=RTOL)

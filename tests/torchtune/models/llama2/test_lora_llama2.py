@@ -52,6 +52,18 @@ def test_lora_llama2_matches_peft_and_merge(num_kv_heads):
     ).eval()  # fmt: skip
     ours.load_state_dict(_peft_to_tune(peft_model.state_dict(), 4, num_kv_heads))
 
+    # Layer by layer: PEFT's q/k outputs are in HF's permuted row order.
+    x = torch.randn(2, 7, 64)
+    hf_attn = peft_model.base_model.model.model.layers[1].self_attn
+    ours_attn = ours.layers[1].attn
+    with torch.no_grad():
+        for hf_name, name, heads in (("q_proj", "q_proj", 4), ("k_proj", "k_proj", num_kv_heads),
+                                     ("v_proj", "v_proj", None), ("o_proj", "output_proj", None)):
+            expected = getattr(hf_attn, hf_name)(x)
+            if heads is not None:
+                expected = _unpermute(expected.flatten(0, 1).T, heads).T.view_as(expected)
+            torch.testing.assert_close(getattr(ours_attn, name)(x), expected, atol=1e-6, rtol=1e-6)
+
     tokens = torch.randint(0, 321, (3, 29), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = peft_model(input_ids=tokens).logits
