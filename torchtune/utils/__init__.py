@@ -11,3 +11,4 @@ from torchtune.utils._checkpointing import (
     safe_torch_load,
     validate_state_dict_shapes,
 )
+from torchtune.utils._generation import generate, sample_next_token, top_k_filter, top_p_filter
