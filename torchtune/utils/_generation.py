@@ -128,9 +128,10 @@ def generate(
 
     With ``use_cache`` (default) the prompts are prefilled in one forward and then one token per
     row is decoded per step with the model's KV cache. A cache slot is a token's position; the
-    ``p`` pad tokens of a row are parked in the last ``p`` slots, which no real token reaches
-    because ``w + max_new_tokens <= max_seq_len``. Caches the call sets up are torn down at the end;
-    caches already set up (with a batch size large enough) are reset and reused.
+    ``p`` pad tokens of a row are parked in the last ``p`` slots of the cache, which no real token
+    of that row reaches (its positions stop at ``w - p + max_new_tokens - 1``). Caches already set
+    up with enough batch rows and slots are reset and reused; otherwise the call sets up caches of
+    exactly ``w + max_new_tokens`` slots and restores the model's previous caches (or none) after.
 
     With ``use_cache=False`` the whole sequence is recomputed every step (slow; the reference the
     cached path is tested against). The model must have no caches then.
@@ -182,19 +183,23 @@ def generate(
     col = torch.arange(width, device=device)
     is_pad = col.unsqueeze(0) < pads.unsqueeze(1)  # [b, w]
 
-    created_caches = False
+    need = width + max_new_tokens
+    saved_caches = None
     if use_cache:
-        if model.caches_are_enabled() and model.layers[0].attn.kv_cache.batch_size >= b:
+        cache = model.layers[0].attn.kv_cache if model.caches_are_enabled() else None
+        if cache is not None and cache.batch_size >= b and cache.max_seq_len >= need:
             model.reset_caches()
         else:
-            model.setup_caches(batch_size=b, dtype=param.dtype)
-            created_caches = True
+            # Only the slots this call needs: less memory and less attention work per token.
+            saved_caches = [layer.attn.kv_cache for layer in model.layers]
+            model.setup_caches(batch_size=b, dtype=param.dtype, max_seq_len=need)
+        cache_len = model.layers[0].attn.kv_cache.max_seq_len
     elif model.caches_are_enabled():
         raise ValueError("use_cache=False needs a model without KV caches; call model.teardown_caches()")
 
     try:
         if use_cache:
-            step = _CachedStepper(model, tokens, pads, is_pad, max_seq_len)
+            step = _CachedStepper(model, tokens, pads, is_pad, cache_len)
         else:
             step = _RecomputeStepper(model, tokens, pads, is_pad)
         logits = step.prefill()  # [b, vocab]
@@ -219,26 +224,27 @@ def generate(
             logits = step.decode(next_tok, t)
         return new_tokens
     finally:
-        if created_caches:
-            model.teardown_caches()
+        if saved_caches is not None:  # give the caller back exactly the caches it had
+            for layer, kv_cache in zip(model.layers, saved_caches):
+                layer.attn.kv_cache = kv_cache
 
 
 class _CachedStepper:
     """Prefill then one-token decode steps over the KV cache (see :func:`generate`)."""
 
-    def __init__(self, model, tokens, pads, is_pad, max_seq_len):
+    def __init__(self, model, tokens, pads, is_pad, cache_len):
         self.model, self.tokens, self.pads = model, tokens, pads
         self.lens = tokens.size(1) - pads  # [b]
-        self.slots = torch.arange(max_seq_len, device=tokens.device)
+        self.slots = torch.arange(cache_len, device=tokens.device)
         # Slots a real query may see: everything below the row's parking area (causality does the rest).
-        self.visible = self.slots.unsqueeze(0) < (max_seq_len - pads).unsqueeze(1)  # [b, max_seq_len]
+        self.visible = self.slots.unsqueeze(0) < (cache_len - pads).unsqueeze(1)  # [b, cache_len]
         col = torch.arange(tokens.size(1), device=tokens.device)
         real_pos = col.unsqueeze(0) - pads.unsqueeze(1)  # [b, w]
-        parked = max_seq_len - pads.unsqueeze(1) + col.unsqueeze(0)  # pad j of a row -> slot L - p + j
+        parked = cache_len - pads.unsqueeze(1) + col.unsqueeze(0)  # pad j of a row -> slot L - p + j
         self.prompt_pos = torch.where(is_pad, parked, real_pos)
 
     def _mask(self, pos: torch.Tensor) -> torch.Tensor:
-        # [b, s, max_seq_len]: causal over slots, never the parked pad slots
+        # [b, s, cache_len]: causal over slots, never the parked pad slots
         return (self.slots.view(1, 1, -1) <= pos.unsqueeze(-1)) & self.visible.unsqueeze(1)
 
     def prefill(self) -> torch.Tensor:

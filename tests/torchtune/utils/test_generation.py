@@ -82,6 +82,10 @@ def test_tensor_prompts_and_existing_caches_are_reused(models):
     try:
         assert generate(ours, prompts, 8, temperature=0.0) == expected
         assert ours.caches_are_enabled()  # the caller's caches stay
+        ours.setup_caches(batch_size=1, dtype=torch.float32)  # too small: generate brings its own
+        small = ours.layers[0].attn.kv_cache
+        assert generate(ours, prompts, 8, temperature=0.0) == expected
+        assert ours.layers[0].attn.kv_cache is small
         with pytest.raises(ValueError, match="use_cache=False"):
             generate(ours, prompts, 8, use_cache=False)
     finally:
