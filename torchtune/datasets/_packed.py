@@ -88,11 +88,15 @@ class PackedDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, Union[List[int], torch.Tensor]]:
         pack = self._packs[index]
-        input_pos = [p for n in pack["seq_lens"] for p in range(n)]
-        mask = torch.block_diag(*(torch.ones(n, n, dtype=torch.bool).tril() for n in pack["seq_lens"]))
+        seq_lens = torch.tensor(pack["seq_lens"])
+        segment = torch.repeat_interleave(torch.arange(len(seq_lens)), seq_lens)  # [s]
+        starts = torch.repeat_interleave(seq_lens.cumsum(0) - seq_lens, seq_lens)  # [s]
+        input_pos = torch.arange(self.max_seq_len) - starts
+        causal = torch.ones(self.max_seq_len, self.max_seq_len, dtype=torch.bool).tril()
+        mask = (segment[:, None] == segment[None, :]) & causal  # [s, s]
         return {
             "tokens": list(pack["tokens"]),
             "labels": list(pack["labels"]),
-            "input_pos": input_pos,
+            "input_pos": input_pos.tolist(),
             "mask": mask,
         }
