@@ -1,0 +1,140 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""End-to-end tests of ``tune full_finetune_single_device`` on a tiny model, on CPU."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.recipes.single_device_utils import (
+    build_tiny_assets,
+    hf_reference_losses,
+    load_hf_model,
+    logged_losses,
+    read_disk_log,
+    run_tune,
+    tiny_overrides,
+)
+from torchtune import config
+from torchtune._recipe_registry import get_config
+
+RECIPE = "full_finetune_single_device"
+# 40 samples, batches of 2, 2 micro-batches per step: 10 batches -> 5 optimizer steps an epoch.
+RUN_OVERRIDES = [
+    "shuffle=False",
+    "batch_size=2",
+    "gradient_accumulation_steps=2",
+    "epochs=2",
+    "max_steps_per_epoch=5",
+    "optimizer.lr=2e-4",
+    "optimizer.weight_decay=0.01",
+    "dtype=fp32",
+]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_tiny_assets(tmp_path_factory.mktemp("full_assets"))
+
+
+@pytest.fixture(scope="module")
+def full_run(assets, tmp_path_factory):
+    """Two epochs of five steps; returns (output_dir, overrides)."""
+    out = tmp_path_factory.mktemp("full_run")
+    overrides = tiny_overrides(assets, out) + RUN_OVERRIDES
+    run_tune(RECIPE, "tiny/full", overrides, cwd=out)
+    return out, overrides
+
+
+def test_losses_match_hf_training_loop(full_run, assets):
+    out, overrides = full_run
+    cfg = config.load_config(get_config("tiny/full").file_path, overrides)
+    hf = load_hf_model(assets.model_dir)
+    opt = torch.optim.AdamW(hf.parameters(), lr=2e-4, weight_decay=0.01)
+    expected = hf_reference_losses(hf, opt, cfg, steps_per_epoch=5)
+    ours = logged_losses(out)
+    assert len(ours) == 10
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+    # The weights the recipe saved after the last epoch are the reference's trained weights.
+    saved = load_file(out / "epoch_1" / "model.safetensors")
+    for name, param in hf.state_dict().items():
+        torch.testing.assert_close(saved[name], param, rtol=0, atol=1e-4, msg=name)
+
+
+def test_log_rows_and_checkpoints(full_run):
+    out, _ = full_run
+    rows = read_disk_log(out)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    for row in rows:
+        assert set(row) == {"step", "loss", "lr", "tokens_per_second", "peak_memory_gib"}
+        assert row["lr"] == pytest.approx(2e-4)  # constant lr: lr_scheduler is null
+        assert row["tokens_per_second"] > 0 and row["peak_memory_gib"] > 0
+    # Intermediate checkpoint after epoch 0 carries the recipe state; the last one does not.
+    assert (out / "epoch_0" / "recipe_state.pt").is_file()
+    assert not (out / "epoch_1" / "recipe_state.pt").exists()
+    assert (out / "epoch_1" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_resume_gives_identical_second_epoch(full_run, assets, tmp_path):
+    out, overrides = full_run
+    resumed = tmp_path / "resumed"
+    run_tune(
+        RECIPE,
+        "tiny/full",
+        overrides
+        + [
+            f"checkpointer.checkpoint_dir={out / 'epoch_0'}",
+            "checkpointer.recipe_checkpoint=recipe_state.pt",
+            "resume_from_checkpoint=True",
+            f"output_dir={resumed}",
+        ],
+        cwd=tmp_path,
+    )
+    straight = logged_losses(out)
+    torch.testing.assert_close(logged_losses(resumed), straight[5:], rtol=0, atol=0)
+    assert [r["step"] for r in read_disk_log(resumed)] == list(range(6, 11))
+    a = load_file(out / "epoch_1" / "model.safetensors")
+    b = load_file(resumed / "epoch_1" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_shuffled_resume_and_activation_checkpointing(assets, tmp_path):
+    """With shuffling, the resumed second epoch sees the same order; activation
+    checkpointing changes nothing but memory."""
+    base = tiny_overrides(assets, tmp_path / "a") + RUN_OVERRIDES + ["shuffle=True", "seed=7"]
+    run_tune(RECIPE, "tiny/full", base, cwd=tmp_path)
+    run_tune(
+        RECIPE,
+        "tiny/full",
+        base
+        + [
+            f"checkpointer.checkpoint_dir={tmp_path / 'a' / 'epoch_0'}",
+            "checkpointer.recipe_checkpoint=recipe_state.pt",
+            "resume_from_checkpoint=True",
+            "enable_activation_checkpointing=True",
+            f"output_dir={tmp_path / 'b'}",
+        ],
+        cwd=tmp_path,
+    )
+    straight = logged_losses(tmp_path / "a")
+    torch.testing.assert_close(logged_losses(tmp_path / "b"), straight[5:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bf16_run_tracks_fp32(full_run, assets, tmp_path):
+    _, overrides = full_run
+    run_tune(
+        RECIPE,
+        "tiny/full",
+        overrides + ["dtype=bf16", "epochs=1", f"output_dir={tmp_path}"],
+        cwd=tmp_path,
+    )
+    fp32 = logged_losses(full_run[0])[:5]
+    bf16 = logged_losses(tmp_path)
+    assert torch.isfinite(bf16).all()
+    # bf16 has 8 mantissa bits: the first step (same weights, same data) agrees to ~1%.
+    torch.testing.assert_close(bf16[0], fp32[0], rtol=2e-2, atol=0)
+    saved = load_file(tmp_path / "epoch_0" / "model.safetensors")
+    assert all(v.dtype == torch.bfloat16 for v in saved.values())
