@@ -1,1 +1,20 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""YAML configs: ``_component_`` instantiation, command-line overrides, validation."""
+from torchtune.config._errors import ConfigError, ConfigProblem, InstantiationError
+from torchtune.config._instantiate import instantiate
+from torchtune.config._overrides import apply_overrides, load_config
+from torchtune.config._parse import parse, resolve_config_path
+from torchtune.config._validate import find_problems, validate
+
+__all__ = [
+    "ConfigError",
+    "ConfigProblem",
+    "InstantiationError",
+    "instantiate",
+    "apply_overrides",
+    "load_config",
+    "parse",
+    "resolve_config_path",
+    "find_problems",
+    "validate",
+]
