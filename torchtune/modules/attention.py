@@ -7,6 +7,9 @@ from torch import nn
 
 from torchtune.modules.kv_cache import KVCache
 
+# SDPA can share k/v heads itself since torch 2.5; its flash kernel does so without copies.
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
 
 class CausalSelfAttention(nn.Module):
     """Causal self-attention with multi-head, grouped-query and multi-query variants.
@@ -122,7 +125,12 @@ class CausalSelfAttention(nn.Module):
         elif mask is None:
             is_causal = True
 
-        if self.num_kv_heads != self.num_heads:
+        sdpa_kwargs = {}
+        if self.num_kv_heads != self.num_heads and is_causal and _SDPA_HAS_GQA:
+            # Mask-free causal path (flash on GPU): let SDPA broadcast kv heads. Kernels for
+            # explicit masks may not support GQA, so those paths expand k/v below.
+            sdpa_kwargs["enable_gqa"] = True
+        elif self.num_kv_heads != self.num_heads:
             q_per_kv = self.num_heads // self.num_kv_heads
             # [b, n_kv, kv_len, h_d] -> [b, n_h, kv_len, h_d]; kv head j serves q heads j*q_per_kv...
             k = k.repeat_interleave(q_per_kv, dim=1)
@@ -138,6 +146,7 @@ class CausalSelfAttention(nn.Module):
             attn_mask=mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
             is_causal=is_causal,
+            **sdpa_kwargs,
         )
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [b, s, n_h*h_d]
         return self.output_proj(out)

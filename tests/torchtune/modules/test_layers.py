@@ -208,3 +208,19 @@ def test_decoder_layer_matches_hf():
             x, attention_mask=_additive(causal), position_ids=pos, position_embeddings=rope_ref(x, pos)
         )
         torch.testing.assert_close(ours(x), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_gqa_mask_free_and_masked_paths_agree_in_backward():
+    """Mask-free causal GQA (SDPA shares kv heads) and the masked path (k/v expanded) agree."""
+    torch.manual_seed(0)
+    _, ours, _ = _attention_pair(8, 2)
+    x = torch.randn(2, 13, 64, requires_grad=True)
+    causal = torch.ones(13, 13, dtype=torch.bool).tril().expand(2, 13, 13)
+    grads = []
+    for mask in (None, causal):
+        ours.zero_grad()
+        x.grad = None
+        (ours(x, mask=mask) ** 2).sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in ours.parameters()])
+    for g_free, g_masked in zip(*grads):
+        torch.testing.assert_close(g_free, g_masked, atol=1e-5, rtol=1e-5)
