@@ -106,7 +106,9 @@ def _resolve_template(template: TemplateLike) -> InstructTemplate:
             raise ValueError(f"template {template!r} is not an InstructTemplate subclass")
         template = template()
     if not isinstance(template, InstructTemplate):
-        raise ValueError(f"template must be an InstructTemplate (class, instance or dotted path), got {template!r}")
+        raise ValueError(
+            f"template must be an InstructTemplate (class, instance or dotted path), got {template!r}"
+        )
     return template
 
 

@@ -48,7 +48,7 @@ class PackedDataset(Dataset):
             raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len}")
         self.max_seq_len = max_seq_len
         self.padding_idx = padding_idx
-        self._packs: List[Dict[str, List[int]]] = []
+        self._packs: List[Dict[str, torch.Tensor]] = []
         tokens: List[int] = []
         labels: List[int] = []
         seq_lens: List[int] = []
@@ -72,8 +72,13 @@ class PackedDataset(Dataset):
         if tokens:
             self._close(tokens, labels, seq_lens)
         if num_truncated:
-            logger.warning("PackedDataset: truncated %d samples longer than %d tokens", num_truncated, max_seq_len)
-        logger.info("PackedDataset: packed %d samples into %d rows of %d tokens", len(ds), len(self._packs), max_seq_len)
+            logger.warning(
+                "PackedDataset: truncated %d samples longer than %d tokens", num_truncated, max_seq_len
+            )
+        logger.info(
+            "PackedDataset: packed %d samples into %d rows of %d tokens",
+            len(ds), len(self._packs), max_seq_len,
+        )
 
     def _close(self, tokens: List[int], labels: List[int], seq_lens: List[int]) -> None:
         pad = self.max_seq_len - len(tokens)
@@ -81,22 +86,30 @@ class PackedDataset(Dataset):
             tokens = tokens + [self.padding_idx] * pad
             labels = labels + [CROSS_ENTROPY_IGNORE_IDX] * pad
             seq_lens = seq_lens + [pad]
-        self._packs.append({"tokens": tokens, "labels": labels, "seq_lens": seq_lens})
+        # int32 tensors, not Python lists: a list costs ~36 bytes per token, which adds up to
+        # gigabytes on a full dataset.
+        self._packs.append(
+            {
+                "tokens": torch.tensor(tokens, dtype=torch.int32),
+                "labels": torch.tensor(labels, dtype=torch.int32),
+                "seq_lens": torch.tensor(seq_lens),
+            }
+        )
 
     def __len__(self) -> int:
         return len(self._packs)
 
     def __getitem__(self, index: int) -> Dict[str, Union[List[int], torch.Tensor]]:
         pack = self._packs[index]
-        seq_lens = torch.tensor(pack["seq_lens"])
+        seq_lens = pack["seq_lens"]
         segment = torch.repeat_interleave(torch.arange(len(seq_lens)), seq_lens)  # [s]
         starts = torch.repeat_interleave(seq_lens.cumsum(0) - seq_lens, seq_lens)  # [s]
         input_pos = torch.arange(self.max_seq_len) - starts
         causal = torch.ones(self.max_seq_len, self.max_seq_len, dtype=torch.bool).tril()
         mask = (segment[:, None] == segment[None, :]) & causal  # [s, s]
         return {
-            "tokens": list(pack["tokens"]),
-            "labels": list(pack["labels"]),
+            "tokens": pack["tokens"].tolist(),
+            "labels": pack["labels"].tolist(),
             "input_pos": input_pos.tolist(),
             "mask": mask,
         }
