@@ -253,3 +253,73 @@ def test_save_needs_matching_keys(tmp_path):
     del sd["norm.scale"]
     with pytest.raises(ValueError, match=r"missing \['model.norm.weight'\]"):
         ckpt.save_checkpoint({"model": sd}, epoch=0)
+
+
+_CRASH_SCRIPT = """
+import os, sys, torch
+import torchtune.utils._checkpointing._io as io
+from torchtune.utils import FullModelHFCheckpointer
+
+src, out, epoch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ckpt = FullModelHFCheckpointer(src, ["model.safetensors.index.json"], "LLAMA2", out)
+sd = ckpt.load_checkpoint()["model"]
+real, calls = io._write_state_dict, []
+
+def write_then_die(state_dict, path, fmt):
+    if calls:
+        os._exit(17)  # the process dies mid-save: no cleanup, no exception handling
+    calls.append(path)
+    real(state_dict, path, fmt)
+
+io._write_state_dict = write_then_die
+ckpt.save_checkpoint({"model": {k: v + 1 for k, v in sd.items()}}, epoch=epoch)
+"""
+
+
+@pytest.mark.parametrize("how", ["exception", pytest.param("killed", marks=pytest.mark.slow)])
+def test_interrupted_save_leaves_last_checkpoint_whole(tmp_path, monkeypatch, how):
+    import subprocess
+    import sys
+
+    import torchtune.utils._checkpointing._io as io
+
+    hf = tiny_hf()
+    write_hf_checkpoint(tmp_path / "in", hf, n_shards=3)
+    ckpt = FullModelHFCheckpointer(tmp_path / "in", ["model.safetensors.index.json"], "LLAMA2", tmp_path / "out")
+    good = ckpt.load_checkpoint()["model"]
+    ckpt.save_checkpoint({"model": good}, epoch=0)
+
+    def crash(epoch):
+        if how == "killed":
+            proc = subprocess.run(
+                [sys.executable, "-c", _CRASH_SCRIPT, str(tmp_path / "in"), str(tmp_path / "out"), str(epoch)],
+                capture_output=True, text=True, timeout=120,
+            )
+            assert proc.returncode == 17, proc.stderr
+            return
+        real = io._write_state_dict
+        calls = []
+
+        def write_then_fail(state_dict, path, fmt):
+            if calls:
+                raise OSError("disk full")
+            calls.append(path)
+            real(state_dict, path, fmt)
+
+        monkeypatch.setattr(io, "_write_state_dict", write_then_fail)
+        with pytest.raises(OSError, match="disk full"):
+            ckpt.save_checkpoint({"model": {k: v + 1 for k, v in good.items()}}, epoch=epoch)
+        monkeypatch.setattr(io, "_write_state_dict", real)
+
+    crash(epoch=0)  # overwriting the last good checkpoint
+    crash(epoch=1)  # writing the next one
+    # epoch_0 is still the old checkpoint, whole, and loads; epoch_1 has no model file at all.
+    reloaded = FullModelHFCheckpointer(
+        tmp_path / "out" / "epoch_0", ["model.safetensors.index.json"], "LLAMA2", tmp_path / "x"
+    ).load_checkpoint()["model"]
+    for k in good:
+        assert torch.equal(reloaded[k], good[k]), k
+    epoch_1 = tmp_path / "out" / "epoch_1"
+    assert not [p for p in epoch_1.glob("*") if not p.name.endswith(".tmp")]
+    if how == "exception":
+        assert not list(epoch_1.glob("*.tmp")) and not list((tmp_path / "out" / "epoch_0").glob("*.tmp"))

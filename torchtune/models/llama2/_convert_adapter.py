@@ -8,7 +8,7 @@ HF permutes the rows of q_proj/k_proj (see ``_convert_weights``). The adapter's 
 ``B @ A`` lives in the same row space as the base weight, so only ``lora_b`` of q/k needs the
 row permutation; ``lora_a`` (the input side) is unchanged.
 """
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
@@ -108,13 +108,17 @@ def peft_to_tune_adapter_weights(
     return out
 
 
-def tune_to_peft_adapter_config(adapter_config: Dict[str, Any]) -> Dict[str, Any]:
+def tune_to_peft_adapter_config(
+    adapter_config: Dict[str, Any], base_model_name_or_path: Optional[str] = None
+) -> Dict[str, Any]:
     """Our ``{"r", "lora_alpha", "target_modules"}`` -> a PEFT ``adapter_config.json`` dict.
 
     Args:
         adapter_config: ``r`` (rank), ``lora_alpha`` and ``target_modules`` in torchtune names
             (``q_proj``, ``k_proj``, ``v_proj``, ``output_proj``, ``w1``/``w2``/``w3`` or ``mlp``,
             ``output``).
+        base_model_name_or_path: the HF base model (a hub id or local folder) the adapter was
+            trained on; lets ``AutoPeftModelForCausalLM.from_pretrained`` find it.
 
     Returns:
         A dict ``peft.LoraConfig`` accepts (``peft_type`` LORA, HF module names).
@@ -142,5 +146,5 @@ def tune_to_peft_adapter_config(adapter_config: Dict[str, Any]) -> Dict[str, Any
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "base_model_name_or_path": None,
+        "base_model_name_or_path": base_model_name_or_path,
     }

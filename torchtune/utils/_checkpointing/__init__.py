@@ -1,6 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 from torchtune.utils._checkpointing._checkpointer import (
     ADAPTER_FILE,
+    PEFT_ADAPTER_DIR,
     PEFT_ADAPTER_FILE,
     PEFT_CONFIG_FILE,
     RECIPE_STATE_FILE,
@@ -19,6 +20,7 @@ __all__ = [
     "FullModelHFCheckpointer",
     "FullModelMetaCheckpointer",
     "FullModelTorchTuneCheckpointer",
+    "PEFT_ADAPTER_DIR",
     "PEFT_ADAPTER_FILE",
     "PEFT_CONFIG_FILE",
     "RECIPE_STATE_FILE",

@@ -11,7 +11,14 @@ state, ...) when resuming. ``save_checkpoint(state_dict, epoch, intermediate_che
 ``output_dir/epoch_{epoch}/``: the model in the input's format and file names; when
 ``state_dict`` has ``"adapter"``, ``adapter.safetensors`` (native keys) and, given
 ``"adapter_config"`` and known head counts, PEFT's ``adapter_model.safetensors`` +
-``adapter_config.json``; for intermediate checkpoints, ``recipe_state.pt``.
+``adapter_config.json`` in ``epoch_{epoch}/adapter/``; for intermediate checkpoints,
+``recipe_state.pt``.
+
+Why PEFT's files sit in a subfolder: ``transformers.AutoModelForCausalLM.from_pretrained(dir)``
+looks for ``adapter_config.json`` in ``dir`` and, when it finds one next to a full model, loads
+that adapter on top. Our model files already hold the merged weights, so the adapter would be
+applied twice, silently. Load the adapter with
+``PeftModel.from_pretrained(base_model, output_dir / f"epoch_{epoch}" / "adapter")``.
 """
 import json
 import logging
@@ -44,6 +51,7 @@ SUPPORTED_MODEL_TYPES = ("LLAMA2",)
 ADAPTER_FILE = "adapter.safetensors"
 PEFT_ADAPTER_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_ADAPTER_DIR = "adapter"  # relative to the epoch folder; see the module docstring
 RECIPE_STATE_FILE = "recipe_state.pt"
 # What a recipe's state dict may hold besides the recipe state proper.
 _WEIGHT_KEYS = ("model", "adapter", "adapter_config")
@@ -158,6 +166,10 @@ class _Checkpointer:
         """(num_heads, num_kv_heads) when the format records them; PEFT output needs them."""
         return None
 
+    def _peft_base_model_path(self) -> Optional[str]:
+        """What PEFT's adapter_config.json names as the base model (an HF folder), if any."""
+        return None
+
     # ---- load -------------------------------------------------------------------------------
     def load_checkpoint(self) -> Dict[str, Any]:
         """Read the model (and adapter / recipe state when configured).
@@ -245,9 +257,10 @@ class _Checkpointer:
                 "no adapter_config given" if config is None else "head counts are unknown",
             )
             return
-        peft_config = tune_to_peft_adapter_config(config)
-        writer.save_state_dict(tune_to_peft_adapter_weights(adapter, *heads), epoch_dir / PEFT_ADAPTER_FILE)
-        writer.write_text(json.dumps(peft_config, indent=2), epoch_dir / PEFT_CONFIG_FILE)
+        peft_config = tune_to_peft_adapter_config(config, self._peft_base_model_path())
+        peft_dir = epoch_dir / PEFT_ADAPTER_DIR
+        writer.save_state_dict(tune_to_peft_adapter_weights(adapter, *heads), peft_dir / PEFT_ADAPTER_FILE)
+        writer.write_text(json.dumps(peft_config, indent=2), peft_dir / PEFT_CONFIG_FILE)
 
 
 class _ShardedCheckpointer(_Checkpointer):
@@ -347,6 +360,9 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
 
     def _head_counts(self) -> Tuple[int, int]:
         return self._num_heads, self._num_kv_heads
+
+    def _peft_base_model_path(self) -> Optional[str]:
+        return str(self._checkpoint_dir.resolve())
 
     def _load_model(self) -> Dict[str, torch.Tensor]:
         expected_hf = tune_to_hf(
