@@ -132,7 +132,8 @@ class CausalSelfAttention(nn.Module):
             sdpa_kwargs["enable_gqa"] = True
         elif self.num_kv_heads != self.num_heads:
             q_per_kv = self.num_heads // self.num_kv_heads
-            # [b, n_kv, kv_len, h_d] -> [b, n_h, kv_len, h_d]; kv head j serves q heads j*q_per_kv...
+            # [b, n_kv, kv_len, h_d] -> [b, n_h, kv_len, h_d]: kv head j serves q heads
+            # j * q_per_kv ... (j + 1) * q_per_kv - 1, as HF's repeat_kv.
             k = k.repeat_interleave(q_per_kv, dim=1)
             v = v.repeat_interleave(q_per_kv, dim=1)
 

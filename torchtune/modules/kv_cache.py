@@ -30,8 +30,9 @@ class KVCache(nn.Module):
         shape = (batch_size, num_heads, max_seq_len, head_dim)
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        for name in ("k_cache", "v_cache"):
+            cache = torch.zeros(shape, dtype=dtype, device=device)
+            self.register_buffer(name, cache, persistent=False)
 
     def reset(self) -> None:
         """Zero the cache (start new sequences)."""

@@ -32,7 +32,8 @@ def set_activation_checkpointing(
     """
     count = 0
     for module in model.modules():
-        if isinstance(module, module_types) and not getattr(module, "_activation_checkpointed", False):
+        done = getattr(module, "_activation_checkpointed", False)
+        if isinstance(module, module_types) and not done:
             module.forward = types.MethodType(_checkpointed_forward, module)
             module._activation_checkpointed = True
             count += 1

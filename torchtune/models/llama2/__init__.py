@@ -1,6 +1,11 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 from torchtune.models.llama2._component_builders import llama2, lora_llama2
-from torchtune.models.llama2._convert_weights import hf_to_tune, meta_to_tune, tune_to_hf, tune_to_meta
+from torchtune.models.llama2._convert_weights import (
+    hf_to_tune,
+    meta_to_tune,
+    tune_to_hf,
+    tune_to_meta,
+)
 from torchtune.models.llama2._model_builders import (
     llama2_13b,
     llama2_70b,

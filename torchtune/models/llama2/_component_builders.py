@@ -18,7 +18,7 @@ LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 
 
 def scale_hidden_dim_for_mlp(dim: int, multiple_of: int = 256) -> int:
-    """Llama's SwiGLU width: ``int(2 * 4 * dim / 3)`` rounded up to a multiple of ``multiple_of``."""
+    """Llama's SwiGLU width: ``int(2 * 4 * dim / 3)`` rounded up to ``multiple_of``."""
     hidden_dim = int(2 * (4 * dim) / 3)
     return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
 
