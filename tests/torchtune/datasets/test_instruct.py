@@ -215,3 +215,6 @@ def test_index_errors(sp_model_path, alpaca_file, hf_cache):
         ds[len(ds)]
     with pytest.raises(ValueError, match="max_seq_len"):
         alpaca_dataset(SentencePieceTokenizer(sp_model_path), source="json", data_files=str(alpaca_file), max_seq_len=0)
+    with pytest.raises(ValueError, match="packed=True needs a max_seq_len"):
+        instruct_dataset(SentencePieceTokenizer(sp_model_path), "json", AlpacaInstructTemplate,
+                         max_seq_len=None, packed=True, data_files=str(alpaca_file), cache_dir=hf_cache)
