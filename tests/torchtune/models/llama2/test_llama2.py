@@ -78,11 +78,17 @@ def test_native_state_dict_keys():
     assert keys == expected
 
 
-def test_bf16_logits_dtype():
-    _, ours = _pair(2)
-    ours = ours.to(torch.bfloat16)
-    logits = ours(torch.randint(0, VOCAB, (2, 5)))
+def test_bf16_error_no_worse_than_hf():
+    """In bf16 our logits stay as close to the fp32 reference as HF's own bf16 logits."""
+    hf, ours = _pair(2)
+    tokens = torch.randint(0, VOCAB, (3, 128), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = hf(tokens).logits
+        hf_err = (hf.to(torch.bfloat16)(tokens).logits.float() - reference).abs().max()
+        logits = ours.to(torch.bfloat16)(tokens)
     assert logits.dtype == torch.bfloat16
+    our_err = (logits.float() - reference).abs().max()
+    assert our_err <= 1.5 * hf_err, (our_err, hf_err)
 
 
 def test_bad_inputs_raise():
