@@ -25,8 +25,10 @@ class CausalSelfAttention(nn.Module):
         masks of packed samples. It must include causality itself.
       * with a KV cache and ``mask=None``: the query at position ``p`` attends cache slots
         ``<= p`` (built from ``input_pos``).
-      * with a KV cache, ``mask`` ``BoolTensor[b, s, max_seq_len]``: used as given over cache
+      * with a KV cache, ``mask`` ``BoolTensor[b, s, cache_len]``: used as given over cache
         slots, e.g. for left-padded batched generation (causal and padding in one mask).
+        ``input_pos`` is then both the RoPE position and the cache slot written; since RoPE
+        only sees relative positions, rows may be shifted by their padding.
     A query row that may attend nothing yields zeros (SDPA's convention), not NaN.
 
     Args:
@@ -38,9 +40,9 @@ class CausalSelfAttention(nn.Module):
         k_proj: ``embed_dim -> num_kv_heads * head_dim``.
         v_proj: ``embed_dim -> num_kv_heads * head_dim``.
         output_proj: ``num_heads * head_dim -> embed_dim``.
-        pos_embeddings: applied to queries and keys, called as ``pos_embeddings(x, input_pos=...)``.
+        pos_embeddings: applied to queries and keys as ``pos_embeddings(x, input_pos=...)``.
         kv_cache: optional :class:`KVCache`; usually set by ``TransformerDecoder.setup_caches``.
-        max_seq_len: largest sequence length (and cache length).
+        max_seq_len: largest sequence length (bookkeeping; the cache sets its own length).
         attn_dropout: dropout on attention weights, in training only.
 
     Raises:
@@ -92,7 +94,7 @@ class CausalSelfAttention(nn.Module):
         """
         Args:
             x: ``[b, s, embed_dim]``.
-            mask: optional ``BoolTensor[b, s, s]`` (or ``[b, s, max_seq_len]`` with a KV cache),
+            mask: optional ``BoolTensor[b, s, s]`` (or ``[b, s, cache_len]`` with a KV cache),
                 True = may attend. See the class docstring.
             input_pos: ``LongTensor[b, s]`` positions of the tokens; required with a KV cache,
                 ``arange(s)`` otherwise when None.
@@ -118,10 +120,10 @@ class CausalSelfAttention(nn.Module):
         if self.kv_cache is not None:
             if input_pos is None:
                 raise ValueError("input_pos is required when the KV cache is enabled")
-            k, v = self.kv_cache.update(input_pos, k, v)  # [b, n_kv, max_seq_len, h_d]
+            k, v = self.kv_cache.update(input_pos, k, v)  # [b, n_kv, cache_len, h_d]
             if mask is None:
                 slots = torch.arange(k.shape[2], device=input_pos.device)
-                mask = slots.view(1, 1, -1) <= input_pos.unsqueeze(-1)  # [b, s, max_seq_len]
+                mask = slots.view(1, 1, -1) <= input_pos.unsqueeze(-1)  # [b, s, cache_len]
         elif mask is None:
             is_causal = True
 
