@@ -1,0 +1,128 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""``tune [torchrun options] <recipe> --config <config> [key=value ...]``.
+
+torchrun's own argument parser splits the command line: what comes before the recipe
+is a torchrun option, what comes after belongs to the recipe. With no torchrun option
+the recipe runs in this process; with any, it launches through ``torch.distributed.run``.
+"""
+import argparse
+import os
+import runpy
+import sys
+from pathlib import Path
+from typing import List
+
+USAGE = "tune [options] <recipe> [recipe_args]"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    parser.prog = "tune"
+    parser.usage = USAGE
+    parser.description = "Run a recipe; any option below launches it through torch.distributed.run."
+    for action in parser._actions:  # name the positionals as our usage line does
+        if action.dest == "training_script":
+            action.metavar = "recipe"
+            action.help = "packaged recipe name (see 'tune ls') or path to a recipe .py"
+        elif action.dest == "training_script_args":
+            action.metavar = "recipe_args"
+    return parser
+
+
+def _resolve_config_arg(recipe_args: List[str]) -> List[str]:
+    from torchtune._cli._names import resolve_config
+
+    out = list(recipe_args)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = str(resolve_config(out[i + 1]))
+            break
+        if arg.startswith("--config="):
+            out[i] = "--config=" + str(resolve_config(arg[len("--config="):]))
+            break
+    return out
+
+
+def exit_code(e: SystemExit) -> int:
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code
+    print(e.code, file=sys.stderr)
+    return 1
+
+
+def run_in_process(recipe: Path, recipe_args: List[str]) -> int:
+    """Run ``recipe`` as ``__main__`` here, as ``python recipe.py recipe_args`` would."""
+    old_argv, old_path = sys.argv, list(sys.path)
+    sys.argv = [str(recipe), *recipe_args]
+    sys.path.insert(0, str(recipe.resolve().parent))
+    try:
+        runpy.run_path(str(recipe), run_name="__main__")
+    except SystemExit as e:
+        return exit_code(e)
+    finally:
+        sys.argv = old_argv
+        sys.path[:] = old_path
+    return 0
+
+
+def launch_distributed(args: argparse.Namespace) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import run
+
+    try:
+        run(args)
+    except ChildFailedError as e:
+        print(f"tune: error: a worker of {args.training_script} failed\n{e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_config(recipe_args: List[str]) -> int:
+    """Validate ``--config`` and its overrides once here rather than in every worker."""
+    from torchtune import config as tt_config
+
+    config, overrides = None, []
+    i = 0
+    while i < len(recipe_args):
+        arg = recipe_args[i]
+        if arg == "--config" and i + 1 < len(recipe_args):
+            config, i = recipe_args[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            config = arg[len("--config="):]
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+        i += 1
+    if config is None:
+        return 0  # the recipe's own parser reports the missing --config
+    try:
+        tt_config.validate(tt_config.load_config(config, overrides))
+    except tt_config.ConfigError as e:
+        print(f"tune: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: List[str]) -> int:
+    from torchtune._cli._names import resolve_recipe
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.training_script == "run" and args.training_script_args:
+        # `tune --nproc_per_node 2 run <recipe> ...`
+        args.training_script, *args.training_script_args = args.training_script_args
+    recipe_index = len(argv) - 1 - len(args.training_script_args)
+    has_torchrun_options = any(a.startswith("-") for a in argv[:recipe_index])
+    recipe = resolve_recipe(args.training_script)
+    recipe_args = _resolve_config_arg(args.training_script_args)
+    if not has_torchrun_options:
+        return run_in_process(recipe, recipe_args)
+    if _check_config(recipe_args):
+        return 1
+    args.training_script = os.fspath(recipe)
+    args.training_script_args = recipe_args
+    return launch_distributed(args)
