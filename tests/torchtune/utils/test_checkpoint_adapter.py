@@ -187,3 +187,29 @@ def test_why_peft_files_are_not_beside_merged_weights(tmp_path):
     doubled = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
     with torch.no_grad():
         assert (doubled(TOKENS).logits - ours).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_adapter_saved_by_peft_loads_into_our_lora_model(tmp_path, num_kv_heads):
+    from peft import LoraConfig, get_peft_model
+
+    hf = tiny_hf(num_kv_heads, seed=7)
+    names = write_hf_checkpoint(tmp_path / "base", hf)
+    peft_cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "k_proj", "o_proj", "up_proj", "gate_proj", "down_proj"])
+    peft_model = get_peft_model(hf, peft_cfg).eval()
+    torch.manual_seed(8)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.2 * torch.randn_like(p))
+        theirs = peft_model(TOKENS).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+    ckpt = FullModelHFCheckpointer(
+        tmp_path / "base", names, "LLAMA2", tmp_path / "out",
+        adapter_checkpoint=tmp_path / "peft" / "adapter_model.safetensors",
+    ).load_checkpoint()
+    model = _lora_model(hf, ckpt["model"], ["q_proj", "k_proj", "output_proj"], True, False)
+    missing, unexpected = model.load_state_dict(ckpt["adapter"], strict=False)
+    assert not unexpected and not [k for k in missing if "lora_" in k]
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), theirs, rtol=1e-5, atol=1e-5)

@@ -323,3 +323,32 @@ def test_interrupted_save_leaves_last_checkpoint_whole(tmp_path, monkeypatch, ho
     assert not [p for p in epoch_1.glob("*") if not p.name.endswith(".tmp")]
     if how == "exception":
         assert not list(epoch_1.glob("*.tmp")) and not list((tmp_path / "out" / "epoch_0").glob("*.tmp"))
+
+
+def test_transformers_save_pretrained_layout_round_trips_in_bf16(tmp_path):
+    """A real ``save_pretrained`` sharded folder, given through config.instantiate as YAML would."""
+    from omegaconf import OmegaConf
+
+    from torchtune import config
+
+    hf = tiny_hf(2, seed=3).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "in", max_shard_size="60KB")
+    index = json.loads((tmp_path / "in" / "model.safetensors.index.json").read_text())
+    names = sorted(set(index["weight_map"].values()))
+    assert len(names) > 1
+    cfg = OmegaConf.create({
+        "_component_": "torchtune.utils.FullModelHFCheckpointer",
+        "checkpoint_dir": str(tmp_path / "in"),
+        "checkpoint_files": ["model.safetensors.index.json"],
+        "model_type": "LLAMA2",
+        "output_dir": str(tmp_path / "out"),
+    })
+    ckpt = config.instantiate(cfg)
+    sd = ckpt.load_checkpoint()["model"]
+    assert all(v.dtype == torch.bfloat16 for v in sd.values())
+    out = ckpt.save_checkpoint({"model": sd}, epoch=0)
+    _assert_same_files(tmp_path / "in", out, names)
+    new_index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert new_index["weight_map"] == index["weight_map"]
+    assert new_index["metadata"]["total_size"] == sum(v.numel() * 2 for v in sd.values())
+    assert (out / "generation_config.json").is_file()
