@@ -1,0 +1,83 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""The single-device configs validate, share one key set, and the sibling recipes do not drift."""
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from torchtune import config
+from torchtune._recipe_registry import get_config
+from torchtune.recipes.full_finetune_single_device import FullFinetuneRecipeSingleDevice
+from torchtune.recipes.lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
+
+TRAINING_KEYS = {
+    "model", "tokenizer", "checkpointer", "resume_from_checkpoint", "dataset", "seed", "shuffle",
+    "batch_size", "optimizer", "lr_scheduler", "loss", "epochs", "max_steps_per_epoch",
+    "gradient_accumulation_steps", "clip_grad_norm", "device", "dtype",
+    "enable_activation_checkpointing", "metric_logger", "log_every_n_steps", "output_dir",
+}  # fmt: skip
+CONFIGS = [
+    "full_finetune_single_device",
+    "lora_finetune_single_device",
+    "llama2/7B_full_single_device",
+    "llama2/7B_lora_single_device",
+    "llama2/13B_lora",
+    "tiny/full",
+    "tiny/lora",
+]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_validates_with_the_contract_keys(name):
+    path = get_config(name).file_path
+    cfg = config.load_config(path)
+    config.validate(cfg)  # what `tune validate` runs
+    assert set(cfg.keys()) == TRAINING_KEYS
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# tune ") and f"--config {name}" in first_line
+
+
+@pytest.mark.parametrize("name", ["full_finetune_single_device", "lora_finetune_single_device"])
+def test_full_configs_have_no_schedule_or_clipping_by_default(name):
+    cfg = config.load_config(get_config(name).file_path)
+    if name.startswith("full"):
+        assert cfg.lr_scheduler is None and cfg.clip_grad_norm is None
+    else:
+        assert cfg.lr_scheduler._component_.endswith("get_cosine_schedule_with_warmup")
+
+
+def test_tune_validate_cli_on_7b_lora():
+    tune = Path(sys.executable).parent / "tune"
+    proc = subprocess.run(
+        [str(tune), "validate", "--config", "llama2/7B_lora_single_device"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "config is valid" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "readme_name, model_name",
+    [
+        ("full_finetune_single_device", "llama2/7B_full_single_device"),
+        ("lora_finetune_single_device", "llama2/7B_lora_single_device"),
+    ],
+)
+def test_readme_configs_equal_their_llama2_7b_twins(readme_name, model_name):
+    a = OmegaConf.load(get_config(readme_name).file_path)
+    b = OmegaConf.load(get_config(model_name).file_path)
+    assert OmegaConf.to_container(a) == OmegaConf.to_container(b)
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["train", "_loss_sum", "_setup_data", "_count_steps_per_epoch", "_setup_lr_scheduler",
+     "_recipe_state", "_check_recipe_state", "_load_checkpoint", "cleanup"],
+)  # fmt: skip
+def test_sibling_recipes_share_their_common_parts(method):
+    full = inspect.getsource(getattr(FullFinetuneRecipeSingleDevice, method))
+    lora = inspect.getsource(getattr(LoRAFinetuneRecipeSingleDevice, method))
+    assert full == lora, f"{method} drifted between the full and LoRA recipes"
