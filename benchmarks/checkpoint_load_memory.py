@@ -7,8 +7,9 @@ For each format (HF safetensors single file and sharded, HF .bin sharded, Meta .
 .pt) it writes the checkpoint, then loads it with ``load_checkpoint()`` in a fresh Python
 process, touches every tensor (so memory-mapped pages count), and reads that process's peak
 RSS (``VmHWM`` in ``/proc/self/status``; ``ru_maxrss`` is unusable here because Linux carries
-the parent's peak into a child across fork+exec). It prints peak RSS / checkpoint size, both raw and net of the RSS the
-process had before loading (interpreter + torch). The target is < 1.5x. A measurement, not a test.
+the parent's peak into a child across fork+exec). It prints peak RSS / checkpoint size, both
+raw and net of the RSS the process had before loading (interpreter + torch). The target is
+< 1.5x. A measurement, not a test.
 """
 import argparse
 import json
@@ -45,7 +46,11 @@ print(before, hwm())
 def _shapes(size_gb: float):
     """Llama2-like native shapes (dim 2048, vocab 32000) with as many layers as fit size_gb."""
     dim, hidden, vocab, n_heads = 2048, 5632, 32000, 16
-    shapes = {"tok_embeddings.weight": (vocab, dim), "norm.scale": (dim,), "output.weight": (vocab, dim)}
+    shapes = {
+        "tok_embeddings.weight": (vocab, dim),
+        "norm.scale": (dim,),
+        "output.weight": (vocab, dim),
+    }
     per_layer = 4 * dim * dim + 3 * dim * hidden + 2 * dim
     fixed = 2 * vocab * dim + dim
     n_layers = max(1, round((size_gb * 2**30 / 4 - fixed) / per_layer))
