@@ -4,7 +4,10 @@ from torchtune.config._errors import ConfigError, ConfigProblem, InstantiationEr
 from torchtune.config._instantiate import instantiate
 from torchtune.config._overrides import apply_overrides, load_config
 from torchtune.config._parse import parse, resolve_config_path
+from torchtune.config._resolvers import package_path, register_resolvers
 from torchtune.config._validate import find_problems, validate
+
+register_resolvers()
 
 __all__ = [
     "ConfigError",
@@ -17,4 +20,5 @@ __all__ = [
     "resolve_config_path",
     "find_problems",
     "validate",
+    "package_path",
 ]

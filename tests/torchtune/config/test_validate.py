@@ -56,3 +56,23 @@ def test_every_problem_listed_with_key_path():
     assert info.value.problems == problems
     assert str(info.value).startswith("7 config errors")
     assert "  opt.lrr: 'lrr' is not an argument" in str(info.value)
+
+
+def test_pkg_interpolation_points_into_the_installed_package():
+    import torchtune
+    from pathlib import Path
+
+    from torchtune.config import instantiate
+
+    cfg = OmegaConf.create(
+        {
+            "tok": "${pkg:assets/tiny/tokenizer.model}",
+            "obj": {"_component_": "tests.torchtune.config.components.Pair", "first": "${pkg:recipes/configs}"},
+            "bad": "${pkg:../outside}",
+        }
+    )
+    root = Path(torchtune.__file__).resolve().parent
+    assert cfg.tok == str(root / "assets" / "tiny" / "tokenizer.model")
+    assert instantiate(cfg.obj).first == str(root / "recipes" / "configs")
+    (problem,) = find_problems(cfg)
+    assert problem.key == "bad" and "relative to the torchtune package" in problem.message
