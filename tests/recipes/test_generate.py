@@ -109,6 +109,35 @@ def test_sampling_is_seeded(gen, assets):
     assert a == b and a != c
 
 
+def test_base_plus_lora_adapter_is_merged_on_load(gen, assets, tmp_path):
+    from safetensors.torch import save_file
+
+    from torchtune.models.llama2 import hf_to_tune, lora_llama2
+
+    torch.manual_seed(5)
+    lora = lora_llama2(["q_proj", "k_proj", "output_proj"], apply_lora_to_output=True, lora_rank=2,
+                       lora_alpha=6.0, **MODEL_KW).eval()  # fmt: skip
+    base = hf_to_tune(assets["hf"].state_dict(), MODEL_KW["num_heads"], MODEL_KW["num_kv_heads"])
+    adapter = {k: torch.randn_like(v) * 0.1 for k, v in lora.state_dict().items() if "lora_" in k}
+    lora.load_state_dict({**base, **adapter})
+    save_file(adapter, tmp_path / "adapter.safetensors")
+    cfg = _cfg(assets, temperature=0.0)
+    cfg.model = OmegaConf.create({
+        "_component_": "torchtune.models.llama2.lora_llama2", "lora_attn_modules": ["q_proj", "k_proj", "output_proj"],
+        "apply_lora_to_output": True, "lora_rank": 2, "lora_alpha": 6.0, **MODEL_KW,
+    })  # fmt: skip
+    cfg.checkpointer.adapter_checkpoint = str(tmp_path / "adapter.safetensors")
+    recipe = gen.GenerateRecipe(cfg)
+    recipe.setup(cfg)
+    assert not [m for m in recipe._model.modules() if type(m).__name__ == "LoRALinear"]
+    tokens = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(recipe._model(tokens), lora(tokens), atol=1e-5, rtol=1e-5)
+    cfg.checkpointer.adapter_checkpoint = None
+    with pytest.raises(ValueError, match="adapter_checkpoint is not set"):
+        gen.GenerateRecipe(cfg).setup(cfg)
+
+
 def test_bad_config_values(gen, assets):
     for key, value, match in [
         ("prompt", "", "prompt"),

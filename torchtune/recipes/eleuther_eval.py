@@ -160,11 +160,12 @@ class TorchTuneLM(TemplateLM):
             for row, i in enumerate(idx):
                 tokens[row, : len(inputs[i])] = torch.tensor(inputs[i])
             # Right padding needs no mask: causal attention never looks ahead at it.
-            logprobs = F.log_softmax(self._model(tokens.to(self._device)).float(), dim=-1)  # [b, s, v]
+            logits = self._model(tokens.to(self._device))  # [b, s, v]
             for row, i in enumerate(idx):
                 cont = requests[i][2]
                 n = len(inputs[i])
-                lp = logprobs[row, n - len(cont) : n]  # [len(cont), v]
+                # Softmax in fp32, and only over the scored positions: [b, s, v] in fp32 is large.
+                lp = F.log_softmax(logits[row, n - len(cont) : n].float(), dim=-1)  # [len(cont), v]
                 cont_t = torch.tensor(cont, device=lp.device)
                 score = lp.gather(-1, cont_t.unsqueeze(-1)).sum().item()
                 greedy = bool((lp.argmax(dim=-1) == cont_t).all())
@@ -256,7 +257,7 @@ def merge_lora_in_place(model: nn.Module) -> nn.Module:
         The same model, now without adapters (faster to run, same outputs).
     """
     merged = get_merged_lora_ckpt(model.state_dict(), _lora_rank(model), _lora_alpha(model))
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 linear = nn.Linear(
