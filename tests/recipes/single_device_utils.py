@@ -115,6 +115,9 @@ def hf_reference_losses(
                 ) / n_tokens
                 loss.backward()
                 step_loss += loss.item()
+            if cfg.clip_grad_norm is not None:
+                params = [p for p in model.parameters() if p.requires_grad]
+                torch.nn.utils.clip_grad_norm_(params, max_norm=float(cfg.clip_grad_norm))
             optimizer.step()
             optimizer.zero_grad()
             if scheduler is not None:

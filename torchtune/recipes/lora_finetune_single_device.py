@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -307,6 +307,9 @@ class LoRAFinetuneRecipeSingleDevice:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    # Does nothing when the caller already configured logging.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("Config:\n%s", OmegaConf.to_yaml(cfg))
     recipe = LoRAFinetuneRecipeSingleDevice(cfg)
     recipe.setup(cfg)
     recipe.train()
