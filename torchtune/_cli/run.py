@@ -107,6 +107,24 @@ def _check_config(recipe_args: List[str]) -> int:
     return 0
 
 
+def _check_distributed_support(recipe: Path, args: argparse.Namespace) -> None:
+    """Refuse to launch several workers of a packaged single-device recipe."""
+    from torchtune import _recipe_registry as registry
+    from torchtune._cli._names import CLIError
+
+    packaged = next((r for r in registry.RECIPES if r.file_path == recipe), None)
+    if packaged is None or packaged.supports_distributed:
+        return
+    if str(args.nproc_per_node) == "1" and str(args.nnodes) in ("1", "1:1"):
+        return
+    multi = [r.name for r in registry.RECIPES if r.supports_distributed]
+    raise CLIError(
+        f"recipe '{packaged.name}' runs on a single device; it cannot be launched with "
+        f"--nnodes {args.nnodes} --nproc_per_node {args.nproc_per_node}. For several devices "
+        f"use {' or '.join(multi)}."
+    )
+
+
 def main(argv: List[str]) -> int:
     from torchtune._cli._names import resolve_recipe
 
@@ -121,6 +139,7 @@ def main(argv: List[str]) -> int:
     recipe_args = _resolve_config_arg(args.training_script_args)
     if not has_torchrun_options:
         return run_in_process(recipe, recipe_args)
+    _check_distributed_support(recipe, args)
     if _check_config(recipe_args):
         return 1
     args.training_script = os.fspath(recipe)

@@ -133,3 +133,27 @@ def test_torchrun_worker_failure_is_reported(recipe_files, capsys):
     argv = ["--nnodes", "1", "--nproc_per_node", "1", str(recipe), "--config", str(config), "+exit_code=3"]
     assert main(argv) == 1
     assert f"a worker of {recipe} failed" in capsys.readouterr().err
+
+
+def test_single_device_recipe_refuses_several_workers(fake_package, monkeypatch, capsys):
+    monkeypatch.setattr("torchtune._cli.run.launch_distributed", lambda args: pytest.fail("launched"))
+    argv = ["--nproc_per_node", "2", "lora_finetune_single_device", "--config", "tiny/lora"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "runs on a single device" in err and "lora_finetune_distributed" in err
+    launched = []
+    monkeypatch.setattr("torchtune._cli.run.launch_distributed", lambda args: launched.append(args) or 0)
+    assert main(["--nproc_per_node", "2", "lora_finetune_distributed", "--config", "tiny/lora_distributed"]) == 0
+    assert main(["--nproc_per_node", "1", "lora_finetune_single_device", "--config", "tiny/lora"]) == 0
+    assert len(launched) == 2
+
+
+def test_typo_acceptance_through_console_script(recipe_files):
+    recipe, config, out = recipe_files
+    proc = subprocess.run(
+        [TUNE, str(recipe), "--config", str(config), "optimzer.lr=1e-3"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1
+    assert "optimzer" in proc.stderr and "did you mean 'optimizer'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "record.json").exists()
