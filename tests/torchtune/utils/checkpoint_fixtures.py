@@ -40,7 +40,7 @@ def write_hf_checkpoint(
         else:
             torch.save(shard, ckpt_dir / name)
     if n_shards > 1 and with_index:
-        index_name = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+        index_name = f"{names[0].split('-')[0]}.{fmt}.index.json"
         total = sum(v.numel() * v.element_size() for v in sd.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (ckpt_dir / index_name).write_text(json.dumps(index))
@@ -51,7 +51,8 @@ def write_meta_checkpoint(ckpt_dir: Path, model) -> str:
     """Meta layout of an HF model's weights: consolidated.00.pth + params.json."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     c = model.config
-    sd = tune_to_meta(hf_to_tune(hf_state_dict(model), c.num_attention_heads, c.num_key_value_heads))
+    sd = hf_to_tune(hf_state_dict(model), c.num_attention_heads, c.num_key_value_heads)
+    sd = tune_to_meta(sd)
     torch.save({k: v.contiguous() for k, v in sd.items()}, ckpt_dir / "consolidated.00.pth")
     params = {
         "dim": c.hidden_size,

@@ -51,8 +51,10 @@ def _lora_model(hf, base_sd, attn, mlp, output):
 def _save_lora(ckpt, model, attn, epoch=0):
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     adapter = {k: sd[k] for k in get_adapter_params(model)}
-    config = {"r": RANK, "lora_alpha": ALPHA, "target_modules": sorted({k.split(".")[-3] for k in adapter})}
-    state = {"model": get_merged_lora_ckpt(sd, RANK, ALPHA), "adapter": adapter, "adapter_config": config}
+    targets = sorted({k.split(".")[-3] for k in adapter})  # "layers.0.attn.q_proj.lora_a.weight"
+    config = {"r": RANK, "lora_alpha": ALPHA, "target_modules": targets}
+    merged = get_merged_lora_ckpt(sd, RANK, ALPHA)
+    state = {"model": merged, "adapter": adapter, "adapter_config": config}
     return ckpt.save_checkpoint(state, epoch=epoch), adapter, state["model"]
 
 
@@ -80,7 +82,8 @@ def test_peft_loads_our_adapter_with_same_logits(tmp_path, num_kv_heads, attn, m
     peft_config = json.loads((peft_dir / "adapter_config.json").read_text())
     assert peft_config["r"] == RANK and peft_config["lora_alpha"] == ALPHA
     assert peft_config["base_model_name_or_path"] == str((tmp_path / "in").resolve())
-    peft_model = PeftModel.from_pretrained(hf, peft_dir).eval()  # hf holds the unmerged base weights
+    # hf holds the unmerged base weights.
+    peft_model = PeftModel.from_pretrained(hf, peft_dir).eval()
     with torch.no_grad():
         theirs = peft_model(TOKENS).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
@@ -127,12 +130,16 @@ def test_adapter_key_and_config_maps():
     # q/k lora_b rows follow HF's permutation; the rest is untouched.
     k_b = peft["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"]
     assert not torch.equal(k_b, adapter["layers.1.attn.k_proj.lora_b.weight"])
-    assert torch.equal(peft["base_model.model.lm_head.lora_B.weight"], adapter["output.lora_b.weight"])
+    lm_head_b = peft["base_model.model.lm_head.lora_B.weight"]
+    assert torch.equal(lm_head_b, adapter["output.lora_b.weight"])
     back = peft_to_tune_adapter_weights(peft, num_heads=4, num_kv_heads=2)
-    assert all(torch.equal(back[k], adapter[k]) for k in adapter) and sorted(back) == sorted(adapter)
+    assert sorted(back) == sorted(adapter)
+    assert all(torch.equal(back[k], adapter[k]) for k in adapter)
 
-    cfg = tune_to_peft_adapter_config({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "output_proj", "mlp", "output"]})
-    assert cfg["target_modules"] == ["q_proj", "o_proj", "gate_proj", "down_proj", "up_proj", "lm_head"]
+    targets = ["q_proj", "output_proj", "mlp", "output"]
+    cfg = tune_to_peft_adapter_config({"r": 4, "lora_alpha": 8, "target_modules": targets})
+    expected = ["q_proj", "o_proj", "gate_proj", "down_proj", "up_proj", "lm_head"]
+    assert cfg["target_modules"] == expected
     with pytest.raises(ValueError, match="Unknown LoRA target module 'o_projj'"):
         tune_to_peft_adapter_config({"r": 4, "lora_alpha": 8, "target_modules": ["o_projj"]})
     with pytest.raises(ValueError, match=r"lacks \['lora_alpha'\]"):
@@ -153,14 +160,17 @@ def test_meta_and_native_write_adapter_files(tmp_path):
         ours = model(TOKENS)
     out, adapter, _ = _save_lora(meta, model, ["q_proj", "k_proj"])
     assert {p.name for p in out.iterdir()} == {name, "params.json", "adapter.safetensors", "adapter"}
-    assert {p.name for p in (out / "adapter").iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
+    peft_files = {p.name for p in (out / "adapter").iterdir()}
+    assert peft_files == {"adapter_model.safetensors", "adapter_config.json"}
     with torch.no_grad():
         theirs = PeftModel.from_pretrained(hf, out / "adapter").eval()(TOKENS).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
     # Native format without head counts nearby: our adapter file only, PEFT's skipped.
     torch.save(base, tmp_path / "native.pt")
-    native = FullModelTorchTuneCheckpointer(tmp_path, ["native.pt"], "LLAMA2", tmp_path / "out_native")
+    native = FullModelTorchTuneCheckpointer(
+        tmp_path, ["native.pt"], "LLAMA2", tmp_path / "out_native"
+    )
     native.load_checkpoint()
     out, adapter, _ = _save_lora(native, model, ["q_proj", "k_proj"])
     assert {p.name for p in out.iterdir()} == {"native.pt", "adapter.safetensors"}
@@ -195,7 +205,8 @@ def test_adapter_saved_by_peft_loads_into_our_lora_model(tmp_path, num_kv_heads)
 
     hf = tiny_hf(num_kv_heads, seed=7)
     names = write_hf_checkpoint(tmp_path / "base", hf)
-    peft_cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "k_proj", "o_proj", "up_proj", "gate_proj", "down_proj"])
+    targets = ["q_proj", "k_proj", "o_proj", "up_proj", "gate_proj", "down_proj"]
+    peft_cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets)
     peft_model = get_peft_model(hf, peft_cfg).eval()
     torch.manual_seed(8)
     with torch.no_grad():

@@ -43,7 +43,12 @@ def _assert_same_files(src_dir, out_dir, names):
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
 @pytest.mark.parametrize(
     "n_shards,fmt,via_index",
-    [(1, "safetensors", False), (3, "safetensors", True), (2, "bin", True), (2, "safetensors", False)],
+    [
+        (1, "safetensors", False),
+        (3, "safetensors", True),
+        (2, "bin", True),
+        (2, "safetensors", False),
+    ],
 )
 def test_hf_round_trip_bit_exact(tmp_path, num_kv_heads, n_shards, fmt, via_index):
     hf = tiny_hf(num_kv_heads)
@@ -101,8 +106,8 @@ def test_torchtune_round_trip(tmp_path, suffix):
     validate_state_dict_shapes(ours.state_dict(), loaded)
     out = ckpt.save_checkpoint({"model": loaded}, epoch=1)
     _assert_same_files(tmp_path / "in", out, files)
-    assert json.loads((out / "model.safetensors.index.json").read_text() if suffix == ".safetensors"
-                      else (out / "pytorch_model.pt.index.json").read_text())["weight_map"][keys[0]] == files[0]
+    index = "model.safetensors.index.json" if suffix == ".safetensors" else "pytorch_model.pt.index.json"
+    assert json.loads((out / index).read_text())["weight_map"][keys[0]] == files[0]
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
@@ -113,7 +118,9 @@ def test_hf_and_meta_give_identical_logits_and_match_hf(tmp_path, num_kv_heads):
     from_hf = FullModelHFCheckpointer(
         tmp_path / "hf", ["model.safetensors.index.json"], "LLAMA2", tmp_path / "o1"
     ).load_checkpoint()["model"]
-    from_meta = FullModelMetaCheckpointer(tmp_path / "meta", [name], "LLAMA2", tmp_path / "o2").load_checkpoint()["model"]
+    from_meta = FullModelMetaCheckpointer(
+        tmp_path / "meta", [name], "LLAMA2", tmp_path / "o2"
+    ).load_checkpoint()["model"]
     logits = []
     for sd in (from_hf, from_meta):
         model = ours_like(hf)
@@ -182,7 +189,9 @@ def test_recipe_state_round_trip_on_resume(tmp_path):
     assert resumed["epochs_run"] == 2 and resumed["data_position"] == {"epoch": 1, "step": 11}
     opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(5, 3))], lr=0.1)
     opt2.load_state_dict(resumed["optimizer"])
-    torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"], rtol=0, atol=0)
+    for name in ("exp_avg", "exp_avg_sq", "step"):
+        got, want = opt2.state_dict()["state"][0][name], opt.state_dict()["state"][0][name]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     # A final (non-intermediate) checkpoint has no recipe state.
     assert not (ckpt.save_checkpoint(state, epoch=2) / "recipe_state.pt").exists()
 
@@ -192,13 +201,19 @@ class _RunsCode:
         return (os.system, (f"touch {_RunsCode.marker}",))
 
 
-@pytest.mark.parametrize("checkpointer,name", [(FullModelMetaCheckpointer, "consolidated.00.pth"), (FullModelHFCheckpointer, "pytorch_model.bin")])
+@pytest.mark.parametrize(
+    "checkpointer,name",
+    [(FullModelMetaCheckpointer, "consolidated.00.pth"), (FullModelHFCheckpointer, "pytorch_model.bin")],
+)
 def test_pickle_with_code_is_refused(tmp_path, checkpointer, name):
     hf = tiny_hf()
     write_hf_checkpoint(tmp_path, hf, fmt="bin")
     write_meta_checkpoint(tmp_path, hf)
     _RunsCode.marker = tmp_path / "pwned"
-    sd = hf_state_dict(hf) if name.endswith(".bin") else torch.load(tmp_path / name, weights_only=True)
+    if name.endswith(".bin"):
+        sd = hf_state_dict(hf)
+    else:
+        sd = torch.load(tmp_path / name, weights_only=True)
     sd["extra"] = _RunsCode()
     torch.save(sd, tmp_path / name)
     ckpt = checkpointer(tmp_path, [name], "LLAMA2", tmp_path / "out")
@@ -211,15 +226,21 @@ def test_errors_name_the_problem(tmp_path):
     hf = tiny_hf()
     names = write_hf_checkpoint(tmp_path / "in", hf, n_shards=2)
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        FullModelHFCheckpointer(tmp_path / "in", [names[0], "nope.safetensors"], "LLAMA2", tmp_path / "o")
+        FullModelHFCheckpointer(
+            tmp_path / "in", [names[0], "nope.safetensors"], "LLAMA2", tmp_path / "o"
+        )
     with pytest.raises(ValueError, match="Unknown model_type 'GPT9'"):
         FullModelHFCheckpointer(tmp_path / "in", names, "GPT9", tmp_path / "o")
     with pytest.raises(ValueError, match="needs recipe_checkpoint"):
-        FullModelHFCheckpointer(tmp_path / "in", names, "LLAMA2", tmp_path / "o", resume_from_checkpoint=True)
+        FullModelHFCheckpointer(
+            tmp_path / "in", names, "LLAMA2", tmp_path / "o", resume_from_checkpoint=True
+        )
     # An index naming a shard that is not there.
     (tmp_path / "in" / names[1]).rename(tmp_path / "in" / "moved")
     with pytest.raises(FileNotFoundError, match=names[1]):
-        FullModelHFCheckpointer(tmp_path / "in", ["model.safetensors.index.json"], "LLAMA2", tmp_path / "o")
+        FullModelHFCheckpointer(
+            tmp_path / "in", ["model.safetensors.index.json"], "LLAMA2", tmp_path / "o"
+        )
     (tmp_path / "in" / "moved").rename(tmp_path / "in" / names[1])
     (tmp_path / "in" / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json not found"):
@@ -232,7 +253,8 @@ def test_checkpoint_of_another_size_names_key_and_shapes(tmp_path):
     small = tiny_hf(2)
     small.config.to_json_file(str(tmp_path / "config.json"))
     ckpt = FullModelHFCheckpointer(tmp_path, ["model.safetensors"], "LLAMA2", tmp_path / "o")
-    with pytest.raises(ValueError, match=r"'lm_head\.weight' in .*model\.safetensors has shape \(321, 96\) but config\.json .* \(321, 64\)"):
+    msg = r"'lm_head\.weight' in .*model\.safetensors has shape \(321, 96\) but config\.json .*\(321, 64\)"
+    with pytest.raises(ValueError, match=msg):
         ckpt.load_checkpoint()
     # A checkpoint with fewer layers than the model.
     model = ours_like(small)
@@ -240,7 +262,8 @@ def test_checkpoint_of_another_size_names_key_and_shapes(tmp_path):
     with pytest.raises(ValueError, match=r"missing keys \['layers\.2\."):
         validate_state_dict_shapes(model.state_dict(), sd)
     sd = dict(model.state_dict(), **{"norm.scale": torch.ones(65)})
-    with pytest.raises(ValueError, match=r"'norm.scale' has shape \(65,\) in the checkpoint but the model expects \(64,\)"):
+    msg = r"'norm.scale' has shape \(65,\) in the checkpoint but the model expects \(64,\)"
+    with pytest.raises(ValueError, match=msg):
         validate_state_dict_shapes(model.state_dict(), sd)
 
 
@@ -285,14 +308,17 @@ def test_interrupted_save_leaves_last_checkpoint_whole(tmp_path, monkeypatch, ho
 
     hf = tiny_hf()
     write_hf_checkpoint(tmp_path / "in", hf, n_shards=3)
-    ckpt = FullModelHFCheckpointer(tmp_path / "in", ["model.safetensors.index.json"], "LLAMA2", tmp_path / "out")
+    ckpt = FullModelHFCheckpointer(
+        tmp_path / "in", ["model.safetensors.index.json"], "LLAMA2", tmp_path / "out"
+    )
     good = ckpt.load_checkpoint()["model"]
     ckpt.save_checkpoint({"model": good}, epoch=0)
 
     def crash(epoch):
         if how == "killed":
             proc = subprocess.run(
-                [sys.executable, "-c", _CRASH_SCRIPT, str(tmp_path / "in"), str(tmp_path / "out"), str(epoch)],
+                [sys.executable, "-c", _CRASH_SCRIPT, str(tmp_path / "in"), str(tmp_path / "out"),
+                 str(epoch)],
                 capture_output=True, text=True, timeout=120,
             )
             assert proc.returncode == 17, proc.stderr
@@ -322,7 +348,7 @@ def test_interrupted_save_leaves_last_checkpoint_whole(tmp_path, monkeypatch, ho
     epoch_1 = tmp_path / "out" / "epoch_1"
     assert not [p for p in epoch_1.glob("*") if not p.name.endswith(".tmp")]
     if how == "exception":
-        assert not list(epoch_1.glob("*.tmp")) and not list((tmp_path / "out" / "epoch_0").glob("*.tmp"))
+        assert not list((tmp_path / "out").glob("epoch_*/*.tmp"))
 
 
 def test_transformers_save_pretrained_layout_round_trips_in_bf16(tmp_path):
@@ -352,3 +378,23 @@ def test_transformers_save_pretrained_layout_round_trips_in_bf16(tmp_path):
     assert new_index["weight_map"] == index["weight_map"]
     assert new_index["metadata"]["total_size"] == sum(v.numel() * 2 for v in sd.values())
     assert (out / "generation_config.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.pt"])
+def test_corrupt_or_wrong_payload_names_the_file(tmp_path, name):
+    good = {"norm.scale": torch.ones(4)}
+    if name.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(good, str(tmp_path / name))
+    else:
+        torch.save(good, tmp_path / name)
+    data = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) // 2])
+    ckpt = FullModelTorchTuneCheckpointer(tmp_path, [name], "LLAMA2", tmp_path / "o")
+    with pytest.raises(ValueError, match=f"Could not read .*{name}"):
+        ckpt.load_checkpoint()
+    if name.endswith(".pt"):
+        torch.save([torch.ones(2)], tmp_path / name)
+        with pytest.raises(ValueError, match=f"{name} does not hold a flat state dict"):
+            ckpt.load_checkpoint()
