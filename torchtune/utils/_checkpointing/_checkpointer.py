@@ -122,6 +122,17 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
     file names (and a regenerated index) plus ``config.json`` and any generation/tokenizer files,
     so ``AutoModelForCausalLM.from_pretrained(output_dir / f"epoch_{epoch}")`` loads it.
 
+    Args:
+        checkpoint_dir: folder holding the checkpoint (and config.json / params.json).
+        checkpoint_files: file names in ``checkpoint_dir`` (or absolute paths): one file, the
+            shards, or a single ``*.index.json``.
+        model_type: ``"LLAMA2"``.
+        output_dir: where ``epoch_{epoch}/`` folders are written.
+        adapter_checkpoint: optional LoRA adapter to load (our ``adapter.safetensors``, or
+            PEFT's ``adapter_model.safetensors`` when head counts are known).
+        recipe_checkpoint: ``recipe_state.pt`` to load when resuming.
+        resume_from_checkpoint: merge the recipe state into ``load_checkpoint()``'s result.
+
     Raises:
         FileNotFoundError: if a checkpoint file or ``config.json`` is missing.
         ValueError: on an unknown ``model_type`` or inconsistent arguments.
@@ -182,7 +193,8 @@ class FullModelMetaCheckpointer(_Checkpointer):
     """Meta's ``consolidated.00.pth`` + ``params.json``.
 
     Only unsharded (single-file) Meta checkpoints are supported: ``consolidated.01.pth`` etc.
-    are tensor-parallel slices, not a key partition.
+    are tensor-parallel slices, not a key partition. Arguments as
+    :class:`FullModelHFCheckpointer`; head counts and sizes come from ``params.json``.
 
     Raises:
         FileNotFoundError: if the checkpoint or ``params.json`` is missing.
@@ -249,8 +261,10 @@ class FullModelMetaCheckpointer(_Checkpointer):
 class FullModelTorchTuneCheckpointer(_ShardedCheckpointer):
     """torchtune's own format: native keys in ``.pt`` or ``.safetensors`` file(s).
 
-    PEFT adapter output needs head counts; they are read from a ``config.json`` (HF) or
-    ``params.json`` (Meta) in ``checkpoint_dir`` when one is there.
+    Arguments as :class:`FullModelHFCheckpointer`. Saving writes each key back to the file it
+    came from (plus an index when there are several). PEFT adapter output needs head counts;
+    they are read from a ``config.json`` (HF) or ``params.json`` (Meta) in ``checkpoint_dir``
+    when one is there, else only ``adapter.safetensors`` is written.
     """
 
     def _head_counts(self) -> Optional[Tuple[int, int]]:
