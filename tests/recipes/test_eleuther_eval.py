@@ -158,7 +158,9 @@ def _lora_config(assets, adapter_path, out_dir):
                 "lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": True,
                 "lora_rank": 4, "lora_alpha": 8.0, **MODEL_KW,
             },  # fmt: skip
-            "tokenizer": {"_component_": "torchtune.models.llama2.llama2_tokenizer", "path": str(assets["sp"])},
+            "tokenizer": {
+                "_component_": "torchtune.models.llama2.llama2_tokenizer", "path": str(assets["sp"]),
+            },  # fmt: skip
             "checkpointer": {
                 "_component_": "torchtune.utils.FullModelHFCheckpointer",
                 "checkpoint_dir": str(assets["hf_dir"]), "checkpoint_files": ["model.safetensors"],
@@ -173,7 +175,9 @@ def _lora_config(assets, adapter_path, out_dir):
 
 def test_base_plus_lora_adapter_is_merged_on_load(ee, assets, tmp_path):
     torch.manual_seed(3)
-    lora = lora_llama2(["q_proj", "v_proj"], apply_lora_to_mlp=True, lora_rank=4, lora_alpha=8.0, **MODEL_KW).eval()
+    lora = lora_llama2(
+        ["q_proj", "v_proj"], apply_lora_to_mlp=True, lora_rank=4, lora_alpha=8.0, **MODEL_KW
+    ).eval()
     lora.load_state_dict(assets["ours"].state_dict(), strict=False)
     adapter = {k: torch.randn_like(v) * 0.1 for k, v in lora.state_dict().items() if "lora_" in k}
     lora.load_state_dict(adapter, strict=False)
@@ -201,14 +205,28 @@ MC_DOCS = [
     {"question": "add two", "choices": ["numbers", "strings", "lazy dog"], "label": 2},
     {"question": "convert meters to", "choices": ["centimeters", "grams"], "label": 0},
 ]
-GEN_DOCS = [{"question": "the quick brown fox", "answer": "jumps"}, {"question": "hello", "answer": "world"}]
+GEN_PROMPTS = ["the quick brown fox", "hello"]
+GEN_MAX, GEN_STOP = 6, "."
 
 
-def _write_tasks(root: Path) -> Path:
+def _hf_greedy_answer(assets, prompt: str) -> str:
+    """What the harness should get from our model: HF's greedy tokens, decoded, cut at the stop."""
+    tok = llama2_tokenizer(assets["sp"])
+    ids = torch.tensor([tok.encode(prompt, add_eos=False)])
+    with torch.no_grad():
+        out = assets["hf"].generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+            max_new_tokens=GEN_MAX, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+        )[0, ids.shape[1]:].tolist()  # fmt: skip
+    out = out[: out.index(tok.eos_id)] if tok.eos_id in out else out
+    return tok.decode(out).split(GEN_STOP)[0]
+
+
+def _write_tasks(root: Path, gen_docs) -> Path:
     tasks = root / "tasks"
     tasks.mkdir(parents=True)
     (tasks / "mc.json").write_text(json.dumps(MC_DOCS))
-    (tasks / "gen.json").write_text(json.dumps(GEN_DOCS))
+    (tasks / "gen.json").write_text(json.dumps(gen_docs))
     (tasks / "tiny_mc.yaml").write_text(
         f"""task: tiny_mc
 dataset_path: json
@@ -237,8 +255,8 @@ output_type: generate_until
 doc_to_text: "{{{{question}}}}"
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
-  until: ["."]
-  max_gen_toks: 6
+  until: ["{GEN_STOP}"]
+  max_gen_toks: {GEN_MAX}
   do_sample: false
 metric_list:
   - metric: exact_match
@@ -259,7 +277,12 @@ def _offline_env():
 @pytest.mark.slow
 @pytest.mark.integration
 def test_tune_eleuther_eval_custom_tasks_offline(ee, assets, tmp_path):
-    tasks = _write_tasks(tmp_path)
+    # The first generation doc's target is the reference answer, the second's cannot match.
+    gen_docs = [
+        {"question": GEN_PROMPTS[0], "answer": _hf_greedy_answer(assets, GEN_PROMPTS[0])},
+        {"question": GEN_PROMPTS[1], "answer": _hf_greedy_answer(assets, GEN_PROMPTS[1]) + " not it"},
+    ]
+    tasks = _write_tasks(tmp_path, gen_docs)
     out = tmp_path / "out"
     overrides = [
         f"checkpointer.checkpoint_dir={assets['hf_dir']}",
@@ -291,18 +314,14 @@ def test_tune_eleuther_eval_custom_tasks_offline(ee, assets, tmp_path):
     ref = _hflm(assets, add_bos=True, max_length=MAX_SEQ)
     correct = 0
     for doc in MC_DOCS:
-        reqs = [Instance("loglikelihood", {}, (doc["question"], " " + c), i) for i, c in enumerate(doc["choices"])]
+        reqs = [
+            Instance("loglikelihood", {}, (doc["question"], " " + c), i)
+            for i, c in enumerate(doc["choices"])
+        ]
         lls = [ll for ll, _ in ref.loglikelihood(reqs)]
         correct += int(max(range(len(lls)), key=lls.__getitem__) == doc["label"])
     assert results["tiny_mc"]["acc,none"] == pytest.approx(correct / len(MC_DOCS))
-    # exact_match from our greedy answers, recomputed here from the wrapper itself.
-    lm = _ours(ee, assets, add_bos=True, max_length=MAX_SEQ)
-    answers = lm.generate_until(
-        [Instance("generate_until", {}, (d["question"], {"until": ["."], "max_gen_toks": 6, "do_sample": False}), i)
-         for i, d in enumerate(GEN_DOCS)]
-    )  # fmt: skip
-    em = sum(a == d["answer"] for a, d in zip(answers, GEN_DOCS)) / len(GEN_DOCS)
-    assert results["tiny_gen"]["exact_match,none"] == pytest.approx(em)
+    assert results["tiny_gen"]["exact_match,none"] == pytest.approx(0.5)
 
 
 def test_missing_lm_eval_says_how_to_install(tmp_path):
@@ -312,7 +331,8 @@ def test_missing_lm_eval_says_how_to_install(tmp_path):
         "sys.exit(main(['eleuther_eval', '--config', 'tiny/eval']))\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=_offline_env(), capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-c", code], cwd=tmp_path, env=_offline_env(),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert proc.returncode != 0
     assert 'pip install -e ".[eval]"' in proc.stderr, proc.stderr

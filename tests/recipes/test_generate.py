@@ -123,7 +123,8 @@ def test_base_plus_lora_adapter_is_merged_on_load(gen, assets, tmp_path):
     save_file(adapter, tmp_path / "adapter.safetensors")
     cfg = _cfg(assets, temperature=0.0)
     cfg.model = OmegaConf.create({
-        "_component_": "torchtune.models.llama2.lora_llama2", "lora_attn_modules": ["q_proj", "k_proj", "output_proj"],
+        "_component_": "torchtune.models.llama2.lora_llama2",
+        "lora_attn_modules": ["q_proj", "k_proj", "output_proj"],
         "apply_lora_to_output": True, "lora_rank": 2, "lora_alpha": 6.0, **MODEL_KW,
     })  # fmt: skip
     cfg.checkpointer.adapter_checkpoint = str(tmp_path / "adapter.safetensors")

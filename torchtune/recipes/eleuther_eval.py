@@ -205,7 +205,8 @@ class TorchTuneLM(TemplateLM):
             max_ctx = self.max_length - max_gen
             if max_ctx < 1:
                 raise ValueError(
-                    f"max_gen_toks={max_gen} leaves no room for a prompt within max_seq_length={self.max_length}"
+                    f"max_gen_toks={max_gen} leaves no room for a prompt within "
+                    f"max_seq_length={self.max_length}"
                 )
             prompts = {i: self.tok_encode(requests[i].args[0])[-max_ctx:] for i in idx}
             idx = sorted(idx, key=lambda i: -len(prompts[i]))
