@@ -138,3 +138,38 @@ def test_bf16_run_tracks_fp32(full_run, assets, tmp_path):
     torch.testing.assert_close(bf16[0], fp32[0], rtol=2e-2, atol=0)
     saved = load_file(tmp_path / "epoch_0" / "model.safetensors")
     assert all(v.dtype == torch.bfloat16 for v in saved.values())
+
+
+def test_packed_batches_score_like_their_samples_alone(assets, tmp_path):
+    """The recipe hands a packed batch's mask and input_pos to the model: the summed loss of a
+    packed row equals the sum over its samples run one by one."""
+    from torchtune.recipes.full_finetune_single_device import FullFinetuneRecipeSingleDevice
+
+    overrides = tiny_overrides(assets, tmp_path) + [
+        "shuffle=False", "batch_size=2", "dataset.packed=True", "dataset.train_on_input=True",
+        "dataset.max_seq_len=512", "model.max_seq_len=512",
+    ]  # fmt: skip
+    cfg = config.load_config(get_config("tiny/full").file_path, overrides)
+    recipe = FullFinetuneRecipeSingleDevice(cfg)
+    recipe.setup(cfg)
+    batch = next(iter(recipe._dataloader))
+    assert {"mask", "input_pos"} <= set(batch)
+    with torch.no_grad():
+        loss_sum, num_tokens = recipe._loss_sum(batch)
+        expected_sum, expected_tokens = torch.zeros((), dtype=torch.float64), 0
+        max_segments = 0
+        for tokens, labels, pos in zip(batch["tokens"], batch["labels"], batch["input_pos"]):
+            starts = (pos == 0).nonzero().flatten().tolist() + [len(pos)]
+            max_segments = max(max_segments, len(starts) - 1)
+            for a, b in zip(starts[:-1], starts[1:]):
+                logits = recipe._model(tokens[None, a:b])[0]
+                seg_labels = labels[a + 1 : b]
+                expected_tokens += int((seg_labels != -100).sum())
+                if b - a > 1:
+                    expected_sum += torch.nn.functional.cross_entropy(
+                        logits[:-1], seg_labels, reduction="sum"
+                    ).double()
+    assert max_segments >= 3  # really packed: several samples (+ padding) in a row
+    assert int(num_tokens) == expected_tokens
+    torch.testing.assert_close(loss_sum.double(), expected_sum, rtol=1e-6, atol=1e-4)
+    recipe.cleanup()
