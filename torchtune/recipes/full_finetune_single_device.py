@@ -2,14 +2,17 @@
 """Full fine-tuning on one device.
 
     tune full_finetune_single_device --config full_finetune_single_device
-    tune full_finetune_single_device --config tiny/full dtype=fp32 epochs=1
+    tune full_finetune_single_device --config tiny/full epochs=1
 
-Every parameter is trained. The loss of an optimizer step is the sum of token
-cross-entropies over all its micro-batches divided by the number of scored tokens in the
-whole step, so ``gradient_accumulation_steps=k`` gives exactly the gradient of a k-times
-larger batch. A checkpoint is written at the end of every epoch (with the optimizer and
-the recipe state, except after the last one) and ``resume_from_checkpoint=True`` continues
-from it.
+Every parameter is trained. The loss of an optimizer step is the sum of token cross-entropies
+over all its micro-batches divided by the number of scored tokens in the whole step, so
+``gradient_accumulation_steps=k`` gives exactly the gradient of a k-times larger batch
+(batches left over at the end of an epoch that do not fill a step are skipped).
+
+At the end of every epoch ``output_dir/epoch_N/`` receives the model in the format it came in,
+plus, except after the last epoch, ``recipe_state.pt`` (optimizer, epoch, seed, RNG). To
+resume, point the checkpointer at that folder: ``checkpointer.checkpoint_dir=<output_dir>/epoch_N
+checkpointer.recipe_checkpoint=recipe_state.pt resume_from_checkpoint=True``.
 """
 import logging
 import sys

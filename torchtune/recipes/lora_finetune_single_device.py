@@ -4,15 +4,18 @@
     tune lora_finetune_single_device --config lora_finetune_single_device
     tune lora_finetune_single_device --config tiny/lora epochs=1
 
-The base model is frozen; only the LoRA matrices train and only they are in the optimizer.
-At the end of every epoch ``output_dir/epoch_N/`` receives the merged model in the format
-the base came in, and beside it the adapter alone, in torchtune's format and in PEFT's
-(``adapter_model.safetensors`` + ``adapter_config.json``). The loss of an optimizer step is the sum of token
-cross-entropies over all its micro-batches divided by the number of scored tokens in the
-whole step, so ``gradient_accumulation_steps=k`` gives exactly the gradient of a k-times
-larger batch. A checkpoint is written at the end of every epoch (with the optimizer and
-the recipe state, except after the last one) and ``resume_from_checkpoint=True`` continues
-from it.
+The base model is frozen; only the LoRA matrices train, and only they are in the optimizer.
+The loss of an optimizer step is the sum of token cross-entropies over all its micro-batches
+divided by the number of scored tokens in the whole step, so ``gradient_accumulation_steps=k``
+gives exactly the gradient of a k-times larger batch (batches left over at the end of an
+epoch that do not fill a step are skipped).
+
+At the end of every epoch ``output_dir/epoch_N/`` receives the merged model in the format the
+base came in, ``adapter.safetensors`` (our keys) and PEFT's ``adapter_model.safetensors`` +
+``adapter_config.json`` (in the checkpointer's ``adapter/`` subfolder), plus, except after the
+last epoch, ``recipe_state.pt``. To resume, keep the base checkpoint and add
+``checkpointer.adapter_checkpoint=<output_dir>/epoch_N/adapter.safetensors
+checkpointer.recipe_checkpoint=<output_dir>/epoch_N/recipe_state.pt resume_from_checkpoint=True``.
 """
 import logging
 import sys
