@@ -15,6 +15,7 @@ from tests.recipes.single_device_utils import (
 )
 from torchtune import config
 from torchtune._recipe_registry import get_config
+from torchtune.config._resolvers import PACKAGE_DIR
 
 RECIPE = "full_finetune_single_device"
 # 40 samples, batches of 2, 2 micro-batches per step: 10 batches -> 5 optimizer steps an epoch.
@@ -173,3 +174,43 @@ def test_packed_batches_score_like_their_samples_alone(assets, tmp_path):
     assert int(num_tokens) == expected_tokens
     torch.testing.assert_close(loss_sum.double(), expected_sum, rtol=1e-6, atol=1e-4)
     recipe.cleanup()
+
+
+def test_gradient_accumulation_equals_the_big_batch(assets, tmp_path):
+    """Two micro-batches of 2 give the same SGD update as one batch of 4 (SGD, unlike Adam's
+    first step, is sensitive to the gradient's scale, so a mis-normalised loss would show)."""
+    from torchtune.data import padded_collate
+    from torchtune.recipes.full_finetune_single_device import FullFinetuneRecipeSingleDevice
+
+    overrides = tiny_overrides(assets, tmp_path) + [
+        "shuffle=False", "batch_size=2", "optimizer._component_=torch.optim.SGD",
+        "optimizer.lr=0.5", "optimizer.weight_decay=0.0", "dataset.max_seq_len=256",
+    ]  # fmt: skip
+    cfg = config.load_config(get_config("tiny/full").file_path, overrides)
+    small, big = FullFinetuneRecipeSingleDevice(cfg), FullFinetuneRecipeSingleDevice(cfg)
+    small.setup(cfg)
+    big.setup(cfg)
+    ds = small._dataloader.dataset
+    samples = [ds[i] for i in range(4)]
+    micro = [padded_collate(samples[:2]), padded_collate(samples[2:])]
+    assert micro[0]["tokens"].shape[1] != micro[1]["tokens"].shape[1]  # different padding
+    loss_small = small._optimizer_step(micro)
+    loss_big = big._optimizer_step([padded_collate(samples)])
+    torch.testing.assert_close(loss_small, loss_big, rtol=1e-6, atol=1e-6)
+    before = load_file(assets.model_dir / "model.safetensors")["model.embed_tokens.weight"]
+    after_small = small._model.state_dict()
+    assert not torch.equal(after_small["tok_embeddings.weight"], before)  # it did train
+    for name, param in big._model.state_dict().items():
+        torch.testing.assert_close(after_small[name], param, rtol=1e-5, atol=1e-6, msg=name)
+    small.cleanup(), big.cleanup()
+
+
+@pytest.mark.skipif(
+    not (PACKAGE_DIR / "assets" / "tiny" / "model" / "model.safetensors").is_file(),
+    reason="the tiny model is not bundled yet (scripts/make_tiny_assets.py)",
+)
+def test_tiny_config_runs_on_bundled_assets(tmp_path):
+    run_tune(RECIPE, "tiny/full", [f"output_dir={tmp_path}", "max_steps_per_epoch=3"], cwd=tmp_path)
+    losses = logged_losses(tmp_path)
+    assert len(losses) == 3 and torch.isfinite(losses).all()
+    assert (tmp_path / "epoch_0" / "model.safetensors").is_file()
