@@ -68,3 +68,29 @@ def test_cosine_schedule_resumes_mid_run():
     opt2.load_state_dict(opt.state_dict())
     get_cosine_schedule_with_warmup(opt2, 3, 10, last_epoch=5)
     assert opt2.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def _largest_saved_fp32(fn):
+    """numel of the largest fp32 tensor autograd keeps for backward while ``fn`` runs."""
+    sizes = [0]
+
+    def pack(t):
+        if t.dtype == torch.float32:
+            sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return max(sizes)
+
+
+def test_chunked_ce_keeps_no_full_fp32_logits_for_backward():
+    b, s, v = 2, 64, 300
+    logits = torch.randn(b, s, v).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, v, (b, s))
+    loss = ChunkedCrossEntropyLoss(num_chunks=8)
+    plain = lambda: F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+    # The probe sees the plain loss's fp32 log-softmax of the whole batch...
+    assert _largest_saved_fp32(plain) == b * s * v
+    # ...and nothing of that size (not even one chunk's) from the chunked loss.
+    assert _largest_saved_fp32(lambda: loss(logits, labels)) < b * s * v // 8
