@@ -18,6 +18,7 @@ from tests.recipes.single_device_utils import (
 )
 from torchtune import config, utils
 from torchtune._recipe_registry import get_config
+from torchtune.config._resolvers import PACKAGE_DIR
 from torchtune.models.llama2 import hf_to_tune
 from torchtune.modules.peft import get_adapter_params
 from torchtune.recipes.lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
@@ -193,3 +194,14 @@ def test_resume_gives_identical_second_epoch(lora_run, tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=f"{name}: {key}")
+
+
+@pytest.mark.skipif(
+    not (PACKAGE_DIR / "assets" / "tiny" / "model" / "model.safetensors").is_file(),
+    reason="the tiny model is not bundled yet (scripts/make_tiny_assets.py)",
+)
+def test_tiny_config_runs_on_bundled_assets(tmp_path):
+    run_tune(RECIPE, "tiny/lora", [f"output_dir={tmp_path}", "max_steps_per_epoch=3"], cwd=tmp_path)
+    losses = logged_losses(tmp_path)
+    assert len(losses) == 3 and torch.isfinite(losses).all()
+    assert (tmp_path / "epoch_0" / "adapter.safetensors").is_file()
