@@ -214,3 +214,23 @@ def test_tiny_config_runs_on_bundled_assets(tmp_path):
     losses = logged_losses(tmp_path)
     assert len(losses) == 3 and torch.isfinite(losses).all()
     assert (tmp_path / "epoch_0" / "model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+def test_bf16_on_cuda_with_activation_checkpointing(full_run, tmp_path):
+    _, overrides = full_run
+    run_tune(
+        RECIPE,
+        "tiny/full",
+        overrides
+        + ["device=cuda", "dtype=bf16", "enable_activation_checkpointing=True", "epochs=1",
+           f"output_dir={tmp_path}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    fp32_cpu = logged_losses(full_run[0])[:5]
+    rows = read_disk_log(tmp_path)
+    losses = torch.tensor([r["loss"] for r in rows], dtype=torch.float64)
+    assert torch.isfinite(losses).all()
+    torch.testing.assert_close(losses[0], fp32_cpu[0], rtol=2e-2, atol=0)
+    # CUDA peak memory is max_memory_allocated: small for a tiny model, but not zero.
+    assert all(0 < r["peak_memory_gib"] < 1 for r in rows)
