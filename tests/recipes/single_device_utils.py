@@ -58,7 +58,8 @@ def tiny_overrides(assets: TinyAssets, output_dir: Path) -> List[str]:
 
 
 def run_tune(recipe: str, config_name: str, overrides: Sequence[str], cwd: Path) -> None:
-    """Run ``tune <recipe> --config <config_name> k=v ...`` in a subprocess; fail with its output."""
+    """Run ``tune <recipe> --config <config_name> k=v ...`` in a subprocess; on failure,
+    raise with its output."""
     tune = Path(sys.executable).parent / "tune"
     cmd = [str(tune), recipe, "--config", config_name, *overrides]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)

@@ -1,6 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """End-to-end tests of ``tune lora_finetune_single_device`` on a tiny model, on CPU."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,7 +66,8 @@ def _our_lora_model(cfg, adapter=None):
     """The recipe's model as it is right after construction (same seed, same build order)."""
     utils.set_seed(cfg.seed)
     model = config.instantiate(cfg.model)
-    base = hf_to_tune(load_file(cfg.checkpointer.checkpoint_dir + "/model.safetensors"), NUM_HEADS, NUM_KV_HEADS)
+    hf_sd = load_file(Path(cfg.checkpointer.checkpoint_dir) / "model.safetensors")
+    base = hf_to_tune(hf_sd, NUM_HEADS, NUM_KV_HEADS)
     model.load_state_dict(base, strict=False)
     if adapter is not None:
         model.load_state_dict(adapter, strict=False)
@@ -81,7 +83,9 @@ def test_losses_match_peft_training_loop(lora_run, assets):
     ours_init = _our_lora_model(cfg).state_dict()
     peft_model = get_peft_model(
         load_hf_model(assets.model_dir),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0
+        ),
     )
     with torch.no_grad():
         # Same A as ours (A is on the input side: no q/k row permutation); B starts at zero.

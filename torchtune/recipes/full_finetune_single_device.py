@@ -195,7 +195,7 @@ class FullFinetuneRecipeSingleDevice:
     def train(self) -> None:
         """Run the remaining epochs, logging every ``log_every_n_steps`` optimizer steps."""
         if self.epochs_run >= self.total_epochs:
-            log.info("Nothing to do: %d of %d epochs already run", self.epochs_run, self.total_epochs)
+            log.info("Nothing to do: %d of %d epochs run", self.epochs_run, self.total_epochs)
         for epoch in range(self.epochs_run, self.total_epochs):
             self._sampler.set_epoch(epoch)
             batches = iter(self._dataloader)
@@ -210,7 +210,9 @@ class FullFinetuneRecipeSingleDevice:
                 n_tokens = sum(mb["tokens"].numel() for mb in micro_batches)  # incl. padding
                 tokens_per_second = n_tokens / max(elapsed, 1e-9)
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}")
+                pbar.set_postfix(
+                    loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}"
+                )
                 if self.global_step % self._log_every_n_steps == 0:
                     mem = utils.get_memory_stats(self._device)
                     self._metric_logger.log_dict(
@@ -258,7 +260,7 @@ class FullFinetuneRecipeSingleDevice:
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     # Does nothing when the caller already configured logging.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg))
     recipe = FullFinetuneRecipeSingleDevice(cfg)
     recipe.setup(cfg)

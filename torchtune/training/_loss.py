@@ -38,7 +38,9 @@ class ChunkedCrossEntropyLoss(nn.Module):
         self.num_chunks = num_chunks
         self.ignore_index = ignore_index
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, logits: torch.Tensor, labels: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             logits: ``[b, s, vocab]``, already aligned with ``labels`` (a recipe passes

@@ -18,7 +18,9 @@ import torch
 def _scalar(name: str, value: Any) -> Union[int, float]:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"Metric '{name}' must be a scalar, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(
+                f"Metric '{name}' must be a scalar, got a tensor of shape {tuple(value.shape)}"
+            )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"Metric '{name}' must be a number, got {type(value).__name__}: {value!r}")
