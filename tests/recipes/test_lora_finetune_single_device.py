@@ -209,3 +209,27 @@ def test_tiny_config_runs_on_bundled_assets(tmp_path):
     losses = logged_losses(tmp_path)
     assert len(losses) == 3 and torch.isfinite(losses).all()
     assert (tmp_path / "epoch_0" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_mlp_and_output_adapters_export_to_peft(assets, tmp_path):
+    from peft import PeftModel
+
+    overrides = tiny_overrides(assets, tmp_path) + RUN_OVERRIDES + [
+        "epochs=1", "max_steps_per_epoch=2", "model.lora_attn_modules=[output_proj]",
+        "model.apply_lora_to_mlp=True", "model.apply_lora_to_output=True",
+    ]  # fmt: skip
+    run_tune(RECIPE, "tiny/lora", overrides, cwd=tmp_path)
+    adapter_dir = tmp_path / "epoch_0" / "adapter"
+    peft_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert sorted(peft_config["target_modules"]) == sorted(
+        ["o_proj", "gate_proj", "down_proj", "up_proj", "lm_head"]
+    )
+    adapter = load_file(tmp_path / "epoch_0" / "adapter.safetensors")
+    ours = _our_lora_model(_cfg(overrides), adapter)
+    tokens = torch.randint(0, 400, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        peft_model = PeftModel.from_pretrained(load_hf_model(assets.model_dir).eval(), adapter_dir)
+        torch.testing.assert_close(
+            peft_model(input_ids=tokens).logits, ours(tokens), rtol=0, atol=1e-5
+        )
