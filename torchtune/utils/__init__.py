@@ -12,3 +12,16 @@ from torchtune.utils._checkpointing import (
     validate_state_dict_shapes,
 )
 from torchtune.utils._generation import generate, sample_next_token, top_k_filter, top_p_filter
+from torchtune.utils._distributed import (
+    all_reduce_sum,
+    broadcast_object,
+    gather_full_state_dict,
+    gather_optimizer_state_dict,
+    get_world_size_and_rank,
+    init_distributed,
+    is_distributed,
+    load_from_full_state_dict,
+    load_optimizer_state_dict,
+    record_rank_on_failure,
+    shard_model,
+)
