@@ -85,8 +85,9 @@ class FullFinetuneRecipeDistributed:
         ckpt = self._load_checkpoint(cfg.checkpointer)
         if self._resume:
             self._check_recipe_state(ckpt)
+        # Popped: the full weights on rank 0 are freed once loaded into the shards.
         self._model = self._setup_model(
-            cfg.model, cfg.enable_activation_checkpointing, ckpt.get("model")
+            cfg.model, cfg.enable_activation_checkpointing, ckpt.pop("model", None)
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._optimizer = self._setup_optimizer(cfg.optimizer, ckpt)

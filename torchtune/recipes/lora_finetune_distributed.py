@@ -94,8 +94,9 @@ class LoRAFinetuneRecipeDistributed:
             self._check_recipe_state(ckpt)
             if "adapter" not in ckpt:  # the key is on every rank, the tensors on rank 0
                 raise ValueError("resume_from_checkpoint=True needs checkpointer.adapter_checkpoint")
+        # Popped: the full weights on rank 0 are freed once loaded into the shards.
         self._model = self._setup_model(
-            cfg.model, cfg.enable_activation_checkpointing, ckpt.get("model"), ckpt.get("adapter")
+            cfg.model, cfg.enable_activation_checkpointing, ckpt.pop("model", None), ckpt.pop("adapter", None)
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._optimizer = self._setup_optimizer(cfg.optimizer, ckpt)

@@ -138,6 +138,8 @@ def load_from_full_state_dict(
     Args:
         model: sharded by :func:`shard_model` and materialised (``to_empty``).
         full_sd: the full state dict (native keys) on rank 0; ignored (pass None) elsewhere.
+            Consumed: its values are replaced by this rank's shards, so once the caller drops
+            its other references the full tensors are freed.
         strict: every model key must be in ``full_sd`` and nothing else.
 
     Raises:

@@ -1,0 +1,159 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""torchtune.utils._distributed on 2 CPU processes (gloo), against the unsharded model."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from torchtune import utils
+from torchtune.models.llama2 import lora_llama2
+from torchtune.modules import TransformerDecoderLayer
+from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+WORLD_SIZE = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_lora(device: str = "cpu") -> torch.nn.Module:
+    with torch.device(device):
+        return lora_llama2(
+            ["q_proj", "v_proj"], vocab_size=101, num_layers=2, num_heads=4, num_kv_heads=2,
+            embed_dim=32, max_seq_len=64, intermediate_dim=40, lora_rank=4, lora_alpha=8,
+        )  # fmt: skip
+
+
+def _sharded(param_dtype=None) -> torch.nn.Module:
+    model = _tiny_lora("meta")
+    utils.shard_model(
+        model, torch.device("cpu"), layer_types=(TransformerDecoderLayer,), param_dtype=param_dtype
+    )
+    return model.to_empty(device="cpu")
+
+
+def _worker(rank: int, port: int, ref_path: str) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    assert utils.init_distributed(torch.device("cpu")) == (WORLD_SIZE, rank)
+    assert utils.get_world_size_and_rank() == (WORLD_SIZE, rank)
+    ref_sd, tokens, ref_grads, ref_after_step = torch.load(ref_path, weights_only=True)
+
+    # Only rank 0 holds the checkpoint; every rank ends up with exactly its shard of it.
+    model = _sharded()
+    utils.load_from_full_state_dict(model, dict(ref_sd) if rank == 0 else None)
+    for name, p in model.named_parameters():
+        assert p.to_local().numel() < p.numel() or p.shape[0] < WORLD_SIZE, name
+    full = utils.gather_full_state_dict(model)
+    if rank == 0:
+        assert full.keys() == ref_sd.keys()
+        for k, v in ref_sd.items():
+            torch.testing.assert_close(full[k], v, rtol=0, atol=0, msg=k)
+    else:
+        assert full == {}
+
+    # Loss over this rank's rows, divided by the global count and times W: FSDP's mean over
+    # ranks then gives the single-process gradient of the whole batch.
+    adapters = get_adapter_params(model)
+    set_trainable_params(model, adapters)
+    opt = torch.optim.AdamW(adapters.values(), lr=1e-2)
+    logits = model(tokens[rank::WORLD_SIZE])
+    (logits.float().pow(2).sum() / tokens.numel() * WORLD_SIZE).backward()
+    for name, p in adapters.items():
+        torch.testing.assert_close(p.grad.full_tensor(), ref_grads[name], rtol=1e-5, atol=1e-7)
+    opt.step()
+    for name, p in adapters.items():
+        torch.testing.assert_close(p.full_tensor(), ref_after_step[name], rtol=1e-5, atol=1e-7)
+
+    # Optimizer state round trip: gathered by name on rank 0, loaded into a fresh optimizer.
+    osd = utils.gather_optimizer_state_dict(model, opt)
+    if rank == 0:
+        assert set(osd["state"]) == set(adapters)
+    opt.zero_grad(set_to_none=True)  # as in a freshly set-up recipe
+    opt2 = torch.optim.AdamW(adapters.values(), lr=1e-2)
+    utils.load_optimizer_state_dict(model, opt2, osd if rank == 0 else None)
+    for p in adapters.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            a, b = opt2.state[p][key].full_tensor(), opt.state[p][key].full_tensor()
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert int(opt2.state[p]["step"]) == 1
+
+    # A checkpoint that does not fit raises on every rank (none is left waiting).
+    bad = dict(ref_sd)
+    bad.pop("norm.scale")
+    with pytest.raises(ValueError, match=r"missing \['norm.scale'\]"):
+        utils.load_from_full_state_dict(_sharded(), bad if rank == 0 else None)
+
+    # bf16 compute keeps fp32 sharded masters; gradients track the fp32 ones.
+    model16 = _sharded(param_dtype=torch.bfloat16)
+    utils.load_from_full_state_dict(model16, dict(ref_sd) if rank == 0 else None)
+    assert all(p.dtype == torch.float32 for p in model16.parameters())
+    logits16 = model16(tokens[rank::WORLD_SIZE])
+    assert logits16.dtype == torch.bfloat16
+    (logits16.float().pow(2).sum() / tokens.numel() * WORLD_SIZE).backward()
+    g16 = model16.tok_embeddings.weight.grad
+    assert g16.dtype == torch.float32
+    ref_g = ref_grads["tok_embeddings.weight"]
+    assert (g16.full_tensor() - ref_g).norm() < 0.05 * ref_g.norm()
+
+    assert utils.broadcast_object({"step": rank}) == {"step": 0}
+    assert utils.all_reduce_sum([rank, 1.5], torch.device("cpu")).tolist() == [1.0, 3.0]
+    dist.destroy_process_group()
+
+
+def test_sharded_load_gather_gradients_and_optimizer_state_on_two_processes(tmp_path):
+    torch.manual_seed(0)
+    ref = _tiny_lora()
+    for name, p in get_adapter_params(ref).items():  # nonzero B: LoRA gradients are nonzero
+        torch.nn.init.normal_(p, std=0.1)
+    ref_sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    tokens = torch.randint(0, 101, (4, 9))
+    adapters = get_adapter_params(ref)
+    set_trainable_params(ref, adapters)
+    (ref(tokens).pow(2).sum() / tokens.numel()).backward()
+    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
+    ref_grads["tok_embeddings.weight"] = torch.func.grad(
+        lambda w: torch.func.functional_call(ref, {"tok_embeddings.weight": w}, (tokens,))
+        .pow(2).sum() / tokens.numel()
+    )(ref.tok_embeddings.weight.detach())
+    opt = torch.optim.AdamW(adapters.values(), lr=1e-2)
+    opt.step()
+    after = {n: p.detach().clone() for n, p in adapters.items()}
+    path = tmp_path / "ref.pt"
+    torch.save((ref_sd, tokens, ref_grads, after), path)
+    mp.start_processes(
+        _worker, args=(_free_port(), str(path)), nprocs=WORLD_SIZE, start_method="spawn"
+    )
+
+
+def test_outside_a_process_group(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert utils.get_world_size_and_rank() == (1, 0)
+    assert not utils.is_distributed()
+    with pytest.raises(ValueError, match=r"'RANK', 'WORLD_SIZE'.*--nproc_per_node"):
+        utils.init_distributed(torch.device("cpu"))
+
+
+def test_record_rank_on_failure_names_the_rank(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+
+    @utils.record_rank_on_failure
+    def main(x):
+        if x:
+            raise KeyError("boom")
+        return 7
+
+    assert main(0) == 7
+    with pytest.raises(RuntimeError, match=r"^rank 3: KeyError: 'boom'") as info:
+        main(1)
+    assert isinstance(info.value.__cause__, KeyError)
