@@ -201,10 +201,24 @@ def load_optimizer_state_dict(
         full_osd: as written by :func:`gather_optimizer_state_dict`, on rank 0; None elsewhere.
     """
     _, rank = get_world_size_and_rank()
+    # Group settings the fresh optimizer lacks (an lr scheduler's "initial_lr") reach only
+    # rank 0 through set_optimizer_state_dict; send them to every rank ourselves.
+    groups = broadcast_object(
+        [{k: v for k, v in g.items() if k != "params"} for g in full_osd["param_groups"]]
+        if rank == 0
+        else None
+    )
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_optimizer_state_dict(
         model, optimizer, optim_state_dict=full_osd if rank == 0 else {}, options=options
     )
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"The optimizer state has {len(groups)} parameter groups, the optimizer "
+            f"{len(optimizer.param_groups)}"
+        )
+    for ours, saved in zip(optimizer.param_groups, groups):
+        ours.update(saved)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -75,6 +75,7 @@ def _worker(rank: int, port: int, ref_path: str) -> None:
         torch.testing.assert_close(p.full_tensor(), ref_after_step[name], rtol=1e-5, atol=1e-7)
 
     # Optimizer state round trip: gathered by name on rank 0, loaded into a fresh optimizer.
+    opt.param_groups[0]["initial_lr"] = 5e-3  # what an lr scheduler adds
     osd = utils.gather_optimizer_state_dict(model, opt)
     if rank == 0:
         assert set(osd["state"]) == set(adapters)
@@ -86,6 +87,7 @@ def _worker(rank: int, port: int, ref_path: str) -> None:
             a, b = opt2.state[p][key].full_tensor(), opt.state[p][key].full_tensor()
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert int(opt2.state[p]["step"]) == 1
+    assert opt2.param_groups[0]["initial_lr"] == 5e-3  # on every rank, not only rank 0
 
     # A checkpoint that does not fit raises on every rank (none is left waiting).
     bad = dict(ref_sd)

@@ -1,0 +1,155 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""``tune --nproc_per_node 2 lora_finetune_distributed`` on CPU (gloo) against the single-device
+LoRA recipe with the same global batch and the same starting adapter; fresh adapters; resume."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.recipes.single_device_utils import (
+    build_tiny_assets,
+    logged_losses,
+    read_disk_log,
+    run_tune,
+    tiny_overrides,
+    VOCAB_SIZE,
+)
+from tests.recipes.test_full_finetune_distributed import (
+    assert_same_weights,
+    PER_RANK_BATCH,
+    run_tune_distributed,
+    WORLD_SIZE,
+)
+from torchtune.models.llama2 import lora_llama2
+from torchtune.modules.peft import get_adapter_params
+
+RECIPE = "lora_finetune_distributed"
+COMMON = [
+    "shuffle=True",
+    "seed=5",
+    "gradient_accumulation_steps=2",
+    "epochs=2",
+    "max_steps_per_epoch=5",
+    "optimizer.lr=3e-3",
+    "optimizer.weight_decay=0.01",
+    "lr_scheduler.num_warmup_steps=2",
+    "model.lora_rank=4",
+    "model.lora_alpha=8",
+    "model.lora_attn_modules=[q_proj,k_proj,v_proj]",
+    "dtype=fp32",
+    "clip_grad_norm=0.05",  # small enough to bite
+]
+SAVED = ["model.safetensors", "adapter.safetensors", "adapter/adapter_model.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_dist_assets")
+    assets = build_tiny_assets(root)
+    # A starting adapter with nonzero B, so loading it (not only A) shows in the losses.
+    torch.manual_seed(11)
+    model = lora_llama2(
+        ["q_proj", "k_proj", "v_proj"], vocab_size=VOCAB_SIZE, num_layers=3, num_heads=4,
+        num_kv_heads=2, embed_dim=64, intermediate_dim=88, max_seq_len=256, lora_rank=4,
+        lora_alpha=8,
+    )  # fmt: skip
+    adapter = {k: torch.randn_like(v) * 0.02 for k, v in get_adapter_params(model).items()}
+    save_file(adapter, root / "start_adapter.safetensors")
+    assets.adapter = root / "start_adapter.safetensors"
+    return assets
+
+
+def _overrides(assets, out, per_rank: bool, adapter: bool = True):
+    batch = PER_RANK_BATCH if per_rank else PER_RANK_BATCH * WORLD_SIZE
+    extra = [f"checkpointer.adapter_checkpoint={assets.adapter}"] if adapter else []
+    return tiny_overrides(assets, out) + COMMON + [f"batch_size={batch}"] + extra
+
+
+@pytest.fixture(scope="module")
+def single_run(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_single")
+    run_tune("lora_finetune_single_device", "tiny/lora", _overrides(assets, out, False), cwd=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dist_run(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_dist")
+    overrides = _overrides(assets, out, True)
+    run_tune_distributed(RECIPE, "tiny/lora_distributed", overrides, cwd=out)
+    return out, overrides
+
+
+@pytest.mark.slow
+def test_two_processes_match_single_device(dist_run, single_run):
+    out, _ = dist_run
+    ours, expected = logged_losses(out), logged_losses(single_run)
+    assert len(ours) == 10
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+    # The lr schedule steps the same way.
+    assert [r["lr"] for r in read_disk_log(out)] == [r["lr"] for r in read_disk_log(single_run)]
+    for epoch in (0, 1):
+        for name in SAVED:  # merged model, our adapter, PEFT's adapter
+            path = f"epoch_{epoch}/{name}"
+            assert_same_weights(single_run / path, out / path, atol=1e-5)
+    assert (out / "epoch_1" / "adapter" / "adapter_config.json").read_text() == (
+        single_run / "epoch_1" / "adapter" / "adapter_config.json"
+    ).read_text()
+    print(f"LoRA max |loss diff| {(ours - expected).abs().max():.2e}")
+
+
+@pytest.mark.slow
+def test_fresh_adapters_start_from_the_base_model(assets, single_run, tmp_path):
+    """Without an adapter checkpoint B starts at zero: step 1 scores the untouched base
+    model, as the single-device recipe's does (its A differs: see the recipe docstring)."""
+    run_tune_distributed(
+        RECIPE, "tiny/lora_distributed",
+        _overrides(assets, tmp_path / "d", True, adapter=False) + ["epochs=1", "max_steps_per_epoch=1"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    run_tune(
+        "lora_finetune_single_device", "tiny/lora",
+        _overrides(assets, tmp_path / "s", False, adapter=False) + ["epochs=1", "max_steps_per_epoch=1"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    torch.testing.assert_close(
+        logged_losses(tmp_path / "d"), logged_losses(tmp_path / "s"), rtol=0, atol=1e-5
+    )
+    adapter = load_file(tmp_path / "d" / "epoch_0" / "adapter.safetensors")
+    assert set(adapter) == set(load_file(assets.adapter))
+
+
+@pytest.mark.slow
+def test_resume_gives_identical_second_epoch(dist_run, tmp_path):
+    out, overrides = dist_run
+    resumed = tmp_path / "resumed"
+    run_tune_distributed(
+        RECIPE,
+        "tiny/lora_distributed",
+        overrides
+        + [
+            f"checkpointer.adapter_checkpoint={out / 'epoch_0' / 'adapter.safetensors'}",
+            f"checkpointer.recipe_checkpoint={out / 'epoch_0' / 'recipe_state.pt'}",
+            "resume_from_checkpoint=True",
+            f"output_dir={resumed}",
+        ],
+        cwd=tmp_path,
+    )
+    torch.testing.assert_close(logged_losses(resumed), logged_losses(out)[5:], rtol=0, atol=1e-6)
+    assert [r["lr"] for r in read_disk_log(resumed)] == [r["lr"] for r in read_disk_log(out)][5:]
+    for name in SAVED:
+        assert_same_weights(out / "epoch_1" / name, resumed / "epoch_1" / name, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_nccl_bf16_on_one_gpu(assets, tmp_path):
+    overrides = _overrides(assets, tmp_path, True) + [
+        "epochs=1", "device=cuda", "dtype=bf16", "enable_activation_checkpointing=True",
+    ]  # fmt: skip
+    run_tune_distributed(
+        RECIPE, "tiny/lora_distributed", overrides, cwd=tmp_path,
+        launcher=["--nnodes", "1", "--nproc_per_node", "1"],
+    )  # fmt: skip
+    losses = logged_losses(tmp_path)
+    assert len(losses) == 5 and torch.isfinite(losses).all()
+    saved = load_file(tmp_path / "epoch_0" / "adapter.safetensors")
+    assert all(v.dtype == torch.bfloat16 for v in saved.values())
