@@ -239,20 +239,21 @@ def all_reduce_sum(values: Sequence[float], device: torch.device) -> torch.Tenso
 def record_rank_on_failure(fn: Callable) -> Callable:
     """Wrap a recipe's entry point so an exception names the rank it came from.
 
-    The exception is logged with the rank and re-raised as a ``RuntimeError`` whose message
-    starts with ``"rank N: "``; the worker then exits non-zero and torchrun stops the other
-    workers. The process group is torn down before re-raising, so peers blocked in a
-    collective with this rank see a closed connection instead of waiting for the timeout.
+    Under torchrun (``RANK`` set) the exception is logged with the rank and re-raised as a
+    ``RuntimeError`` whose message starts with ``"rank N: "``; the worker then exits non-zero
+    and torchrun stops the other workers on its node. Peers elsewhere that are blocked in a
+    collective with this rank see its connections close (gloo) or, at worst, reach the
+    process-group timeout (NCCL). Without ``RANK`` exceptions pass through unchanged.
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except SystemExit:
-            raise
-        except BaseException as e:
-            rank = os.environ.get("RANK", "?")
+        except Exception as e:
+            rank = os.environ.get("RANK")
+            if rank is None:  # not launched by torchrun: nothing to add
+                raise
             log.error("rank %s failed: %s: %s", rank, type(e).__name__, e)
             raise RuntimeError(f"rank {rank}: {type(e).__name__}: {e}") from e
 

@@ -159,3 +159,6 @@ def test_record_rank_on_failure_names_the_rank(monkeypatch):
     with pytest.raises(RuntimeError, match=r"^rank 3: KeyError: 'boom'") as info:
         main(1)
     assert isinstance(info.value.__cause__, KeyError)
+    monkeypatch.delenv("RANK")
+    with pytest.raises(KeyError):  # not under torchrun: unchanged
+        main(1)

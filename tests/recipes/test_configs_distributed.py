@@ -1,0 +1,118 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""The distributed configs validate with the contract keys and mirror their single-device
+twins; the distributed recipes do not drift from the single-device ones or each other."""
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.recipes.test_single_device_configs import TRAINING_KEYS
+from torchtune import config
+from torchtune._recipe_registry import get_config, RECIPES
+from torchtune.recipes.full_finetune_distributed import FullFinetuneRecipeDistributed
+from torchtune.recipes.full_finetune_single_device import FullFinetuneRecipeSingleDevice
+from torchtune.recipes.lora_finetune_distributed import LoRAFinetuneRecipeDistributed
+from torchtune.recipes.lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
+
+CONFIGS = {
+    "full_finetune_distributed": "full_finetune_distributed",
+    "llama2/7B_full": "full_finetune_distributed",
+    "tiny/full_distributed": "full_finetune_distributed",
+    "lora_finetune_distributed": "lora_finetune_distributed",
+    "llama2/7B_lora": "lora_finetune_distributed",
+    "tiny/lora_distributed": "lora_finetune_distributed",
+}
+
+
+def _container(name):
+    return OmegaConf.to_container(OmegaConf.load(get_config(name).file_path))
+
+
+@pytest.mark.parametrize("name, recipe", sorted(CONFIGS.items()))
+def test_config_validates_and_names_its_launch_command(name, recipe):
+    assert name in [c.name for r in RECIPES if r.name == recipe for c in r.configs]
+    path = get_config(name).file_path
+    cfg = config.load_config(path)
+    config.validate(cfg)
+    assert set(cfg.keys()) == TRAINING_KEYS
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# tune --nnodes 1 --nproc_per_node ")
+    assert first_line.endswith(f" {recipe} --config {name}")
+
+
+@pytest.mark.parametrize(
+    "readme_name, model_name",
+    [("full_finetune_distributed", "llama2/7B_full"), ("lora_finetune_distributed", "llama2/7B_lora")],
+)
+def test_readme_configs_equal_their_llama2_7b_twins(readme_name, model_name):
+    assert _container(readme_name) == _container(model_name)
+
+
+@pytest.mark.parametrize(
+    "dist, single, differ",
+    [
+        ("tiny/full_distributed", "tiny/full", {"batch_size", "output_dir"}),
+        ("tiny/lora_distributed", "tiny/lora", {"batch_size", "output_dir"}),
+        ("llama2/7B_full", "llama2/7B_full_single_device",
+         {"gradient_accumulation_steps", "optimizer", "output_dir"}),
+        ("llama2/7B_lora", "llama2/7B_lora_single_device",
+         {"gradient_accumulation_steps", "output_dir"}),
+    ],
+)  # fmt: skip
+def test_distributed_configs_differ_from_their_single_device_twins_only_in_scale(
+    dist, single, differ
+):
+    a, b = _container(dist), _container(single)
+    assert {k for k in a if a[k] != b[k]} == differ
+    if dist.startswith("tiny/"):  # 2 ranks x the per-rank batch = the single-device batch
+        assert 2 * a["batch_size"] == b["batch_size"]
+
+
+# Methods the distributed recipes take over unchanged from the single-device ones.
+SHARED_WITH_SINGLE_DEVICE = ["_check_recipe_state", "_count_steps_per_epoch", "_setup_lr_scheduler", "_loss_sum"]
+SHARED_BY_DISTRIBUTED_SIBLINGS = [
+    "train", "_loss_sum", "_setup_data", "_count_steps_per_epoch", "_setup_lr_scheduler",
+    "_recipe_state", "_check_recipe_state", "_load_checkpoint", "cleanup", "_setup_optimizer",
+]  # fmt: skip
+
+
+def _src(cls, method):
+    return inspect.getsource(getattr(cls, method))
+
+
+@pytest.mark.parametrize("method", SHARED_WITH_SINGLE_DEVICE)
+@pytest.mark.parametrize(
+    "dist, single",
+    [
+        (FullFinetuneRecipeDistributed, FullFinetuneRecipeSingleDevice),
+        (LoRAFinetuneRecipeDistributed, LoRAFinetuneRecipeSingleDevice),
+    ],
+)
+def test_distributed_recipes_share_the_single_device_parts(dist, single, method):
+    assert _src(dist, method) == _src(single, method), f"{dist.__name__}.{method} drifted"
+
+
+@pytest.mark.parametrize("method", SHARED_BY_DISTRIBUTED_SIBLINGS)
+def test_distributed_siblings_share_their_common_parts(method):
+    if method == "_setup_optimizer":  # the same but for which parameters train
+        full = _src(FullFinetuneRecipeDistributed, method).replace("self._model.parameters()", "P")
+        lora = _src(LoRAFinetuneRecipeDistributed, method)
+        lora = lora.replace("list(self._adapter_params.values())", "P")
+        assert full == lora
+        return
+    full, lora = _src(FullFinetuneRecipeDistributed, method), _src(LoRAFinetuneRecipeDistributed, method)
+    assert full == lora, f"{method} drifted between the distributed full and LoRA recipes"
+
+
+def test_without_torchrun_the_recipe_says_how_to_launch(tmp_path):
+    tune = Path(sys.executable).parent / "tune"
+    proc = subprocess.run(
+        [str(tune), "full_finetune_distributed", "--config", "tiny/full_distributed",
+         f"output_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "--nproc_per_node" in proc.stderr and "'RANK'" in proc.stderr, proc.stderr[-3000:]
