@@ -24,7 +24,11 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+
+try:
+    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
+    from torch.distributed._composable.fsdp import fully_shard, MixedPrecisionPolicy
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +75,13 @@ def init_distributed(
     if device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
-        backend = "nccl"
+        # Binding the group to this GPU lets NCCL connect eagerly and barrier() use it.
+        kwargs = dict(backend="nccl", device_id=torch.device("cuda", local_rank))
     elif device.type == "cpu":
-        backend = "gloo"
+        kwargs = dict(backend="gloo")
     else:
         raise ValueError(f"Distributed training runs on cuda or cpu, not device='{device}'")
-    dist.init_process_group(backend=backend, timeout=timeout)
+    dist.init_process_group(timeout=timeout, **kwargs)
     return get_world_size_and_rank()
 
 
