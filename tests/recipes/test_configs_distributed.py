@@ -45,7 +45,10 @@ def test_config_validates_and_names_its_launch_command(name, recipe):
 
 @pytest.mark.parametrize(
     "readme_name, model_name",
-    [("full_finetune_distributed", "llama2/7B_full"), ("lora_finetune_distributed", "llama2/7B_lora")],
+    [
+        ("full_finetune_distributed", "llama2/7B_full"),
+        ("lora_finetune_distributed", "llama2/7B_lora"),
+    ],
 )
 def test_readme_configs_equal_their_llama2_7b_twins(readme_name, model_name):
     assert _container(readme_name) == _container(model_name)
@@ -72,7 +75,9 @@ def test_distributed_configs_differ_from_their_single_device_twins_only_in_scale
 
 
 # Methods the distributed recipes take over unchanged from the single-device ones.
-SHARED_WITH_SINGLE_DEVICE = ["_check_recipe_state", "_count_steps_per_epoch", "_setup_lr_scheduler", "_loss_sum"]
+SHARED_WITH_SINGLE_DEVICE = [
+    "_check_recipe_state", "_count_steps_per_epoch", "_setup_lr_scheduler", "_loss_sum",
+]  # fmt: skip
 SHARED_BY_DISTRIBUTED_SIBLINGS = [
     "train", "_loss_sum", "_setup_data", "_count_steps_per_epoch", "_setup_lr_scheduler",
     "_recipe_state", "_check_recipe_state", "_load_checkpoint", "cleanup", "_setup_optimizer",
@@ -103,7 +108,8 @@ def test_distributed_siblings_share_their_common_parts(method):
         lora = lora.replace("list(self._adapter_params.values())", "P")
         assert full == lora
         return
-    full, lora = _src(FullFinetuneRecipeDistributed, method), _src(LoRAFinetuneRecipeDistributed, method)
+    full = _src(FullFinetuneRecipeDistributed, method)
+    lora = _src(LoRAFinetuneRecipeDistributed, method)
     assert full == lora, f"{method} drifted between the distributed full and LoRA recipes"
 
 

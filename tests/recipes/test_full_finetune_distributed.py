@@ -71,9 +71,12 @@ def run_tune_distributed(
 ) -> subprocess.CompletedProcess:
     """``tune --nnodes 1 --nproc_per_node 2 <recipe> ...``; fail with its output."""
     launcher = launcher or ["--nnodes", "1", "--nproc_per_node", str(WORLD_SIZE)]
-    launcher = [*launcher, "--master_port", str(free_port())] if "--rdzv_endpoint" not in launcher else launcher
+    if "--rdzv_endpoint" not in launcher:  # not the fixed default 29500: tests run in parallel
+        launcher = [*launcher, "--master_port", str(free_port())]
     cmd = tune_cmd(launcher, recipe, config_name, overrides)
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=tune_env())
+    proc = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=tune_env()
+    )
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited with {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
@@ -168,7 +171,8 @@ def test_two_processes_match_single_device(dist_run, single_run):
     # Rank 0 alone logs: one file, one row per step, the single-device columns.
     rows = read_disk_log(out)
     assert [r["step"] for r in rows] == list(range(1, 11))
-    assert all(set(r) == {"step", "loss", "lr", "tokens_per_second", "peak_memory_gib"} for r in rows)
+    columns = {"step", "loss", "lr", "tokens_per_second", "peak_memory_gib"}
+    assert all(set(r) == columns for r in rows)
     assert all(r["tokens_per_second"] > 0 for r in rows)
     assert (out / "epoch_0" / "recipe_state.pt").is_file()
     assert not (out / "epoch_1" / "recipe_state.pt").exists()
@@ -187,7 +191,8 @@ def test_resume_gives_identical_second_epoch(dist_run, tmp_path):
     )
     torch.testing.assert_close(logged_losses(resumed), logged_losses(out)[5:], rtol=0, atol=1e-6)
     assert [r["step"] for r in read_disk_log(resumed)] == list(range(6, 11))
-    assert_same_weights(out / "epoch_1" / "model.safetensors", resumed / "epoch_1" / "model.safetensors", atol=1e-6)
+    name = "epoch_1/model.safetensors"
+    assert_same_weights(out / name, resumed / name, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -200,9 +205,13 @@ def test_two_node_launch_on_one_machine(dist_run, tmp_path):
         "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
         "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "tt_two_nodes",
     ]  # fmt: skip
-    cmd = tune_cmd(launcher, RECIPE, "tiny/full_distributed", overrides + [f"output_dir={node_out}", "epochs=1"])
+    overrides = overrides + [f"output_dir={node_out}", "epochs=1"]
+    cmd = tune_cmd(launcher, RECIPE, "tiny/full_distributed", overrides)
     procs = [
-        subprocess.Popen(cmd, cwd=tmp_path, env=tune_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            cmd, cwd=tmp_path, env=tune_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         for _ in range(2)
     ]
     results = [p.communicate(timeout=600) for p in procs]
@@ -225,7 +234,9 @@ def test_a_failing_rank_ends_the_job_quickly(assets, tmp_path):
         RECIPE, "tiny/full_distributed", overrides,
     )  # fmt: skip
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=tune_env())
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=tune_env()
+    )
     elapsed = time.perf_counter() - t0
     assert proc.returncode != 0
     assert elapsed < 60, f"took {elapsed:.0f}s"
@@ -246,10 +257,11 @@ def test_activation_checkpointing_and_bf16(dist_run, tmp_path):
         one_epoch + ["enable_activation_checkpointing=True", f"output_dir={tmp_path / 'ac'}"],
         cwd=tmp_path,
     )  # fmt: skip
-    torch.testing.assert_close(logged_losses(tmp_path / "ac"), logged_losses(out)[:5], rtol=0, atol=1e-6)
+    ac = logged_losses(tmp_path / "ac")
+    torch.testing.assert_close(ac, logged_losses(out)[:5], rtol=0, atol=1e-6)
     run_tune_distributed(
-        RECIPE, "tiny/full_distributed", one_epoch + ["dtype=bf16", f"output_dir={tmp_path / 'bf16'}"],
-        cwd=tmp_path,
+        RECIPE, "tiny/full_distributed",
+        one_epoch + ["dtype=bf16", f"output_dir={tmp_path / 'bf16'}"], cwd=tmp_path,
     )  # fmt: skip
     bf16, fp32 = logged_losses(tmp_path / "bf16"), logged_losses(out)[:5]
     assert torch.isfinite(bf16).all()
@@ -261,7 +273,8 @@ def test_activation_checkpointing_and_bf16(dist_run, tmp_path):
 @pytest.mark.gpu
 def test_nccl_bf16_on_one_gpu(assets, tmp_path):
     overrides = tiny_overrides(assets, tmp_path) + COMMON + [
-        "batch_size=4", "epochs=1", "device=cuda", "dtype=bf16", "enable_activation_checkpointing=True",
+        "batch_size=4", "epochs=1", "device=cuda", "dtype=bf16",
+        "enable_activation_checkpointing=True",
     ]  # fmt: skip
     run_tune_distributed(
         RECIPE, "tiny/full_distributed", overrides, cwd=tmp_path,

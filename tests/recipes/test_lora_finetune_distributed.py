@@ -38,6 +38,7 @@ COMMON = [
     "dtype=fp32",
     "clip_grad_norm=0.05",  # small enough to bite
 ]
+ONE_STEP = ["epochs=1", "max_steps_per_epoch=1"]
 SAVED = ["model.safetensors", "adapter.safetensors", "adapter/adapter_model.safetensors"]
 
 
@@ -103,12 +104,12 @@ def test_fresh_adapters_start_from_the_base_model(assets, single_run, tmp_path):
     model, as the single-device recipe's does (its A differs: see the recipe docstring)."""
     run_tune_distributed(
         RECIPE, "tiny/lora_distributed",
-        _overrides(assets, tmp_path / "d", True, adapter=False) + ["epochs=1", "max_steps_per_epoch=1"],
+        _overrides(assets, tmp_path / "d", True, adapter=False) + ONE_STEP,
         cwd=tmp_path,
     )  # fmt: skip
     run_tune(
         "lora_finetune_single_device", "tiny/lora",
-        _overrides(assets, tmp_path / "s", False, adapter=False) + ["epochs=1", "max_steps_per_epoch=1"],
+        _overrides(assets, tmp_path / "s", False, adapter=False) + ONE_STEP,
         cwd=tmp_path,
     )  # fmt: skip
     torch.testing.assert_close(

@@ -244,7 +244,7 @@ class FullFinetuneRecipeDistributed:
     def train(self) -> None:
         """Run the remaining epochs; rank 0 logs every ``log_every_n_steps`` optimizer steps."""
         if self.epochs_run >= self.total_epochs:
-            log.info("Nothing to do: %d of %d epochs already run", self.epochs_run, self.total_epochs)
+            log.info("Nothing to do: %d of %d epochs run", self.epochs_run, self.total_epochs)
         for epoch in range(self.epochs_run, self.total_epochs):
             self._sampler.set_epoch(epoch)
             batches = iter(self._dataloader)
@@ -262,7 +262,9 @@ class FullFinetuneRecipeDistributed:
                 self.global_step += 1
                 tokens_per_second = n_tokens / max(elapsed, 1e-9)  # all ranks together
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}")
+                pbar.set_postfix(
+                    loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}"
+                )
                 if self._is_rank_zero and self.global_step % self._log_every_n_steps == 0:
                     mem = utils.get_memory_stats(self._device)
                     self._metric_logger.log_dict(
@@ -287,7 +289,9 @@ class FullFinetuneRecipeDistributed:
         if intermediate:
             ckpt.update(self._recipe_state())
         if self._is_rank_zero:
-            self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=intermediate)
+            self._checkpointer.save_checkpoint(
+                ckpt, epoch=epoch, intermediate_checkpoint=intermediate
+            )
         torch.distributed.barrier()  # nobody reads or resumes before the files exist
 
     def _recipe_state(self) -> Dict[str, Any]:

@@ -93,10 +93,15 @@ class LoRAFinetuneRecipeDistributed:
         if self._resume:
             self._check_recipe_state(ckpt)
             if "adapter" not in ckpt:  # the key is on every rank, the tensors on rank 0
-                raise ValueError("resume_from_checkpoint=True needs checkpointer.adapter_checkpoint")
+                raise ValueError(
+                    "resume_from_checkpoint=True needs checkpointer.adapter_checkpoint"
+                )
         # Popped: the full weights on rank 0 are freed once loaded into the shards.
         self._model = self._setup_model(
-            cfg.model, cfg.enable_activation_checkpointing, ckpt.pop("model", None), ckpt.pop("adapter", None)
+            cfg.model,
+            cfg.enable_activation_checkpointing,
+            ckpt.pop("model", None),
+            ckpt.pop("adapter", None),
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._optimizer = self._setup_optimizer(cfg.optimizer, ckpt)
@@ -172,8 +177,9 @@ class LoRAFinetuneRecipeDistributed:
         n_params = sum(p.numel() for p in model.parameters())  # DTensor numel is the full size
         n_train = sum(p.numel() for p in self._adapter_params.values())
         log.info(
-            "Model: %.1fM parameters (%.2fM trainable), sharded over %d ranks, computing in %s "
-            "on %s", n_params / 1e6, n_train / 1e6, self._world_size, self._dtype, self._device.type,
+            "Model: %.1fM parameters (%.2fM trainable), sharded over %d ranks, computing in "
+            "%s on %s",
+            n_params / 1e6, n_train / 1e6, self._world_size, self._dtype, self._device.type,
         )  # fmt: skip
         return model
 
@@ -279,7 +285,7 @@ class LoRAFinetuneRecipeDistributed:
     def train(self) -> None:
         """Run the remaining epochs; rank 0 logs every ``log_every_n_steps`` optimizer steps."""
         if self.epochs_run >= self.total_epochs:
-            log.info("Nothing to do: %d of %d epochs already run", self.epochs_run, self.total_epochs)
+            log.info("Nothing to do: %d of %d epochs run", self.epochs_run, self.total_epochs)
         for epoch in range(self.epochs_run, self.total_epochs):
             self._sampler.set_epoch(epoch)
             batches = iter(self._dataloader)
@@ -297,7 +303,9 @@ class LoRAFinetuneRecipeDistributed:
                 self.global_step += 1
                 tokens_per_second = n_tokens / max(elapsed, 1e-9)  # all ranks together
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}")
+                pbar.set_postfix(
+                    loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}"
+                )
                 if self._is_rank_zero and self.global_step % self._log_every_n_steps == 0:
                     mem = utils.get_memory_stats(self._device)
                     self._metric_logger.log_dict(
@@ -337,7 +345,9 @@ class LoRAFinetuneRecipeDistributed:
         if intermediate:
             ckpt.update(self._recipe_state())
         if self._is_rank_zero:
-            self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=intermediate)
+            self._checkpointer.save_checkpoint(
+                ckpt, epoch=epoch, intermediate_checkpoint=intermediate
+            )
         torch.distributed.barrier()  # nobody reads or resumes before the files exist
 
     def _recipe_state(self) -> Dict[str, Any]:

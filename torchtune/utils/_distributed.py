@@ -66,7 +66,8 @@ def init_distributed(
     """
     if dist.is_initialized():
         return get_world_size_and_rank()
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    required = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    missing = [k for k in required if k not in os.environ]
     if missing:
         raise ValueError(
             f"Environment variables {missing} are not set: launch distributed recipes with "
