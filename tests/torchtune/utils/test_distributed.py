@@ -162,3 +162,75 @@ def test_record_rank_on_failure_names_the_rank(monkeypatch):
     monkeypatch.delenv("RANK")
     with pytest.raises(KeyError):  # not under torchrun: unchanged
         main(1)
+
+
+def _peak_rss_mib_since_reset() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (Linux >= 4.0)
+        f.write("5")
+
+
+def _memory_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    utils.init_distributed(torch.device("cpu"))
+    layers = 16
+    build = dict(
+        vocab_size=256, num_layers=layers, num_heads=8, num_kv_heads=8, embed_dim=512,
+        max_seq_len=16, intermediate_dim=1536,
+    )  # fmt: skip
+    from torchtune.models.llama2 import llama2
+
+    with torch.device("meta"):
+        model = llama2(**build)
+    utils.shard_model(model, torch.device("cpu"), layer_types=(TransformerDecoderLayer,))
+    model.to_empty(device="cpu")
+    full_mib = sum(p.numel() for p in model.parameters()) * 4 / 2**20
+    full_sd = None
+    if rank == 0:  # what the checkpointer would hand over
+        full_sd = {k: torch.randn(v.shape) for k, v in model.state_dict().items()}
+    dist.barrier()
+    _reset_peak_rss()
+    base = _peak_rss_mib_since_reset()
+    utils.load_from_full_state_dict(model, full_sd)
+    del full_sd
+    load_peak = _peak_rss_mib_since_reset() - base
+    dist.barrier()
+    _reset_peak_rss()
+    base = _peak_rss_mib_since_reset()
+    sd = utils.gather_full_state_dict(model)
+    gather_peak = _peak_rss_mib_since_reset() - base
+    del sd
+    with open(f"{out_dir}/rank{rank}.txt", "w") as f:
+        f.write(f"{full_mib} {load_peak} {gather_peak}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_no_rank_holds_a_second_full_copy(tmp_path):
+    """Peak growth of resident memory while loading and while gathering for a save, per
+    rank, on a ~200 MiB model of 16 layers. Loading makes each rank's half shard resident
+    (``to_empty`` only reserved it) plus a tensor in flight: a full copy on top would mean
+    >= 1.5x the model. Gathering leaves rank 1 with nothing and rank 0 with one full copy."""
+    mp.start_processes(
+        _memory_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, start_method="spawn"
+    )
+    full_mib, load1, gather1 = map(float, (tmp_path / "rank1.txt").read_text().split())
+    _, load0, gather0 = map(float, (tmp_path / "rank0.txt").read_text().split())
+    print(f"model {full_mib:.0f} MiB; peak growth MiB: load r0 {load0:.0f} r1 {load1:.0f}, "
+          f"gather r0 {gather0:.0f} r1 {gather1:.0f}")  # fmt: skip
+    assert full_mib > 150
+    for load in (load0, load1):  # rank 0's full state dict existed before
+        assert 0.4 * full_mib < load < 0.75 * full_mib
+    assert gather1 < 0.25 * full_mib
+    assert gather0 < 1.25 * full_mib
