@@ -1,7 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Full fine-tuning on several devices with FSDP2, launched through torchrun.
 
-    tune --nnodes 1 --nproc_per_node 8 full_finetune_distributed --config full_finetune_distributed
+    tune --nnodes 1 --nproc_per_node 2 full_finetune_distributed --config full_finetune_distributed
     tune --nnodes 1 --nproc_per_node 2 full_finetune_distributed --config tiny/full_distributed
     # two machines: run on each, with the first machine's address
     tune --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
@@ -18,8 +18,12 @@ in bf16 and gradients are reduced in fp32; checkpoints are written in bf16, as o
 The loss of an optimizer step is the sum of token cross-entropies over every rank's
 micro-batches divided by the global count of scored tokens (an all-reduce), so uneven
 sequence lengths across ranks still give exactly the single-device gradient. Rank 0 alone
-logs and writes checkpoints (gathered into the single-device formats); resume as on one
-device. The optimizer state in ``recipe_state.pt`` is keyed by parameter name.
+logs and writes checkpoints, gathered into the single-device formats, ``recipe_state.pt``
+included: either recipe resumes the other's run (``checkpointer.checkpoint_dir=<output_dir>/
+epoch_N checkpointer.recipe_checkpoint=recipe_state.pt resume_from_checkpoint=True``).
+
+A rank that raises logs and re-raises ``rank N: <error>``; torchrun then stops the others.
+Collectives give up after 10 minutes (``utils.init_distributed``'s timeout).
 """
 import logging
 import os

@@ -12,7 +12,10 @@ Same config keys, data order and numbers as ``lora_finetune_single_device`` with
 normalisation and the data split). The base model is frozen; only the LoRA matrices train
 and only they are in the optimizer. At the end of every epoch rank 0 writes, as on one
 device, the merged model in the format the base came in and the adapter alone in
-torchtune's format and in PEFT's.
+torchtune's format and in PEFT's. To resume, keep the base checkpoint and add
+``checkpointer.adapter_checkpoint=<output_dir>/epoch_N/adapter.safetensors
+checkpointer.recipe_checkpoint=<output_dir>/epoch_N/recipe_state.pt resume_from_checkpoint=True``;
+``recipe_state.pt`` has the single-device layout, so either recipe resumes the other's run.
 
 Fresh adapters (no ``checkpointer.adapter_checkpoint``) are drawn on rank 0 from ``seed``
 alone: ``lora_a`` kaiming-uniform, ``lora_b`` zero. The single-device recipe draws them

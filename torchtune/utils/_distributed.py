@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 from datetime import timedelta
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -186,43 +186,75 @@ def gather_full_state_dict(
     return sd
 
 
+def _optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> List[str]:
+    """Names of the optimizer's parameters in the order ``optimizer.state_dict()`` numbers
+    them (group by group)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
 def gather_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict:
     """The full optimizer state of a sharded model on rank 0's CPU (``{}`` elsewhere).
 
-    The state is keyed by parameter name (``"layers.0.attn.q_proj.weight"``), not by index.
-    Every rank must call this.
+    It is laid out as the unsharded model's ``optimizer.state_dict()`` (state keyed by the
+    parameter's index over the groups), so single-device and distributed recipes resume from
+    each other's ``recipe_state.pt``. Every rank must call this.
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(model, optimizer, options=options)
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)  # keyed by name
+    if not by_name:
+        return {}
+    index = {name: i for i, name in enumerate(_optimizer_param_names(model, optimizer))}
+    return {
+        "state": {index[name]: state for name, state in by_name["state"].items()},
+        "param_groups": [
+            {**g, "params": [index[name] for name in g["params"]]} for g in by_name["param_groups"]
+        ],
+    }
 
 
 def load_optimizer_state_dict(
     model: nn.Module, optimizer: torch.optim.Optimizer, full_osd: Optional[Dict]
 ) -> None:
-    """Load a full, name-keyed optimizer state (rank 0 holds it) into a sharded model's optimizer.
+    """Load a full optimizer state that rank 0 holds into a sharded model's optimizer.
 
     Args:
         model: the sharded model.
-        optimizer: its optimizer.
-        full_osd: as written by :func:`gather_optimizer_state_dict`, on rank 0; None elsewhere.
+        optimizer: its optimizer, with the same parameter groups as the saved one.
+        full_osd: an unsharded ``optimizer.state_dict()`` (from :func:`gather_optimizer_state_dict`
+            or a single-device run) on rank 0; None elsewhere.
+
+    Raises:
+        ValueError: (on every rank) if the groups or parameter counts do not match.
     """
     _, rank = get_world_size_and_rank()
-    # Group settings the fresh optimizer lacks (an lr scheduler's "initial_lr") reach only
-    # rank 0 through set_optimizer_state_dict; send them to every rank ourselves.
-    groups = broadcast_object(
-        [{k: v for k, v in g.items() if k != "params"} for g in full_osd["param_groups"]]
-        if rank == 0
-        else None
-    )
+    names = _optimizer_param_names(model, optimizer)
+    problem, groups, by_name = None, None, {}
+    if rank == 0:
+        saved_sizes = [len(g["params"]) for g in full_osd["param_groups"]]
+        our_sizes = [len(g["params"]) for g in optimizer.param_groups]
+        if saved_sizes != our_sizes:
+            problem = f"parameters per group: saved {saved_sizes}, optimizer {our_sizes}"
+        else:
+            saved_ids = [i for g in full_osd["param_groups"] for i in g["params"]]
+            name_of = dict(zip(saved_ids, names))
+            by_name = {
+                "state": {name_of[i]: st for i, st in full_osd["state"].items()},
+                "param_groups": [
+                    {**g, "params": [name_of[i] for i in g["params"]]}
+                    for g in full_osd["param_groups"]
+                ],
+            }
+            # Group settings the fresh optimizer lacks (an lr scheduler's "initial_lr")
+            # would reach only rank 0 through set_optimizer_state_dict: sent here.
+            groups = [
+                {k: v for k, v in g.items() if k != "params"} for g in full_osd["param_groups"]
+            ]
+    problem, groups = broadcast_object((problem, groups))
+    if problem is not None:
+        raise ValueError(f"The optimizer state does not fit the optimizer: {problem}")
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_optimizer_state_dict(
-        model, optimizer, optim_state_dict=full_osd if rank == 0 else {}, options=options
-    )
-    if len(groups) != len(optimizer.param_groups):
-        raise ValueError(
-            f"The optimizer state has {len(groups)} parameter groups, the optimizer "
-            f"{len(optimizer.param_groups)}"
-        )
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=by_name, options=options)
     for ours, saved in zip(optimizer.param_groups, groups):
         ours.update(saved)
 

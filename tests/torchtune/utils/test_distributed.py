@@ -46,7 +46,7 @@ def _worker(rank: int, port: int, ref_path: str) -> None:
     torch.set_num_threads(1)
     assert utils.init_distributed(torch.device("cpu")) == (WORLD_SIZE, rank)
     assert utils.get_world_size_and_rank() == (WORLD_SIZE, rank)
-    ref_sd, tokens, ref_grads, ref_after_step = torch.load(ref_path, weights_only=True)
+    ref_sd, tokens, ref_grads, ref_after_step, ref_osd = torch.load(ref_path, weights_only=True)
 
     # Only rank 0 holds the checkpoint; every rank ends up with exactly its shard of it.
     model = _sharded()
@@ -74,20 +74,31 @@ def _worker(rank: int, port: int, ref_path: str) -> None:
     for name, p in adapters.items():
         torch.testing.assert_close(p.full_tensor(), ref_after_step[name], rtol=1e-5, atol=1e-7)
 
-    # Optimizer state round trip: gathered by name on rank 0, loaded into a fresh optimizer.
+    # The gathered optimizer state is laid out as the unsharded optimizer.state_dict()...
     opt.param_groups[0]["initial_lr"] = 5e-3  # what an lr scheduler adds
     osd = utils.gather_optimizer_state_dict(model, opt)
     if rank == 0:
-        assert set(osd["state"]) == set(adapters)
+        assert osd["param_groups"][0]["params"] == ref_osd["param_groups"][0]["params"]
+        assert osd["state"].keys() == ref_osd["state"].keys()
+        for i, state in ref_osd["state"].items():
+            for key, value in state.items():
+                torch.testing.assert_close(osd["state"][i][key], value, rtol=1e-5, atol=1e-7)
+    else:
+        assert osd == {}
+    # ... so the single-device one loads into a fresh sharded optimizer, on every rank.
     opt.zero_grad(set_to_none=True)  # as in a freshly set-up recipe
     opt2 = torch.optim.AdamW(adapters.values(), lr=1e-2)
-    utils.load_optimizer_state_dict(model, opt2, osd if rank == 0 else None)
+    ref_osd["param_groups"][0]["initial_lr"] = 5e-3
+    utils.load_optimizer_state_dict(model, opt2, ref_osd if rank == 0 else None)
     for p in adapters.values():
         for key in ("exp_avg", "exp_avg_sq"):
             a, b = opt2.state[p][key].full_tensor(), opt.state[p][key].full_tensor()
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
         assert int(opt2.state[p]["step"]) == 1
     assert opt2.param_groups[0]["initial_lr"] == 5e-3  # on every rank, not only rank 0
+    bad = torch.optim.AdamW([*adapters.values()][1:], lr=1e-2)
+    with pytest.raises(ValueError, match="parameters per group: saved \\[8\\], optimizer \\[7\\]"):
+        utils.load_optimizer_state_dict(model, bad, ref_osd if rank == 0 else None)
 
     # A checkpoint that does not fit raises on every rank (none is left waiting).
     bad = dict(ref_sd)
@@ -131,7 +142,7 @@ def test_sharded_load_gather_gradients_and_optimizer_state_on_two_processes(tmp_
     opt.step()
     after = {n: p.detach().clone() for n, p in adapters.items()}
     path = tmp_path / "ref.pt"
-    torch.save((ref_sd, tokens, ref_grads, after), path)
+    torch.save((ref_sd, tokens, ref_grads, after, opt.state_dict()), path)
     mp.start_processes(
         _worker, args=(_free_port(), str(path)), nprocs=WORLD_SIZE, start_method="spawn"
     )
