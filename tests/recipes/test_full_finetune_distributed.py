@@ -103,8 +103,9 @@ def resume_overrides(run_dir: Path, output_dir: Path) -> List[str]:
 
 
 class _FailOnRank(Dataset):
-    def __init__(self, ds: Dataset, fail_rank: int, fail_after: int) -> None:
+    def __init__(self, ds: Dataset, fail_rank: int, fail_after: int, mark_file: str) -> None:
         self._ds, self._fail_rank, self._fail_after, self._calls = ds, fail_rank, fail_after, 0
+        self._mark_file = mark_file
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -112,13 +113,18 @@ class _FailOnRank(Dataset):
     def __getitem__(self, i: int):
         self._calls += 1
         if os.environ.get("RANK") == str(self._fail_rank) and self._calls > self._fail_after:
+            if self._mark_file:
+                Path(self._mark_file).write_text(str(time.time()))
             raise RuntimeError(f"injected failure after {self._fail_after} samples")
         return self._ds[i]
 
 
-def alpaca_failing_on_rank(tokenizer, *, fail_rank: int = 1, fail_after: int = 6, **kwargs):
-    """``alpaca_dataset`` whose samples raise on rank ``fail_rank`` after ``fail_after``."""
-    return _FailOnRank(alpaca_dataset(tokenizer, **kwargs), fail_rank, fail_after)
+def alpaca_failing_on_rank(
+    tokenizer, *, fail_rank: int = 1, fail_after: int = 6, mark_file: str = "", **kwargs
+):
+    """``alpaca_dataset`` whose samples raise on rank ``fail_rank`` after ``fail_after``
+    (writing the time of the failure to ``mark_file`` when given)."""
+    return _FailOnRank(alpaca_dataset(tokenizer, **kwargs), fail_rank, fail_after, mark_file)
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +259,7 @@ def test_a_failing_rank_ends_the_job_quickly(assets, tmp_path):
         f"dataset._component_={__name__}.alpaca_failing_on_rank",
         "dataset.fail_rank=1",
         "dataset.fail_after=6",  # in the second step: rank 0 is then waiting in a collective
+        f"dataset.mark_file={tmp_path / 'failed_at'}",
     ]
     cmd = tune_cmd(
         ["--nnodes", "1", "--nproc_per_node", "2", "--master_port", str(free_port())],
@@ -263,12 +270,14 @@ def test_a_failing_rank_ends_the_job_quickly(assets, tmp_path):
         cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=tune_env()
     )
     elapsed = time.perf_counter() - t0
+    teardown = time.time() - float((tmp_path / "failed_at").read_text())
     assert proc.returncode != 0
     assert elapsed < 60, f"took {elapsed:.0f}s"
+    assert teardown < 30, f"the job ended {teardown:.0f}s after rank 1 failed"
     output = proc.stdout + proc.stderr
     assert "rank 1: RuntimeError: injected failure after 6 samples" in output, output[-6000:]
     assert not (tmp_path / "epoch_0").exists()
-    print(f"failing rank: exit {proc.returncode} after {elapsed:.1f}s")
+    print(f"failing rank: exit {proc.returncode} after {elapsed:.1f}s ({teardown:.1f}s after failing)")
 
 
 @pytest.mark.slow
