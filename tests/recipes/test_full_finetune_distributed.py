@@ -23,6 +23,7 @@ from tests.recipes.single_device_utils import (
 )
 from torchtune import config
 from torchtune._recipe_registry import get_config
+from torchtune.config._resolvers import PACKAGE_DIR
 from torchtune.datasets import alpaca_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -277,7 +278,7 @@ def test_a_failing_rank_ends_the_job_quickly(assets, tmp_path):
     output = proc.stdout + proc.stderr
     assert "rank 1: RuntimeError: injected failure after 6 samples" in output, output[-6000:]
     assert not (tmp_path / "epoch_0").exists()
-    print(f"failing rank: exit {proc.returncode} after {elapsed:.1f}s ({teardown:.1f}s after failing)")
+    print(f"failing rank: exit {proc.returncode} after {elapsed:.1f}s, {teardown:.1f}s after failing")
 
 
 @pytest.mark.slow
@@ -319,3 +320,32 @@ def test_nccl_bf16_on_one_gpu(assets, tmp_path):
     assert losses[-1] < losses[0]
     rows = read_disk_log(tmp_path)
     assert all(r["peak_memory_gib"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (PACKAGE_DIR / "assets" / "tiny" / "model" / "model.safetensors").is_file(),
+    reason="the tiny model is not bundled yet (scripts/make_tiny_assets.py)",
+)
+@pytest.mark.parametrize(
+    "recipe, config_name, single_recipe, single_config",
+    [
+        (RECIPE, "tiny/full_distributed", "full_finetune_single_device", "tiny/full"),
+        ("lora_finetune_distributed", "tiny/lora_distributed", "lora_finetune_single_device",
+         "tiny/lora"),
+    ],
+)  # fmt: skip
+def test_tiny_configs_as_shipped_give_the_single_device_numbers(
+    recipe, config_name, single_recipe, single_config, tmp_path
+):
+    """The shipped tiny configs, on the bundled assets, launched as their first line says:
+    the same first step as their single-device twins (later LoRA steps differ only by the
+    fresh adapters' draw, see the LoRA recipe)."""
+    steps = ["max_steps_per_epoch=3"]
+    run_tune_distributed(recipe, config_name, [*steps, f"output_dir={tmp_path / 'd'}"], tmp_path)
+    run_tune(single_recipe, single_config, [*steps, f"output_dir={tmp_path / 's'}"], tmp_path)
+    ours, expected = logged_losses(tmp_path / "d"), logged_losses(tmp_path / "s")
+    assert len(ours) == 3
+    torch.testing.assert_close(ours[0], expected[0], rtol=0, atol=1e-4)
+    if recipe == RECIPE:
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
