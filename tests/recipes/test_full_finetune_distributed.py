@@ -278,7 +278,7 @@ def test_a_failing_rank_ends_the_job_quickly(assets, tmp_path):
     output = proc.stdout + proc.stderr
     assert "rank 1: RuntimeError: injected failure after 6 samples" in output, output[-6000:]
     assert not (tmp_path / "epoch_0").exists()
-    print(f"failing rank: exit {proc.returncode} after {elapsed:.1f}s, {teardown:.1f}s after failing")
+    print(f"failing rank: exit {proc.returncode} in {elapsed:.1f}s, {teardown:.1f}s after failing")
 
 
 @pytest.mark.slow
