@@ -16,19 +16,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-    StateDictOptions,
-)
-from torch.distributed.device_mesh import init_device_mesh
 
-try:
-    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
-except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
-    from torch.distributed._composable.fsdp import fully_shard, MixedPrecisionPolicy
+# torch.distributed.checkpoint and FSDP are imported where used: together they add over a
+# second to `import torchtune.utils`, which every recipe and `tune` command pays.
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +111,13 @@ def shard_model(
     Returns:
         ``model``, sharded in place (its class now also derives from ``FSDPModule``).
     """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+    except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
+        from torch.distributed._composable.fsdp import fully_shard, MixedPrecisionPolicy
+
     world_size, _ = get_world_size_and_rank()
     mesh = init_device_mesh(device.type, (world_size,))
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -151,6 +148,8 @@ def load_from_full_state_dict(
     Raises:
         ValueError: (on every rank) if rank 0's keys do not fit the model when ``strict``.
     """
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, StateDictOptions
+
     _, rank = get_world_size_and_rank()
     problem = [None]
     if rank == 0 and strict:
@@ -179,6 +178,8 @@ def gather_full_state_dict(
     Returns:
         ``{native key: CPU tensor}`` on rank 0, ``{}`` elsewhere.
     """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = get_model_state_dict(model, options=options)
     if dtype is not None:
@@ -200,6 +201,8 @@ def gather_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimiz
     parameter's index over the groups), so single-device and distributed recipes resume from
     each other's ``recipe_state.pt``. Every rank must call this.
     """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, StateDictOptions
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     by_name = get_optimizer_state_dict(model, optimizer, options=options)  # keyed by name
     if not by_name:
@@ -227,6 +230,8 @@ def load_optimizer_state_dict(
     Raises:
         ValueError: (on every rank) if the groups or parameter counts do not match.
     """
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
+
     _, rank = get_world_size_and_rank()
     names = _optimizer_param_names(model, optimizer)
     problem, groups, by_name = None, None, {}
