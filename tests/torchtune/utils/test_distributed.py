@@ -106,10 +106,15 @@ def _worker(rank: int, port: int, ref_path: str) -> None:
     with pytest.raises(ValueError, match=r"missing \['norm.scale'\]"):
         utils.load_from_full_state_dict(_sharded(), bad if rank == 0 else None)
 
-    # bf16 compute keeps fp32 sharded masters; gradients track the fp32 ones.
+    # bf16 compute keeps fp32 sharded masters, also from a bf16 checkpoint (as Llama2's HF
+    # weights come); gradients track the fp32 ones.
     model16 = _sharded(param_dtype=torch.bfloat16)
-    utils.load_from_full_state_dict(model16, dict(ref_sd) if rank == 0 else None)
+    sd16 = {k: v.bfloat16() for k, v in ref_sd.items()}
+    utils.load_from_full_state_dict(model16, dict(sd16) if rank == 0 else None)
     assert all(p.dtype == torch.float32 for p in model16.parameters())
+    full16 = utils.gather_full_state_dict(model16)
+    for k, v in full16.items():
+        torch.testing.assert_close(v, sd16[k].float(), rtol=0, atol=0, msg=k)
     logits16 = model16(tokens[rank::WORLD_SIZE])
     assert logits16.dtype == torch.bfloat16
     (logits16.float().pow(2).sum() / tokens.numel() * WORLD_SIZE).backward()
