@@ -9,7 +9,9 @@
 
 Same config keys, data order and numbers as ``full_finetune_single_device`` with a batch of
 ``world_size * batch_size``: rank ``r`` takes samples ``r, r + W, ...`` of the epoch's order,
-so the union of the ranks' i-th batches is the single-device run's i-th batch. The model is
+so the union of the ranks' i-th batches is the single-device run's i-th batch (when the
+dataset size is not a multiple of ``W``, the sampler repeats up to ``W - 1`` samples at the
+end of the epoch to even out the ranks). The model is
 built on the meta device, every decoder layer and then the root are sharded with
 ``fully_shard``, and rank 0 alone reads the checkpoint and broadcasts it one tensor at a time.
 With ``dtype=bf16`` the sharded master weights and AdamW state stay fp32 while layers compute
