@@ -1,0 +1,283 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""The two sides of ``benchmarks/finetune.py``: our recipe's training step and a plain HF loop.
+
+Ours is built by the recipe's own ``_setup_model`` / ``_setup_optimizer`` and stepped by its
+``_optimizer_step``, so the benchmark times exactly the code ``tune`` runs. The levers that
+are not config keys of the recipe yet (eager attention, frozen weights that still get
+gradients, ``torch.compile`` of each layer) are applied to the built model here.
+"""
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from torchtune.data import padded_collate
+from torchtune.datasets._packed import PackedDataset
+from torchtune.models.llama2 import llama2, tune_to_hf
+from torchtune.models.llama2._convert_adapter import tune_to_peft_adapter_weights
+from torchtune.modules import attention as attention_module
+
+# Llama2 shapes. ``small`` is the issue's CPU target; ``7b`` is for CUDA in bf16.
+SHAPES: Dict[str, Dict[str, int]] = {
+    "tiny": dict(vocab_size=1000, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=128,
+                 intermediate_dim=352),
+    "small": dict(vocab_size=32_000, num_layers=12, num_heads=12, num_kv_heads=12, embed_dim=768,
+                  intermediate_dim=2048),
+    "7b": dict(vocab_size=32_000, num_layers=32, num_heads=32, num_kv_heads=32, embed_dim=4096,
+               intermediate_dim=11008),
+}  # fmt: skip
+LORA = dict(lora_attn_modules=["q_proj", "v_proj"], lora_rank=8, lora_alpha=16.0)
+ADAMW = dict(lr=2e-5, weight_decay=0.01)
+PAD_ID = 0
+IGNORE = -100
+
+
+@dataclass
+class Levers:
+    """Our side's speed/memory levers (the reference always runs as a plain HF loop).
+
+    Attributes:
+        data: ``packed`` (PackedDataset rows), ``grouped`` (length-sorted within a window) or
+            ``padded`` (batches in order, padded to their longest sample).
+        loss: ``chunked`` (ChunkedCrossEntropyLoss, 8 chunks) or ``plain`` (one fp32 CE).
+        frozen: LoRA base weights have ``requires_grad=False`` (else they get gradients too).
+        optim: AdamW implementation: ``loop`` (foreach=False), ``foreach`` or ``fused``.
+        attn: ``sdpa`` or ``eager`` (softmax(QK^T)V written out).
+        ac: activation checkpointing of every decoder layer.
+        compile: ``torch.compile`` of every decoder layer.
+    """
+
+    data: str = "packed"
+    loss: str = "chunked"
+    frozen: bool = True
+    optim: str = "foreach"
+    attn: str = "sdpa"
+    ac: bool = False
+    compile: bool = False
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+def non_embedding_params(shape: str) -> int:
+    """Parameters that do matmul FLOPs per token: all but the embedding table (a lookup)."""
+    s = SHAPES[shape]
+    d, h, v, n_l = s["embed_dim"], s["intermediate_dim"], s["vocab_size"], s["num_layers"]
+    head_dim = d // s["num_heads"]
+    attn = d * d * 2 + 2 * d * s["num_kv_heads"] * head_dim
+    per_layer = attn + 3 * d * h + 2 * d
+    return n_l * per_layer + d + v * d
+
+
+def make_weights(shape: str, method: str, seed: int, device: str, dtype: torch.dtype):
+    """Random base weights (native keys) and, for LoRA, an adapter with a random ``lora_a``.
+
+    ``lora_b`` is random too (not PEFT's zero init), so the adapter changes the loss and a
+    parity check of the two sides covers it.
+    """
+    torch.manual_seed(seed)
+    max_seq_len = 4096
+    with torch.device(device):
+        base = llama2(**SHAPES[shape], max_seq_len=max_seq_len).to(dtype)
+    weights = {k: v.detach() for k, v in base.state_dict().items()}
+    del base
+    adapter = None
+    if method == "lora":
+        s = SHAPES[shape]
+        r, d = LORA["lora_rank"], s["embed_dim"]
+        out = {"q_proj": d, "v_proj": s["num_kv_heads"] * (d // s["num_heads"])}
+        adapter = {}
+        for i in range(s["num_layers"]):
+            for name in LORA["lora_attn_modules"]:
+                p = f"layers.{i}.attn.{name}."
+                adapter[p + "lora_a.weight"] = (torch.randn(r, d, device=device) / math.sqrt(d)).to(dtype)
+                adapter[p + "lora_b.weight"] = (torch.randn(out[name], r, device=device) * 0.01).to(dtype)
+    return weights, adapter
+
+
+# ---------------------------------------------------------------- data
+
+
+def make_batches(
+    samples: List[Dict[str, List[int]]], data: str, batch_size: int, max_seq_len: int
+) -> List[Dict[str, torch.Tensor]]:
+    """Batches of ``samples`` for one side: see :class:`Levers` ``data``; ``hf`` = ``padded`` plus
+    HF's ``attention_mask``.
+
+    Returns:
+        Batches from ``padded_collate``: ``tokens``/``labels`` ``[b, s]`` (packed: also
+        ``input_pos`` ``[b, s]`` and ``mask`` ``[b, s, s]``; hf: ``attention_mask`` ``[b, s]``).
+    """
+    if data in ("padded", "hf"):
+        rows = list(samples)
+    elif data == "grouped":
+        rows = sorted(samples, key=lambda x: len(x["tokens"]))
+    elif data == "packed":
+        packed = PackedDataset(samples, max_seq_len=max_seq_len, padding_idx=PAD_ID)
+        rows = [packed[i] for i in range(len(packed))]
+    else:
+        raise ValueError(f"data must be packed, grouped, padded or hf; got {data!r}")
+    batches = []
+    for i in range(0, len(rows), batch_size):
+        batch = padded_collate(rows[i : i + batch_size], padding_idx=PAD_ID, ignore_idx=IGNORE)
+        if data == "hf":
+            # Sample ids never include PAD_ID (the generator starts at 3, bos=1, eos=2).
+            batch["attention_mask"] = (batch["tokens"] != PAD_ID).long()
+        batches.append(batch)
+    return batches
+
+
+def count_tokens(batch: Dict[str, torch.Tensor]) -> Dict[str, int]:
+    """``real`` (non-padding) and ``all`` tokens of a batch."""
+    return {"real": int((batch["tokens"] != PAD_ID).sum()), "all": batch["tokens"].numel()}
+
+
+# ---------------------------------------------------------------- ours
+
+
+class PlainCrossEntropy(nn.Module):
+    """The recipe's loss interface (``(sum, count)``) over one fp32 CE of the whole batch."""
+
+    ignore_index = IGNORE
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor):
+        flat = logits.reshape(-1, logits.shape[-1]).float()  # [b*s, vocab]: all of it in fp32
+        loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        return loss, (labels != IGNORE).sum()
+
+
+def _eager_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **_):
+    # q, k, v: [b, n, s, h_d]; the textbook softmax(QK^T / sqrt(d)) V, materialising [b, n, s, s].
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if is_causal:
+        s_q, s_k = q.shape[-2], k.shape[-2]
+        attn_mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    probs = F.dropout(scores.softmax(-1), p=dropout_p)
+    return probs @ v
+
+
+@contextlib.contextmanager
+def eager_attention():
+    """Swap our attention's SDPA call for ``_eager_sdpa`` (our module only; HF is untouched)."""
+    saved = attention_module.F
+    attention_module.F = SimpleNamespace(scaled_dot_product_attention=_eager_sdpa)
+    try:
+        yield
+    finally:
+        attention_module.F = saved
+
+
+def _optimizer_cfg(optim: str):
+    impl = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    if optim not in impl:
+        raise ValueError(f"optim must be loop, foreach or fused; got {optim!r}")
+    return OmegaConf.create({"_component_": "torch.optim.AdamW", **ADAMW, **impl[optim]})
+
+
+def build_ours(
+    shape: str, method: str, levers: Levers, weights: Dict, adapter: Optional[Dict],
+    device: torch.device, dtype: torch.dtype,
+) -> Callable[[Dict[str, torch.Tensor]], float]:  # fmt: skip
+    """Our recipe, built by its own setup methods; returns ``step(batch) -> loss``."""
+    from torchtune.recipes.full_finetune_single_device import FullFinetuneRecipeSingleDevice
+    from torchtune.recipes.lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
+
+    cls = LoRAFinetuneRecipeSingleDevice if method == "lora" else FullFinetuneRecipeSingleDevice
+    recipe = cls.__new__(cls)  # setup() would also read checkpoints, tokenizer and dataset
+    recipe._device, recipe._dtype = device, dtype
+    recipe._resume, recipe._grad_accum, recipe._clip_grad_norm = False, 1, None
+    recipe._lr_scheduler = None
+    component = "torchtune.models.llama2." + ("lora_llama2" if method == "lora" else "llama2")
+    cfg_model = {"_component_": component, **SHAPES[shape], "max_seq_len": 4096}
+    if method == "lora":
+        cfg_model.update(LORA, lora_dropout=0.0)
+        recipe._lora_rank, recipe._lora_alpha = LORA["lora_rank"], LORA["lora_alpha"]
+        model = recipe._setup_model(OmegaConf.create(cfg_model), levers.ac, weights, adapter)
+        if not levers.frozen:
+            # The naive way: everything requires grad, only the adapters are optimized.
+            for p in model.parameters():
+                p.requires_grad_(True)
+    else:
+        model = recipe._setup_model(OmegaConf.create(cfg_model), levers.ac, weights)
+    recipe._model = model
+    if levers.compile:
+        for layer in model.layers:
+            layer.compile()
+    recipe._optimizer = recipe._setup_optimizer(_optimizer_cfg(levers.optim), None)
+    if levers.loss == "chunked":
+        from torchtune.training import ChunkedCrossEntropyLoss
+
+        recipe._loss_fn = ChunkedCrossEntropyLoss(num_chunks=8, ignore_index=IGNORE)
+    elif levers.loss == "plain":
+        recipe._loss_fn = PlainCrossEntropy()
+    else:
+        raise ValueError(f"loss must be chunked or plain; got {levers.loss!r}")
+    attn_ctx = eager_attention if levers.attn == "eager" else contextlib.nullcontext
+
+    def step(batch: Dict[str, torch.Tensor]) -> float:
+        with attn_ctx():
+            return float(recipe._optimizer_step([batch]))
+
+    step.model = model
+    return step
+
+
+# ---------------------------------------------------------------- reference
+
+
+def build_hf(
+    shape: str, method: str, weights: Dict, adapter: Optional[Dict],
+    device: torch.device, dtype: torch.dtype,
+) -> Callable[[Dict[str, torch.Tensor]], float]:  # fmt: skip
+    """A plain HF loop (``LlamaForCausalLM`` with its default SDPA attention, + PEFT LoRA on q/v,
+    ``torch.optim.AdamW`` with its defaults but the same lr/weight decay); ``step(batch) -> loss``.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = SHAPES[shape]
+    config = LlamaConfig(
+        vocab_size=s["vocab_size"], hidden_size=s["embed_dim"],
+        intermediate_size=s["intermediate_dim"], num_hidden_layers=s["num_layers"],
+        num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
+        max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.load_state_dict(tune_to_hf(weights, s["num_heads"], s["num_kv_heads"]), strict=True)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+        lora_cfg = LoraConfig(
+            r=LORA["lora_rank"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0,
+            target_modules=LORA["lora_attn_modules"], bias="none",
+        )  # fmt: skip
+        model = get_peft_model(model, lora_cfg)
+        peft_sd = tune_to_peft_adapter_weights(adapter, s["num_heads"], s["num_kv_heads"])
+        result = set_peft_model_state_dict(model, peft_sd)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"PEFT adapter keys not loaded: {result.unexpected_keys[:4]}")
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **ADAMW)
+
+    def step(batch: Dict[str, torch.Tensor]) -> float:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(
+            input_ids=batch["tokens"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    step.model = model
+    return step
