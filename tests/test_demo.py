@@ -1,0 +1,146 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""python -m torchtune.demo: its pieces (fast) and the whole quickstart (slow)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchtune import demo
+
+ROWS = [
+    {"instruction": "Add the two numbers.", "input": "1 and 2", "output": "3"},
+    {"instruction": "Reverse the order of the words: a b", "input": "", "output": "b a"},
+]
+
+
+def test_accuracy_is_exact_match():
+    assert demo.accuracy(["3", "b a"], ROWS) == 1.0
+    assert demo.accuracy([" 3 ", "a b"], ROWS) == 0.5  # surrounding spaces are ignored
+    assert demo.accuracy(["3.", "ba"], ROWS) == 0.0
+    with pytest.raises(ValueError, match="1 answers for 2 rows"):
+        demo.accuracy(["3"], ROWS)
+
+
+def test_load_rows_names_the_bad_row(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(ROWS + [{"instruction": "x", "output": "y"}]))
+    with pytest.raises(ValueError, match=r"d\.json: row 2 .*instruction, input and output"):
+        demo.load_rows(path)
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="non-empty JSON list"):
+        demo.load_rows(path)
+    path.write_text(json.dumps(ROWS))
+    assert demo.load_rows(path) == ROWS
+
+
+def test_bundled_assets_are_found():
+    paths = demo.asset_paths()
+    assert len(demo.load_rows(paths["heldout"])) > 50
+    with pytest.raises(FileNotFoundError, match="missing"):
+        demo.asset_paths(Path("/nonexistent"))
+
+
+def test_prompts_match_the_training_tokenization():
+    """The demo prompts the model exactly as alpaca_dataset tokenizes the prompt part."""
+    from torchtune.datasets import alpaca_dataset
+    from torchtune.models.llama2 import llama2_tokenizer
+
+    paths = demo.asset_paths()
+    tok = llama2_tokenizer(paths["tokenizer"])
+    ds = alpaca_dataset(tok, source="json", data_files=str(paths["heldout"]), train_on_input=False)
+    rows = demo.load_rows(paths["heldout"])
+    for i in (0, len(rows) - 1):  # one row with an input, one without
+        sample = ds[i]
+        n_prompt = sum(label == -100 for label in sample["labels"])
+        prompt = tok.encode(demo.format_prompt(rows[i]), add_bos=True, add_eos=False)
+        assert sample["tokens"][:n_prompt] == prompt
+        assert tok.decode(sample["tokens"][n_prompt:-1]) == rows[i]["output"]
+
+
+def test_answer_matches_a_plain_greedy_loop():
+    """Batched, KV-cached answers equal a one-row-at-a-time full-recompute greedy loop."""
+    from torchtune.models.llama2 import llama2_tokenizer
+
+    paths = demo.asset_paths()
+    tok = llama2_tokenizer(paths["tokenizer"])
+    model = demo.load_model(paths["model_dir"])
+    rows = demo.load_rows(paths["heldout"])[::40][:5]
+    got = demo.answer(model, tok, rows, max_new_tokens=6, batch_size=5)
+    for row, text in zip(rows, got):
+        ids = tok.encode(demo.format_prompt(row), add_bos=True, add_eos=False)
+        new = []
+        with torch.no_grad():
+            for _ in range(6):
+                nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+                if nxt == tok.eos_id:
+                    break
+                new.append(nxt)
+        assert text == tok.decode(new).strip()
+
+
+def test_finetune_command_points_at_the_bundled_assets(tmp_path):
+    paths = demo.asset_paths()
+    cmd = demo.finetune_command(paths, tmp_path, {"max_steps_per_epoch": 3})
+    assert cmd[1:6] == ["-m", "torchtune._cli.tune", "lora_finetune_single_device", "--config", "tiny/lora"]
+    overrides = dict(a.split("=", 1) for a in cmd[6:])
+    assert Path(overrides["checkpointer.checkpoint_dir"]) == paths["model_dir"]
+    assert Path(overrides["tokenizer.path"]) == paths["tokenizer"]
+    assert Path(overrides["dataset.data_files"]) == paths["train"]
+    assert overrides["output_dir"] == str(tmp_path)
+    assert overrides["max_steps_per_epoch"] == "3"
+
+
+def test_read_losses_and_plot(tmp_path):
+    log = tmp_path / "log_1_2.jsonl"
+    log.write_text("\n".join(json.dumps({"step": s, "loss": 3.0 / s, "lr": 1e-3}) for s in (1, 2, 3)))
+    points = demo.read_losses(tmp_path)
+    assert points == [(1, 3.0), (2, 1.5), (3, 1.0)]
+    pytest.importorskip("matplotlib")
+    png = demo.plot_losses(points, tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="No training log"):
+        demo.read_losses(tmp_path / "empty")
+
+
+def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert demo.plot_losses([(1, 1.0)], tmp_path / "loss.png") is None
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "loss.png").exists()
+
+
+def test_output_dir_is_only_ever_cleared_if_the_demo_made_it(tmp_path):
+    mine = demo._fresh_dir(tmp_path / "out")
+    (mine / "old.txt").write_text("stale")
+    assert not (demo._fresh_dir(tmp_path / "out") / "old.txt").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("precious")
+    with pytest.raises(ValueError, match="not made by torchtune.demo"):
+        demo._fresh_dir(foreign)
+    assert (foreign / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_demo_end_to_end_learns_and_is_reproducible(tmp_path):
+    """The README's first command, twice: accuracy rises clearly and the numbers repeat."""
+    summaries = []
+    for run in range(2):
+        out = tmp_path / "demo"
+        proc = subprocess.run(
+            [sys.executable, "-m", "torchtune.demo", "--output-dir", str(out)],
+            capture_output=True, text=True, timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "held-out accuracy" in proc.stdout
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    s = summaries[0]
+    assert s["accuracy_after"] >= s["accuracy_before"] + 0.4, s
+    assert s["loss_last"] < s["loss_first"] / 2, s
+    assert Path(s["checkpoint_dir"], "model.safetensors").is_file()
+    for key in ("accuracy_before", "accuracy_after", "loss_first", "loss_last"):
+        assert summaries[0][key] == summaries[1][key], key
