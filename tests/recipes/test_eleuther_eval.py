@@ -274,7 +274,6 @@ def _offline_env():
     return env
 
 
-@pytest.mark.slow
 @pytest.mark.integration
 def test_tune_eleuther_eval_custom_tasks_offline(ee, assets, tmp_path):
     # The first generation doc's target is the reference answer, the second's cannot match.
