@@ -256,7 +256,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     cmd = finetune_command(paths, run_dir, {"max_steps_per_epoch": args.max_steps})
     print("      tune " + " ".join(cmd[4:]), flush=True)
     subprocess.run(cmd, check=True)
-    ckpt_dir = run_dir / "epoch_0"
+    # The last epoch's folder holds the final weights (epochs may be raised in tiny/lora).
+    ckpt_dir = max(run_dir.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
 
     print("[3/4] Held-out accuracy of the fine-tuned model ...", flush=True)
     acc_after, answers_after = evaluate(ckpt_dir, paths["tokenizer"], heldout)
