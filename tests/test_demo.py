@@ -78,19 +78,58 @@ def test_answer_matches_a_plain_greedy_loop():
                 if nxt == tok.eos_id:
                     break
                 new.append(nxt)
-        assert text == tok.decode(new).strip()
+        assert text == tok.decode(new).split("\n")[0].strip()
 
 
-def test_finetune_command_points_at_the_bundled_assets(tmp_path):
+def test_commands_run_the_shipped_configs(tmp_path):
+    cmd = demo.finetune_command(tmp_path, max_steps=3)
+    assert cmd[:6] == [sys.executable, "-m", "torchtune._cli.tune", "lora_finetune_single_device",
+                       "--config", "tiny/lora"]
+    assert cmd[6:] == [f"output_dir={tmp_path}", "max_steps_per_epoch=3"]
+    assert demo.finetune_command(tmp_path)[6:] == [f"output_dir={tmp_path}"]
+    ev = demo.eval_command(tmp_path / "ckpt", tmp_path / "task", tmp_path / "out")
+    assert ev[3:6] == ["eleuther_eval", "--config", "tiny/eval"]
+    assert f"tasks=[{demo.EVAL_TASK}]" in ev and f"include_path={tmp_path / 'task'}" in ev
+
+
+def test_generate_command_quotes_values_the_override_parser_would_split():
+    """An instruction with ': ' must reach the recipe as a string, not a YAML mapping."""
+    from torchtune.config import load_config
+    from torchtune._recipe_registry import get_config
+
+    row = {"instruction": "Reverse the order of the words: cat sun", "input": 'say "hi"', "output": ""}
+    cmd = demo.generate_command(Path("/ckpt"), row)
+    assert cmd[3:6] == ["generate", "--config", "tiny/generate"]
+    cfg = load_config(get_config("tiny/generate").file_path, cmd[6:])
+    assert cfg.prompt == row["instruction"] and cfg.instruct_input == row["input"]
+    assert cfg.temperature == 0 and cfg.checkpointer.checkpoint_dir == "/ckpt"
+
+
+@pytest.mark.integration
+def test_eval_recipe_path_scores_like_the_plain_loop(tmp_path):
+    """``tune eleuther_eval`` on the demo's local task asks the same prompts, gets the same
+    greedy answers and scores them the same way as the plain loop: with targets set to the
+    plain loop's answers for half the rows and to something else for the rest, it says 50%."""
+    pytest.importorskip("lm_eval")
+    from torchtune.models.llama2 import llama2_tokenizer
+
     paths = demo.asset_paths()
-    cmd = demo.finetune_command(paths, tmp_path, {"max_steps_per_epoch": 3})
-    assert cmd[1:6] == ["-m", "torchtune._cli.tune", "lora_finetune_single_device", "--config", "tiny/lora"]
-    overrides = dict(a.split("=", 1) for a in cmd[6:])
-    assert Path(overrides["checkpointer.checkpoint_dir"]) == paths["model_dir"]
-    assert Path(overrides["tokenizer.path"]) == paths["tokenizer"]
-    assert Path(overrides["dataset.data_files"]) == paths["train"]
-    assert overrides["output_dir"] == str(tmp_path)
-    assert overrides["max_steps_per_epoch"] == "3"
+    rows = demo.load_rows(paths["heldout"])[::50][:4]
+    plain = demo.answer(demo.load_model(paths["model_dir"]), llama2_tokenizer(paths["tokenizer"]), rows)
+    assert all(plain), plain
+    targets = [dict(r, output=a if i % 2 == 0 else a + " x") for i, (r, a) in enumerate(zip(rows, plain))]
+    assert demo.accuracy(plain, targets) == 0.5
+    assert demo.evaluate(paths["model_dir"], targets, tmp_path / "eval") == 0.5
+
+
+def test_read_eval_accuracy(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "eval_results_1.json").write_text(
+        json.dumps({"results": {demo.EVAL_TASK: {"exact_match,strip": 0.25}}})
+    )
+    assert demo.read_eval_accuracy(tmp_path) == 0.25
+    with pytest.raises(FileNotFoundError, match="No eval_results"):
+        demo.read_eval_accuracy(tmp_path / "none")
 
 
 def test_read_losses_and_plot(tmp_path):

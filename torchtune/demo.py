@@ -3,18 +3,24 @@
 
     python -m torchtune.demo [--output-dir ./torchtune_demo_output]
 
-1. Held-out accuracy of the base model (exact match of its greedy answer).
-2. ``tune lora_finetune_single_device --config tiny/lora`` on the bundled Alpaca-format data.
-3. Held-out accuracy of the fine-tuned model.
-4. ``tune generate --config tiny/generate``-style answer to one held-out instruction, before
-   and after.
+Each step runs the product's own command, shown as it runs:
+
+1. Held-out accuracy of the base model: ``tune eleuther_eval --config tiny/eval`` on a local
+   lm-eval task (greedy answers, exact match); a plain accuracy loop here when lm-eval is not
+   installed.
+2. ``tune lora_finetune_single_device --config tiny/lora`` (the config points at the bundled
+   model, tokenizer and Alpaca-format data).
+3. Held-out accuracy of the fine-tuned model, as in 1.
+4. ``tune generate --config tiny/generate`` on one held-out instruction, before and after.
 5. A loss curve (PNG, needs matplotlib) beside the training log, and a summary.
 
 Everything is seeded: the same command on the same machine prints the same numbers.
 The assets and how they were made: ``torchtune/assets/tiny/README.md``.
 """
 import argparse
+import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,19 +31,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
 # A file the demo leaves in the folders it creates, so that a rerun only ever deletes its own.
 _MARKER = ".torchtune_demo"
-
-# Overrides on top of configs/tiny/lora.yaml: the bundled assets by absolute path (the config's
-# paths are relative to a source checkout) and the demo's training length.
-DEMO_TRAINING = {
-    "model.lora_attn_modules": "[q_proj,k_proj,v_proj,output_proj]",
-    "model.apply_lora_to_mlp": True,
-    "model.lora_rank": 16,
-    "model.lora_alpha": 32,
-    "optimizer.lr": 5e-3,
-    "batch_size": 16,
-    "max_steps_per_epoch": 400,
-}
-
 
 def asset_paths(assets: Path = ASSETS) -> Dict[str, Path]:
     """Paths of the bundled tiny assets.
@@ -124,7 +117,7 @@ def format_prompt(row: Dict[str, str]) -> str:
 
 def answer(model, tokenizer, rows: Sequence[Dict[str, str]], max_new_tokens: int = 16,
            batch_size: int = 50) -> List[str]:
-    """Greedy answers to Alpaca rows, prompted exactly as the training data is tokenized."""
+    """Greedy one-line answers to Alpaca rows, prompted exactly as the training data is tokenized."""
     from torchtune.utils import generate
 
     answers = []
@@ -139,7 +132,8 @@ def answer(model, tokenizer, rows: Sequence[Dict[str, str]], max_new_tokens: int
             stop_tokens=[tokenizer.eos_id],
             pad_id=tokenizer.pad_id,
         )
-        answers.extend(tokenizer.decode(ids).strip() for ids in out)
+        # Cut at the first newline like the lm-eval task's stop string: answers are one line.
+        answers.extend(tokenizer.decode(ids).split("\n")[0].strip() for ids in out)
     return answers
 
 
@@ -150,31 +144,147 @@ def accuracy(answers: Sequence[str], rows: Sequence[Dict[str, str]]) -> float:
     return sum(a.strip() == r["output"].strip() for a, r in zip(answers, rows)) / len(rows)
 
 
-def evaluate(checkpoint_dir: Path, tokenizer_path: Path, rows) -> Tuple[float, List[str]]:
-    """Held-out exact-match accuracy of the model in ``checkpoint_dir`` and its answers."""
-    import torch
-
-    from torchtune.models.llama2 import llama2_tokenizer
-
-    torch.manual_seed(0)
-    model = load_model(checkpoint_dir)
-    answers = answer(model, llama2_tokenizer(tokenizer_path), rows)
-    return accuracy(answers, rows), answers
+def _tune(*args: str) -> List[str]:
+    return [sys.executable, "-m", "torchtune._cli.tune", *args]
 
 
-def finetune_command(paths: Dict[str, Path], output_dir: Path,
-                     overrides: Optional[Dict[str, Any]] = None) -> List[str]:
-    """The ``tune`` command line the demo runs (as a list for subprocess)."""
-    args = {
-        "checkpointer.checkpoint_dir": paths["model_dir"],
-        "tokenizer.path": paths["tokenizer"],
-        "dataset.data_files": paths["train"],
-        "output_dir": output_dir,
-        **DEMO_TRAINING,
-        **(overrides or {}),
-    }
-    return [sys.executable, "-m", "torchtune._cli.tune", "lora_finetune_single_device",
-            "--config", "tiny/lora"] + [f"{k}={v}" for k, v in args.items()]
+def _override(key: str, value: Any) -> str:
+    # Strings go JSON-quoted: unquoted, "a: b" would be read as a YAML mapping.
+    return f"{key}={json.dumps(value) if isinstance(value, str) else value}"
+
+
+def finetune_command(output_dir: Path, max_steps: Optional[int] = None) -> List[str]:
+    """``tune lora_finetune_single_device --config tiny/lora``: the config already points at
+    the bundled model, tokenizer and data; the demo only picks where the outputs go."""
+    args = [f"output_dir={output_dir}"]
+    if max_steps is not None:
+        args.append(f"max_steps_per_epoch={max_steps}")
+    return _tune("lora_finetune_single_device", "--config", "tiny/lora", *args)
+
+
+def lm_eval_available() -> bool:
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+EVAL_TASK = "tiny_heldout"
+
+
+def write_eval_task(rows: Sequence[Dict[str, str]], task_dir: Path) -> Path:
+    """A local lm-eval task over ``rows``: greedy generation scored by exact match.
+
+    The prompts are rendered here with the same template the training data used, so the task
+    YAML needs no template logic of its own.
+
+    Returns:
+        ``task_dir``, to pass as the eval recipe's ``include_path``.
+    """
+    task_dir.mkdir(parents=True, exist_ok=True)
+    docs = [{"prompt": format_prompt(r), "answer": r["output"]} for r in rows]
+    data = task_dir / f"{EVAL_TASK}.json"
+    data.write_text(json.dumps(docs, indent=1) + "\n", encoding="utf-8")
+    (task_dir / f"{EVAL_TASK}.yaml").write_text(
+        f"""task: {EVAL_TASK}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(data))}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 16
+  do_sample: false
+filter_list:
+  - name: strip
+    filter:
+      - function: remove_whitespace
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""",
+        encoding="utf-8",
+    )
+    return task_dir
+
+
+def eval_command(checkpoint_dir: Path, task_dir: Path, output_dir: Path) -> List[str]:
+    """``tune eleuther_eval --config tiny/eval`` on the local held-out task."""
+    return _tune(
+        "eleuther_eval", "--config", "tiny/eval",
+        f"checkpointer.checkpoint_dir={checkpoint_dir}",
+        f"tasks=[{EVAL_TASK}]",
+        f"include_path={task_dir}",
+        "include_default_tasks=False",
+        "limit=null",
+        "batch_size=50",
+        f"output_dir={output_dir}",
+    )  # fmt: skip
+
+
+def read_eval_accuracy(output_dir: Path) -> float:
+    """Exact match of the held-out task from the results JSON the eval recipe wrote."""
+    written = sorted(Path(output_dir).rglob("eval_results_*.json"))
+    if not written:
+        raise FileNotFoundError(f"No eval_results_*.json under {output_dir}")
+    results = json.loads(written[-1].read_text())["results"]
+    try:
+        return float(results[EVAL_TASK]["exact_match,strip"])
+    except KeyError as e:
+        raise ValueError(f"{written[-1]} has no {EVAL_TASK} exact_match,strip result") from e
+
+
+def generate_command(checkpoint_dir: Path, row: Dict[str, str]) -> List[str]:
+    """``tune generate --config tiny/generate``: a greedy answer to one Alpaca row."""
+    return _tune(
+        "generate", "--config", "tiny/generate",
+        f"checkpointer.checkpoint_dir={checkpoint_dir}",
+        _override("prompt", row["instruction"]),
+        _override("instruct_input", row["input"]),
+        "temperature=0",
+        "max_new_tokens=24",
+    )  # fmt: skip
+
+
+def _child_env(work_dir: Path) -> Dict[str, str]:
+    # Everything is local: no hub lookups, and the datasets cache stays inside the demo folder.
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(work_dir / "hf_datasets_cache"),
+    )
+
+
+def evaluate(checkpoint_dir: Path, rows: Sequence[Dict[str, str]], work_dir: Path) -> float:
+    """Held-out exact match of the model in ``checkpoint_dir``: through ``tune eleuther_eval``
+    and a local lm-eval task when lm-eval is installed, else with :func:`answer` here."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if not lm_eval_available():
+        import torch
+
+        from torchtune.models.llama2 import llama2_tokenizer
+
+        torch.manual_seed(0)
+        tokenizer = llama2_tokenizer(ASSETS / "tokenizer.model")
+        return accuracy(answer(load_model(checkpoint_dir), tokenizer, rows), rows)
+    task_dir = write_eval_task(rows, work_dir / "task")
+    cmd = eval_command(checkpoint_dir, task_dir, work_dir)
+    print("      tune " + " ".join(cmd[3:]), flush=True)
+    subprocess.run(cmd, check=True, env=_child_env(work_dir))
+    return read_eval_accuracy(work_dir)
+
+
+def generate_answer(checkpoint_dir: Path, row: Dict[str, str], work_dir: Path) -> str:
+    """What ``tune generate`` prints for ``row`` (its text, without the speed line)."""
+    proc = subprocess.run(
+        generate_command(checkpoint_dir, row), check=True, capture_output=True, text=True,
+        env=_child_env(work_dir),
+    )  # fmt: skip
+    return proc.stdout.rsplit("\n\n[", 1)[0].strip()
 
 
 def read_losses(log_dir: Path) -> List[Tuple[int, float]]:
@@ -236,8 +346,8 @@ def _pick_example(rows: Sequence[Dict[str, str]]) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m torchtune.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("torchtune_demo_output"))
-    parser.add_argument("--max-steps", type=int, default=DEMO_TRAINING["max_steps_per_epoch"],
-                        help="LoRA training steps (default %(default)s)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="cap the LoRA training steps per epoch (default: tiny/lora's)")
     parser.add_argument("--limit", type=int, default=None,
                         help="evaluate on only the first N held-out rows (default: all)")
     args = parser.parse_args(argv)
@@ -246,29 +356,31 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     paths = asset_paths()
     out = _fresh_dir(args.output_dir.resolve())
     heldout = load_rows(paths["heldout"])[: args.limit]
+    how = "tune eleuther_eval" if lm_eval_available() else "a plain loop (pip install -e '.[eval]' for lm-eval)"
 
-    print(f"[1/4] Held-out accuracy of the base model ({len(heldout)} instructions) ...", flush=True)
-    acc_before, answers_before = evaluate(paths["model_dir"], paths["tokenizer"], heldout)
+    print(f"[1/4] Held-out accuracy of the base model ({len(heldout)} instructions, {how}) ...", flush=True)
+    acc_before = evaluate(paths["model_dir"], heldout, out / "eval_base")
     print(f"      base model: {acc_before:.1%}", flush=True)
 
     print("[2/4] LoRA fine-tuning:", flush=True)
     run_dir = out / "lora"
-    cmd = finetune_command(paths, run_dir, {"max_steps_per_epoch": args.max_steps})
-    print("      tune " + " ".join(cmd[4:]), flush=True)
+    cmd = finetune_command(run_dir, args.max_steps)
+    print("      tune " + " ".join(cmd[3:]), flush=True)
     subprocess.run(cmd, check=True)
-    # The last epoch's folder holds the final weights (epochs may be raised in tiny/lora).
+    # The last epoch's folder holds the final weights.
     ckpt_dir = max(run_dir.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
 
     print("[3/4] Held-out accuracy of the fine-tuned model ...", flush=True)
-    acc_after, answers_after = evaluate(ckpt_dir, paths["tokenizer"], heldout)
+    acc_after = evaluate(ckpt_dir, heldout, out / "eval_finetuned")
     print(f"      fine-tuned model: {acc_after:.1%}", flush=True)
 
-    print("[4/4] One held-out instruction:", flush=True)
-    i = _pick_example(heldout)
-    example = heldout[i]
+    print("[4/4] One held-out instruction, answered by tune generate --config tiny/generate:", flush=True)
+    example = heldout[_pick_example(heldout)]
     print("      " + format_prompt(example).replace("\n", "\n      "))
-    print(f"      base model answers:       {answers_before[i]!r}")
-    print(f"      fine-tuned model answers: {answers_after[i]!r}")
+    before = generate_answer(paths["model_dir"], example, out)
+    after = generate_answer(ckpt_dir, example, out)
+    print(f"      base model answers:       {before!r}")
+    print(f"      fine-tuned model answers: {after!r}")
     print(f"      expected:                 {example['output']!r}")
 
     losses = read_losses(run_dir)
@@ -279,7 +391,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "steps": losses[-1][0],
         "accuracy_before": acc_before,
         "accuracy_after": acc_after,
+        "accuracy_by": "lm-eval" if lm_eval_available() else "plain",
         "heldout_rows": len(heldout),
+        "example": {**example, "before": before, "after": after},
         "checkpoint_dir": str(ckpt_dir),
         "log_dir": str(run_dir),
         "loss_plot": str(plot) if plot else None,
