@@ -6,6 +6,7 @@ import sentencepiece as spm
 
 from tests.test_utils import sample_corpus
 from torchtune.datasets import PackedDataset, TextCompletionDataset, text_completion_dataset
+from torchtune.datasets._packed import pack_plan
 from torchtune.modules.tokenizers import SentencePieceTokenizer
 
 
@@ -41,8 +42,12 @@ def test_truncation_and_packing(sp_model_path, text_file, hf_cache):
                                      data_files=str(path), cache_dir=hf_cache)
     assert isinstance(packed, PackedDataset)
     kept = [t for row in packed for t in row["tokens"]]
-    # All samples appear in order (each truncated to 64), separated only by padding.
-    flat = [t for i in range(len(full)) for t in full[i]["tokens"][:64]]
+    # Every sample appears once (truncated to 64), in the rows pack_plan lays out, separated
+    # only by padding.
+    lens = [len(full[i]["tokens"]) for i in range(len(full))]
+    order = [i for row in pack_plan(lens, 64) for i in row]
+    assert sorted(order) == list(range(len(full)))
+    flat = [t for i in order for t in full[i]["tokens"][:64]]
     assert [t for t in kept if t != tok.pad_id] == [t for t in flat if t != tok.pad_id]
     assert all(len(row["tokens"]) == 64 for row in packed)
 
