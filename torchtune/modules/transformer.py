@@ -134,6 +134,7 @@ class TransformerDecoder(nn.Module):
         *,
         mask: Optional[torch.Tensor] = None,
         input_pos: Optional[torch.Tensor] = None,
+        output_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -145,13 +146,18 @@ class TransformerDecoder(nn.Module):
                 None there means causal over cache slots.
             input_pos: ``LongTensor[b, s]`` token positions; required with KV caches,
                 ``arange(s)`` per row otherwise when None.
+            output_mask: optional ``BoolTensor[b, s]``: run the final norm and the output
+                projection only where True. Training on labelled positions only (prompt and
+                padding tokens carry no label) skips most of the ``d x vocab`` matmul and the
+                ``[b, s, vocab]`` logits; the logits that are computed are the same.
 
         Returns:
-            Logits ``[b, s, vocab]`` in the model's dtype.
+            Logits ``[b, s, vocab]`` in the model's dtype; with ``output_mask``, ``[n, vocab]``
+            for its ``n`` True positions in row-major order (``logits_full[output_mask]``).
 
         Raises:
-            ValueError: on a too-long sequence, a badly shaped mask/input_pos, or missing
-                ``input_pos`` with caches on.
+            ValueError: on a too-long sequence, a badly shaped mask/input_pos/output_mask, or
+                missing ``input_pos`` with caches on.
         """
         b, s = tokens.shape
         caches_on = self.caches_are_enabled()
@@ -174,8 +180,17 @@ class TransformerDecoder(nn.Module):
                     f"mask must be a bool tensor of shape {(b, s, kv_len)}, got "
                     f"{mask.dtype} {tuple(mask.shape)}"
                 )
+        if output_mask is not None and (
+            tuple(output_mask.shape) != (b, s) or output_mask.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"output_mask must be a bool tensor of shape {(b, s)}, got "
+                f"{output_mask.dtype} {tuple(output_mask.shape)}"
+            )
 
         h = self.tok_embeddings(tokens)  # [b, s, d]
         for layer in self.layers:
             h = layer(h, mask=mask, input_pos=input_pos)
-        return self.output(self.norm(h))  # [b, s, vocab]
+        if output_mask is not None:
+            h = h[output_mask]  # [n, d]; its backward scatters into zeros of [b, s, d] only
+        return self.output(self.norm(h))  # [b, s, vocab] or [n, vocab]
