@@ -72,12 +72,28 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str], source: Optional[
                 problems.append(problem)
             continue
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
+            if _is_text_with_colon(value):
+                # prompt="Reverse the words: a b" means that text, not {"Reverse the words": "a b"}
+                cfg = OmegaConf.merge(cfg, OmegaConf.create({}))
+                OmegaConf.update(cfg, key, value, force_add=True)
+            else:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
         except (OmegaConfBaseException, yaml.YAMLError) as e:
             problems.append(ConfigProblem(key, f"cannot apply override '{raw}': {e}"))
     if problems:
         raise ConfigError(problems, source=source)
     return cfg
+
+
+def _is_text_with_colon(value: str) -> bool:
+    """True for a value YAML would read as a mapping although it has no braces (``a: b``):
+    on the command line that is text with a colon in it. ``{a: b}`` stays a mapping."""
+    if value.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(yaml.safe_load(value), dict)
+    except yaml.YAMLError:
+        return False
 
 
 def _split(raw: str):

@@ -48,6 +48,14 @@ def test_values_are_typed_by_yaml(cfg):
     assert out.dataset.opts.split is True
 
 
+def test_text_with_a_colon_stays_text_and_braces_make_a_mapping(cfg):
+    out = apply_overrides(cfg, ["output_dir=Reverse the words: a b", "+prompt=Q: 1 and 2", "extra.a={x: 1}"])
+    assert out.output_dir == "Reverse the words: a b"
+    assert out.prompt == "Q: 1 and 2"
+    assert OmegaConf.to_container(out.extra.a) == {"x": 1}
+    assert apply_overrides(cfg, ['output_dir="quoted: too"']).output_dir == "quoted: too"
+
+
 def test_key_binding_to_component_signature_is_accepted(cfg):
     out = apply_overrides(cfg, ["model.scale=0.5", "optimizer.weight_decay=0.1", "extra.anything=3"])
     assert out.model.scale == 0.5
