@@ -183,3 +183,16 @@ def test_demo_end_to_end_learns_and_is_reproducible(tmp_path):
     assert Path(s["checkpoint_dir"], "model.safetensors").is_file()
     for key in ("accuracy_before", "accuracy_after", "loss_first", "loss_last"):
         assert summaries[0][key] == summaries[1][key], key
+
+
+def test_without_lm_eval_the_plain_loop_scores(tmp_path, monkeypatch):
+    """No lm-eval installed: evaluate() falls back to the plain loop and needs no subprocess."""
+    from torchtune.models.llama2 import llama2_tokenizer
+
+    paths = demo.asset_paths()
+    rows = demo.load_rows(paths["heldout"])[:2]
+    plain = demo.answer(demo.load_model(paths["model_dir"]), llama2_tokenizer(paths["tokenizer"]), rows)
+    targets = [dict(rows[0], output=plain[0]), dict(rows[1], output=plain[1] + " x")]
+    monkeypatch.setattr(demo, "lm_eval_available", lambda: False)
+    monkeypatch.setattr(demo.subprocess, "run", None)  # any subprocess call would fail
+    assert demo.evaluate(paths["model_dir"], targets, tmp_path / "eval") == 0.5
