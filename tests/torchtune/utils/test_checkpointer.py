@@ -398,3 +398,41 @@ def test_corrupt_or_wrong_payload_names_the_file(tmp_path, name):
         torch.save([torch.ones(2)], tmp_path / name)
         with pytest.raises(ValueError, match=f"{name} does not hold a flat state dict"):
             ckpt.load_checkpoint()
+
+
+def test_tied_embeddings_load_and_save_back_in_the_input_format(tmp_path):
+    """A tied HF checkpoint (no lm_head in the file): logits match HF; saved untouched it is the
+    same tied file; once the output projection moves, from_pretrained gets an untied model
+    with exactly our logits."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from tests.test_utils import tiny_hf_llama_config
+
+    config = tiny_hf_llama_config()
+    config.tie_word_embeddings = True
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "in", safe_serialization=True)
+    assert "lm_head.weight" not in load_file(str(tmp_path / "in" / "model.safetensors"))
+
+    ckpt = FullModelHFCheckpointer(tmp_path / "in", ["model.safetensors"], "LLAMA2", tmp_path / "out")
+    model = ours_like(hf)
+    model.load_state_dict(ckpt.load_checkpoint()["model"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), hf(TOKENS).logits, rtol=0, atol=1e-5)
+
+    out = ckpt.save_checkpoint({"model": model.state_dict()}, epoch=0)
+    _assert_same_files(tmp_path / "in", out, ["model.safetensors"])
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+
+    with torch.no_grad():
+        model.output.weight.add_(0.01 * torch.randn_like(model.output.weight))
+        ours = model(TOKENS)
+    out = ckpt.save_checkpoint({"model": model.state_dict()}, epoch=1)
+    saved = load_file(str(out / "model.safetensors"))
+    assert torch.equal(saved["lm_head.weight"], model.output.weight)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(TOKENS).logits, ours, rtol=0, atol=1e-5)

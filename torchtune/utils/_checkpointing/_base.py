@@ -233,10 +233,16 @@ class _ShardedCheckpointer(_Checkpointer):
                 check(shard, path)
             yield shard
 
-    def _write_shards(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], epoch_dir: Path):
+    def _write_shards(
+        self, writer: StagedWriter, sd: Dict[str, torch.Tensor], epoch_dir: Path,
+        extra_keys: Optional[Dict[str, str]] = None,
+    ):  # fmt: skip
+        """Write ``sd`` in the loaded files' layout; ``extra_keys`` (key -> file name) places
+        keys the source did not have."""
         if not self._key_to_file:
             raise ValueError("save_checkpoint needs the file layout: call load_checkpoint() first")
         layout = {k: f for k, f in self._key_to_file.items() if not _ignored_on_save(k)}
+        layout.update(extra_keys or {})
         missing, extra = sorted(set(layout) - set(sd)), sorted(set(sd) - set(layout))
         if missing or extra:
             raise ValueError(

@@ -20,6 +20,7 @@ that adapter on top. Our model files already hold the merged weights, so the ada
 applied twice, silently. Load the adapter with
 ``PeftModel.from_pretrained(base_model, output_dir / f"epoch_{epoch}" / "adapter")``.
 """
+import json
 import logging
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -157,6 +158,8 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
             )
         except KeyError as e:
             raise ValueError(f"config.json in {self._checkpoint_dir} lacks {e}") from e
+        self._tied = bool(self._config.get("tie_word_embeddings", False))
+        self._output_from_embeddings = False  # set on load: lm_head absent, tied to the table
 
     def _head_counts(self) -> Tuple[int, int]:
         return self._num_heads, self._num_kv_heads
@@ -178,14 +181,37 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
         for shard in self._read_shards(check):
             # Convert shard by shard: only one shard's permuted q/k copies live at a time.
             model.update(hf_to_tune(shard, self._num_heads, self._num_kv_heads))
+        # Tied embeddings (tie_word_embeddings: true): HF stores no lm_head; our model keeps
+        # its own output projection, starting as a copy of the table.
+        self._output_from_embeddings = (
+            self._tied and "output.weight" not in model and "tok_embeddings.weight" in model
+        )
+        if self._output_from_embeddings:
+            model["output.weight"] = model["tok_embeddings.weight"].clone()
         source = f"checkpoint in {self._checkpoint_dir}"
         validate_state_dict_shapes(self._expected, model, source=source)
         return model
 
     def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], epoch_dir: Path):
-        self._write_shards(writer, tune_to_hf(sd, self._num_heads, self._num_kv_heads), epoch_dir)
+        hf_sd = tune_to_hf(sd, self._num_heads, self._num_kv_heads)
+        config, extra = self._config, None
+        if self._output_from_embeddings:
+            if torch.equal(hf_sd["lm_head.weight"], hf_sd["model.embed_tokens.weight"]):
+                del hf_sd["lm_head.weight"]  # still tied: the input's format, unchanged
+            else:
+                # Training moved the two apart: a tied checkpoint would lose one of them, so
+                # write lm_head beside the table and mark the model untied.
+                log.warning(
+                    "The output projection no longer equals the embedding table: saving "
+                    "lm_head.weight and tie_word_embeddings=false in %s", epoch_dir
+                )
+                extra = {"lm_head.weight": self._key_to_file["model.embed_tokens.weight"]}
+                config = {**self._config, "tie_word_embeddings": False}
+        self._write_shards(writer, hf_sd, epoch_dir, extra_keys=extra)
         for name in _HF_AUX_FILES:
-            if (self._checkpoint_dir / name).is_file():
+            if name == "config.json" and config is not self._config:
+                writer.write_text(json.dumps(config, indent=2) + "\n", epoch_dir / name)
+            elif (self._checkpoint_dir / name).is_file():
                 writer.copy_file(self._checkpoint_dir / name, epoch_dir / name)
 
 
