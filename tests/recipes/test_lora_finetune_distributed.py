@@ -36,6 +36,7 @@ COMMON = [
     "model.lora_alpha=8",
     "model.lora_attn_modules=[q_proj,k_proj,v_proj]",
     "model.apply_lora_to_mlp=False",
+    "model.apply_lora_to_output=False",
     "dtype=fp32",
     "clip_grad_norm=0.05",  # small enough to bite
 ]
