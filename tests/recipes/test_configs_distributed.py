@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.recipes.test_single_device_configs import TRAINING_KEYS
+from tests.recipes.test_single_device_configs import assert_training_keys
 from torchtune import config
 from torchtune._recipe_registry import get_config, RECIPES
 from torchtune.recipes.full_finetune_distributed import FullFinetuneRecipeDistributed
@@ -37,7 +37,7 @@ def test_config_validates_and_names_its_launch_command(name, recipe):
     path = get_config(name).file_path
     cfg = config.load_config(path)
     config.validate(cfg)
-    assert set(cfg.keys()) == TRAINING_KEYS
+    assert_training_keys(name, cfg)
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("# tune --nnodes 1 --nproc_per_node ")
     assert first_line.endswith(f" {recipe} --config {name}")

@@ -235,3 +235,12 @@ def test_mlp_and_output_adapters_export_to_peft(assets, tmp_path):
         torch.testing.assert_close(
             peft_model(input_ids=tokens).logits, ours(tokens), rtol=0, atol=1e-5
         )
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_losses(lora_run, tmp_path):
+    """`compile=True` (torch.compile of each decoder layer, LoRA layers inside) trains the same
+    adapters: the 10 logged losses agree with the eager run's within 1e-5."""
+    out, overrides = lora_run
+    run_tune(RECIPE, "tiny/lora", overrides + ["compile=True", f"output_dir={tmp_path}"], cwd=tmp_path)
+    torch.testing.assert_close(logged_losses(tmp_path), logged_losses(out), rtol=0, atol=1e-5)

@@ -93,7 +93,10 @@ class FullFinetuneRecipeDistributed:
             self._check_recipe_state(ckpt)
         # Popped: the full weights on rank 0 are freed once loaded into the shards.
         self._model = self._setup_model(
-            cfg.model, cfg.enable_activation_checkpointing, ckpt.pop("model", None)
+            cfg.model,
+            cfg.enable_activation_checkpointing,
+            ckpt.pop("model", None),
+            compile_layers=bool(cfg.get("compile", False)),
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._optimizer = self._setup_optimizer(cfg.optimizer, ckpt)
@@ -142,6 +145,7 @@ class FullFinetuneRecipeDistributed:
         cfg_model: DictConfig,
         enable_activation_checkpointing: bool,
         model_sd: Optional[Dict[str, torch.Tensor]],
+        compile_layers: bool = False,
     ) -> nn.Module:
         # No memory yet: parameters are placeholders until to_empty. fp32 masters; with
         # dtype=bf16 FSDP casts them for compute.
@@ -149,6 +153,8 @@ class FullFinetuneRecipeDistributed:
             model = config.instantiate(cfg_model)
         if enable_activation_checkpointing:
             utils.set_activation_checkpointing(model)
+        if compile_layers:  # `compile: true`; lazy, the first forward compiles
+            utils.compile_layers(model)
         param_dtype = self._dtype if self._dtype != torch.float32 else None
         utils.shard_model(
             model, self._device, layer_types=(TransformerDecoderLayer,), param_dtype=param_dtype

@@ -69,7 +69,10 @@ class FullFinetuneRecipeSingleDevice:
         if self._resume:
             self._check_recipe_state(ckpt)
         self._model = self._setup_model(
-            cfg.model, cfg.enable_activation_checkpointing, ckpt["model"]
+            cfg.model,
+            cfg.enable_activation_checkpointing,
+            ckpt["model"],
+            compile_layers=bool(cfg.get("compile", False)),
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._optimizer = self._setup_optimizer(cfg.optimizer, ckpt.get("optimizer"))
@@ -109,13 +112,19 @@ class FullFinetuneRecipeSingleDevice:
         self.global_step = int(ckpt["global_step"])
 
     def _setup_model(
-        self, cfg_model: DictConfig, enable_activation_checkpointing: bool, model_sd: Dict
+        self,
+        cfg_model: DictConfig,
+        enable_activation_checkpointing: bool,
+        model_sd: Dict,
+        compile_layers: bool = False,
     ) -> nn.Module:
         with utils.set_default_dtype(self._dtype), self._device:
             model = config.instantiate(cfg_model)
         model.load_state_dict(model_sd, strict=True)
         if enable_activation_checkpointing:
             utils.set_activation_checkpointing(model)
+        if compile_layers:  # `compile: true`; lazy, the first forward compiles
+            utils.compile_layers(model)
         n_params = sum(p.numel() for p in model.parameters())
         log.info("Model: %.1fM parameters in %s on %s", n_params / 1e6, self._dtype, self._device)
         return model

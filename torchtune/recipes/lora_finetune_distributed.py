@@ -105,6 +105,7 @@ class LoRAFinetuneRecipeDistributed:
             cfg.enable_activation_checkpointing,
             ckpt.pop("model", None),
             ckpt.pop("adapter", None),
+            compile_layers=bool(cfg.get("compile", False)),
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._optimizer = self._setup_optimizer(cfg.optimizer, ckpt)
@@ -154,6 +155,7 @@ class LoRAFinetuneRecipeDistributed:
         enable_activation_checkpointing: bool,
         base_sd: Optional[Dict[str, torch.Tensor]],
         adapter_sd: Optional[Dict[str, torch.Tensor]],
+        compile_layers: bool = False,
     ) -> nn.Module:
         # No memory yet: parameters are placeholders until to_empty. fp32 masters; with
         # dtype=bf16 FSDP casts them for compute.
@@ -163,6 +165,8 @@ class LoRAFinetuneRecipeDistributed:
             raise ValueError(f"Model '{cfg_model._component_}' has no LoRA adapters to train")
         if enable_activation_checkpointing:
             utils.set_activation_checkpointing(model)
+        if compile_layers:  # `compile: true`; lazy, the first forward compiles
+            utils.compile_layers(model)
         param_dtype = self._dtype if self._dtype != torch.float32 else None
         utils.shard_model(
             model, self._device, layer_types=(TransformerDecoderLayer,), param_dtype=param_dtype

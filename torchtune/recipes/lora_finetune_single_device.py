@@ -82,7 +82,11 @@ class LoRAFinetuneRecipeSingleDevice:
         if self._resume:
             self._check_recipe_state(ckpt)
         self._model = self._setup_model(
-            cfg.model, cfg.enable_activation_checkpointing, ckpt["model"], ckpt.get("adapter")
+            cfg.model,
+            cfg.enable_activation_checkpointing,
+            ckpt["model"],
+            ckpt.get("adapter"),
+            compile_layers=bool(cfg.get("compile", False)),
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._optimizer = self._setup_optimizer(cfg.optimizer, ckpt.get("optimizer"))
@@ -127,6 +131,7 @@ class LoRAFinetuneRecipeSingleDevice:
         enable_activation_checkpointing: bool,
         base_sd: Dict[str, torch.Tensor],
         adapter_sd: Optional[Dict[str, torch.Tensor]],
+        compile_layers: bool = False,
     ) -> nn.Module:
         with utils.set_default_dtype(self._dtype), self._device:
             model = config.instantiate(cfg_model)
@@ -153,6 +158,8 @@ class LoRAFinetuneRecipeSingleDevice:
         set_trainable_params(model, self._adapter_params)
         if enable_activation_checkpointing:
             utils.set_activation_checkpointing(model)
+        if compile_layers:  # `compile: true`; lazy, the first forward compiles
+            utils.compile_layers(model)
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in self._adapter_params.values())
         log.info(
