@@ -80,24 +80,22 @@ def mfu(tokens_per_s: float, n_params: int, method: str, peak_flops: float) -> f
 def packed_windows(lengths: Sequence[int], max_seq_len: int, rows: int) -> List[Tuple[int, int]]:
     """Split a sample stream into windows that pack into exactly ``rows`` rows each.
 
-    Follows ``PackedDataset``'s greedy rule (a sample that does not fit in what is left of a
-    row starts the next one; longer samples are truncated to ``max_seq_len``), so our side runs
-    full batches while the reference sees exactly the same samples. A trailing incomplete
-    window is dropped.
+    A window grows sample by sample while ``PackedDataset``'s plan (``pack_plan``, best fit
+    within the window; longer samples truncated to ``max_seq_len``) still needs at most
+    ``rows`` rows, so our side runs full batches while the reference sees exactly the same
+    samples. Packing only within a window fills rows less well than packing a whole dataset
+    does. A trailing incomplete window is dropped.
 
     Returns:
         ``[(start, end), ...]`` sample index ranges.
     """
-    windows, start, n_rows, used = [], 0, 1, 0
-    for i, n in enumerate(lengths):
-        n = min(n, max_seq_len)
-        if used + n > max_seq_len:
-            if n_rows == rows:  # this sample would open row rows + 1: close the window
-                windows.append((start, i))
-                start, n_rows, used = i, 1, 0
-            else:
-                n_rows, used = n_rows + 1, 0
-        used += n
+    from torchtune.datasets._packed import pack_plan
+
+    windows, start = [], 0
+    for i in range(len(lengths)):
+        if len(pack_plan(lengths[start : i + 1], max_seq_len)) > rows:
+            windows.append((start, i))
+            start = i
     return windows
 
 
