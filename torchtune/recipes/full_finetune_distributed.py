@@ -41,7 +41,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from torchtune import config, utils
+from torchtune import config, training, utils
 from torchtune.data import padded_collate
 from torchtune.modules import TransformerDecoderLayer
 
@@ -219,24 +219,8 @@ class FullFinetuneRecipeDistributed:
         )
 
     def _loss_sum(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Summed token loss of one micro-batch: the logits at ``t`` predict ``labels[:, t + 1]``.
-
-        Only positions whose next label is scored get logits (the model's ``output_mask``):
-        prompt tokens under ``train_on_input=False``, padding and the last position skip the
-        output projection. Same loss and gradients as scoring ``logits[:, :-1]`` in full.
-        """
-        batch = {k: v.to(self._device) for k, v in batch.items()}
-        labels = batch["labels"]
-        no_label = torch.full_like(labels[:, :1], self._loss_fn.ignore_index)
-        targets = torch.cat([labels[:, 1:], no_label], dim=1)  # [b, s]: the label after t
-        scored = targets != self._loss_fn.ignore_index
-        logits = self._model(
-            batch["tokens"],
-            mask=batch.get("mask"),
-            input_pos=batch.get("input_pos"),
-            output_mask=scored,
-        )  # [n, vocab]
-        return self._loss_fn(logits.unsqueeze(0), targets[scored].unsqueeze(0))
+        """Summed next-token loss and scored-token count of one micro-batch."""
+        return training.next_token_loss_sum(self._model, self._loss_fn, batch, self._device)
 
     def _optimizer_step(self, micro_batches: List[Dict[str, torch.Tensor]]) -> Tuple[float, int]:
         """One optimizer step over this rank's micro-batches.
