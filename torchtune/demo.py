@@ -149,7 +149,7 @@ def _tune(*args: str) -> List[str]:
 
 
 def _override(key: str, value: Any) -> str:
-    # Strings go JSON-quoted: unquoted, "a: b" would be read as a YAML mapping.
+    # Strings go JSON-quoted so YAML keeps them strings (an input such as "12" or "yes").
     return f"{key}={json.dumps(value) if isinstance(value, str) else value}"
 
 
