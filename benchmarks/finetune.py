@@ -123,7 +123,7 @@ def compare(method: str, args, device, peak_flops: float) -> Dict:
     dtype = DTYPES[args.dtype]
     n_rounds = args.warmup + args.rounds
     windows = _windows(args, n_rounds)
-    base = Levers(data=args.data)
+    base = Levers(data=args.data, compile=args.compile)
     n_params = non_embedding_params(args.shape)
     result = {"method": method, "n_params_non_embedding": n_params, "levers_default": base.to_dict()}
 
@@ -258,6 +258,8 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--rounds", type=int, default=3, help="timed rounds")
     p.add_argument("--mem-rounds", type=int, default=1, help="timed rounds in memory workers")
     p.add_argument("--data", choices=["packed", "grouped", "padded"], default="packed")
+    p.add_argument("--compile", action="store_true",
+                   help="our side runs with the recipes' compile: true (each decoder layer compiled)")
     p.add_argument("--levers", nargs="*", default=[], help=f"'all' or some of {list(LEVERS)}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
