@@ -38,12 +38,17 @@ def _sharded(param_dtype=None) -> torch.nn.Module:
     return model.to_empty(device="cpu")
 
 
-def _worker(rank: int, port: int, ref_path: str) -> None:
+def _rank_env(rank: int, port: int) -> None:
+    """What torchrun would set for ``rank`` of a local gloo group on ``port``; one thread."""
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, port: int, ref_path: str) -> None:
+    _rank_env(rank, port)
     assert utils.init_distributed(torch.device("cpu")) == (WORLD_SIZE, rank)
     assert utils.get_world_size_and_rank() == (WORLD_SIZE, rank)
     ref_sd, tokens, ref_grads, ref_after_step, ref_osd = torch.load(ref_path, weights_only=True)
@@ -193,11 +198,7 @@ def _reset_peak_rss() -> None:
 
 
 def _memory_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    torch.set_num_threads(1)
+    _rank_env(rank, port)
     utils.init_distributed(torch.device("cpu"))
     layers = 16
     build = dict(
