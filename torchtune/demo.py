@@ -269,7 +269,7 @@ def evaluate(checkpoint_dir: Path, rows: Sequence[Dict[str, str]], work_dir: Pat
         from torchtune.models.llama2 import llama2_tokenizer
 
         torch.manual_seed(0)
-        tokenizer = llama2_tokenizer(ASSETS / "tokenizer.model")
+        tokenizer = llama2_tokenizer(asset_paths()["tokenizer"])
         return accuracy(answer(load_model(checkpoint_dir), tokenizer, rows), rows)
     task_dir = write_eval_task(rows, work_dir / "task")
     cmd = eval_command(checkpoint_dir, task_dir, work_dir)
@@ -293,7 +293,7 @@ def read_losses(log_dir: Path) -> List[Tuple[int, float]]:
     if not logs:
         raise FileNotFoundError(f"No training log (log_*.jsonl) in {log_dir}")
     points = []
-    for n, line in enumerate(logs[-1].read_text().splitlines()):
+    for line in logs[-1].read_text().splitlines():
         record = json.loads(line)
         if "loss" in record:
             points.append((int(record["step"]), float(record["loss"])))
