@@ -65,6 +65,36 @@ def test_rope_matches_hf(explicit_pos):
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("explicit_pos", [False, True])
+def test_rope_complex_and_real_forms_agree_with_hf_in_backward(explicit_pos):
+    # Eager runs the complex multiply, torch.compile the real form: both must give HF's
+    # output and input gradient.
+    torch.manual_seed(0)
+    cfg = tiny_hf_llama_config(hidden_size=96, num_heads=3, max_position_embeddings=64)
+    b, s, n_h, h_d = 2, 13, 3, 32
+    rope_ref = hf_llama.LlamaRotaryEmbedding(cfg)
+    rope = RotaryPositionalEmbeddings(h_d, max_seq_len=64, base=cfg.rope_parameters["rope_theta"])
+    pos = torch.randint(0, 64, (b, s)) if explicit_pos else torch.arange(s).expand(b, s)
+    x = torch.randn(b, s, n_h, h_d, requires_grad=True)
+    grad_out = torch.randn(b, s, n_h, h_d)
+    cos, sin = rope_ref(x, pos)
+    ref, _ = hf_llama.apply_rotary_pos_emb(
+        _meta_to_hf_layout(x).transpose(1, 2), x[:1].transpose(1, 2), cos, sin
+    )
+    ref = _hf_to_meta_layout(ref.transpose(1, 2))
+    (ref_grad,) = torch.autograd.grad(ref, x, grad_out)
+    arg = pos if explicit_pos else None
+    for out in (rope(x, input_pos=arg), rope._rotate_real(x, arg)):
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+        (grad,) = torch.autograd.grad(out, x, grad_out)
+        torch.testing.assert_close(grad, ref_grad, atol=ATOL, rtol=RTOL)
+    xb = x.detach().bfloat16()
+    out_b = rope(xb, input_pos=arg)
+    assert out_b.dtype == torch.bfloat16
+    # fp32 math either way; a last-bit fp32 difference may flip one bf16 rounding.
+    torch.testing.assert_close(out_b, rope._rotate_real(xb, arg))
+
+
 def test_rope_cache_is_fp32_non_persistent_and_meta_safe():
     rope = RotaryPositionalEmbeddings(16, max_seq_len=32)
     assert "cache" not in rope.state_dict()
