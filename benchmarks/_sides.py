@@ -45,7 +45,9 @@ class Levers:
     Attributes:
         data: ``packed`` (PackedDataset rows), ``grouped`` (length-sorted within a window) or
             ``padded`` (batches in order, padded to their longest sample).
-        loss: ``chunked`` (ChunkedCrossEntropyLoss, 8 chunks) or ``plain`` (one fp32 CE).
+        loss: ``linear`` (LinearCrossEntropyLoss: output projection + CE fused, 8 chunks),
+            ``chunked`` (ChunkedCrossEntropyLoss over full logits, 8 chunks) or ``plain`` (one
+            fp32 CE over full logits).
         frozen: LoRA base weights have ``requires_grad=False`` (else they get gradients too).
         optim: AdamW implementation: ``loop`` (foreach=False), ``foreach`` or ``fused``.
         attn: ``sdpa`` or ``eager`` (softmax(QK^T)V written out).
@@ -54,7 +56,7 @@ class Levers:
     """
 
     data: str = "packed"
-    loss: str = "chunked"
+    loss: str = "linear"
     frozen: bool = True
     optim: str = "foreach"
     attn: str = "sdpa"
@@ -212,14 +214,18 @@ def build_ours(
         for layer in model.layers:
             layer.compile()
     recipe._optimizer = recipe._setup_optimizer(_optimizer_cfg(levers.optim), None)
-    if levers.loss == "chunked":
+    if levers.loss == "linear":
+        from torchtune.training import LinearCrossEntropyLoss
+
+        recipe._loss_fn = LinearCrossEntropyLoss(num_chunks=8, ignore_index=IGNORE)
+    elif levers.loss == "chunked":
         from torchtune.training import ChunkedCrossEntropyLoss
 
         recipe._loss_fn = ChunkedCrossEntropyLoss(num_chunks=8, ignore_index=IGNORE)
     elif levers.loss == "plain":
         recipe._loss_fn = PlainCrossEntropy()
     else:
-        raise ValueError(f"loss must be chunked or plain; got {levers.loss!r}")
+        raise ValueError(f"loss must be linear, chunked or plain; got {levers.loss!r}")
     attn_ctx = eager_attention if levers.attn == "eager" else contextlib.nullcontext
 
     def step(batch: Dict[str, torch.Tensor]) -> float:

@@ -41,7 +41,7 @@ from benchmarks.alpaca_like_data import AlpacaLikeDataset
 # Each lever: the variants of our default that it is measured against.
 LEVERS = {
     "packing": [{"data": "padded"}, {"data": "grouped"}],
-    "chunked_ce": [{"loss": "plain"}],
+    "fused_ce": [{"loss": "chunked"}, {"loss": "plain"}],
     "lora_frozen": [{"frozen": False}],
     "adamw": [{"optim": "loop"}, {"optim": "fused"}],
     "sdpa": [{"attn": "eager"}],

@@ -4,6 +4,30 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _SiluMul(torch.autograd.Function):
+    """``silu(a) * b`` that keeps only ``a`` and ``b`` for backward.
+
+    Autograd would also keep ``silu(a)``, a third ``[b, s, hidden]`` tensor per layer; here
+    backward recomputes it (one elementwise pass) and calls the same ``silu_backward`` kernel
+    autograd uses, so the gradients are bit-identical.
+    """
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.silu(a) * b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # separate, so torch.func transforms work
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        grad_a = torch.ops.aten.silu_backward(grad * b, a) if ctx.needs_input_grad[0] else None
+        grad_b = grad * F.silu(a) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
 class FeedForward(nn.Module):
     """SwiGLU feed-forward: ``w2(silu(w1(x)) * w3(x))``.
 
@@ -27,4 +51,4 @@ class FeedForward(nn.Module):
         Returns:
             ``[..., dim]``.
         """
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(_SiluMul.apply(self.w1(x), self.w3(x)))  # [..., hidden] in between

@@ -135,6 +135,7 @@ class TransformerDecoder(nn.Module):
         mask: Optional[torch.Tensor] = None,
         input_pos: Optional[torch.Tensor] = None,
         output_mask: Optional[torch.Tensor] = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """
         Args:
@@ -150,10 +151,13 @@ class TransformerDecoder(nn.Module):
                 projection only where True. Training on labelled positions only (prompt and
                 padding tokens carry no label) skips most of the ``d x vocab`` matmul and the
                 ``[b, s, vocab]`` logits; the logits that are computed are the same.
+            return_hidden: return the final norm's output instead of logits, for a loss that
+                applies ``self.output`` itself chunk by chunk (``LinearCrossEntropyLoss``).
 
         Returns:
             Logits ``[b, s, vocab]`` in the model's dtype; with ``output_mask``, ``[n, vocab]``
             for its ``n`` True positions in row-major order (``logits_full[output_mask]``).
+            With ``return_hidden``, the same with ``d`` in place of ``vocab``.
 
         Raises:
             ValueError: on a too-long sequence, a badly shaped mask/input_pos/output_mask, or
@@ -193,4 +197,5 @@ class TransformerDecoder(nn.Module):
             h = layer(h, mask=mask, input_pos=input_pos)
         if output_mask is not None:
             h = h[output_mask]  # [n, d]; its backward scatters into zeros of [b, s, d] only
-        return self.output(self.norm(h))  # [b, s, vocab] or [n, vocab]
+        h = self.norm(h)
+        return h if return_hidden else self.output(h)  # [b, s, vocab] or [n, vocab]

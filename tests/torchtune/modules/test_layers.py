@@ -124,6 +124,39 @@ def test_feed_forward_matches_hf():
     )
     x = torch.randn(3, 7, 40)
     torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=RTOL)
+    # Backward, too: input and every weight gradient (silu is recomputed in ours).
+    x.requires_grad_()
+    grad_out = torch.randn(3, 7, 40)
+    got = torch.autograd.grad(ours(x), [x, *ours.parameters()], grad_out)
+    want = torch.autograd.grad(
+        ref(x), [x, ref.gate_proj.weight, ref.down_proj.weight, ref.up_proj.weight], grad_out
+    )
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=RTOL)
+
+
+def test_feed_forward_keeps_two_hidden_tensors_for_backward():
+    # silu(w1 x) * w3 x keeps w1 x and w3 x only; plain autograd also keeps silu(w1 x).
+    torch.manual_seed(0)
+    frozen = lambda i, o: torch.nn.Linear(i, o, bias=False).requires_grad_(False)  # noqa: E731
+    ff = FeedForward(frozen(40, 88), frozen(88, 40), frozen(40, 88))
+    x = torch.randn(3, 7, 40, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        if t.shape[-1] == 88 and t.dim() == 3:
+            saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = ff(x)
+    assert len(saved) == 2
+    a, b = ff.w1(x), ff.w3(x)
+    want = torch.nn.functional.silu(a) * b
+    torch.testing.assert_close(out, ff.w2(want), atol=0, rtol=0)
+    (got_grad,) = torch.autograd.grad(out.sum(), x)
+    (want_grad,) = torch.autograd.grad(ff.w2(want).sum(), x)
+    torch.testing.assert_close(got_grad, want_grad, atol=0, rtol=0)
 
 
 def _attention_pair(num_heads, num_kv_heads, dim=64, max_seq_len=64):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torchtune.datasets import PackedDataset
 from torchtune.data import padded_collate
 from torchtune.models.llama2 import llama2, lora_llama2
-from torchtune.training import ChunkedCrossEntropyLoss
+from torchtune.training import ChunkedCrossEntropyLoss, LinearCrossEntropyLoss, next_token_loss_sum
 
 IGNORE = -100
 SHAPE = dict(vocab_size=97, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=40,
@@ -52,25 +52,38 @@ def _plain_ce(logits, labels):
     return F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE, reduction="sum"), None
 
 
-@pytest.mark.parametrize("lora", [False, True])
-@pytest.mark.parametrize("loss", ["chunked", "plain"])
-def test_output_mask_gives_the_full_paths_loss_and_grads(lora, loss):
+def _fused_path(model, batch, _):
+    # What the training recipes' _loss_sum does with the fused projection + CE loss.
+    return next_token_loss_sum(model, LinearCrossEntropyLoss(num_chunks=3), batch, "cpu")
+
+
+def _model(lora: bool, lora_output: bool = False):
     torch.manual_seed(0)
-    if lora:
-        model = lora_llama2(["q_proj", "v_proj"], **SHAPE, lora_rank=4, lora_alpha=8.0)
-        for n, p in model.named_parameters():
-            if "lora_b" in n:
-                torch.nn.init.normal_(p, std=0.1)  # not the zero init: the adapter matters
-    else:
-        model = llama2(**SHAPE)
+    if not lora:
+        return llama2(**SHAPE)
+    model = lora_llama2(["q_proj", "v_proj"], apply_lora_to_output=lora_output, **SHAPE,
+                        lora_rank=4, lora_alpha=8.0)  # fmt: skip
+    for n, p in model.named_parameters():
+        if "lora_b" in n:
+            torch.nn.init.normal_(p, std=0.1)  # not the zero init: the adapter matters
+        elif "lora" not in n:
+            p.requires_grad_(False)  # as the LoRA recipes train
+    return model
+
+
+@pytest.mark.parametrize("lora", [False, True, "output"])
+@pytest.mark.parametrize("loss", ["chunked", "plain", "fused"])
+def test_output_mask_gives_the_full_paths_loss_and_grads(lora, loss):
+    model = _model(bool(lora), lora_output=lora == "output")
     loss_fn = ChunkedCrossEntropyLoss(num_chunks=3) if loss == "chunked" else _plain_ce
+    path = _fused_path if loss == "fused" else _output_mask_path
     batch = _packed_batch()
 
-    want, _ = _full_path(model, batch, loss_fn)
+    want, _ = _full_path(model, batch, loss_fn if loss != "fused" else _plain_ce)
     want.backward()
     want_grads = _grads(model)
     model.zero_grad(set_to_none=True)
-    got, _ = _output_mask_path(model, batch, loss_fn)
+    got, _ = path(model, batch, loss_fn)
     got.backward()
     got_grads = _grads(model)
 
@@ -90,7 +103,10 @@ def test_output_mask_selects_the_full_logits():
         full = model(tokens)
         torch.testing.assert_close(model(tokens, output_mask=keep), full[keep], rtol=1e-6, atol=1e-6)
         none = model(tokens, output_mask=torch.zeros(3, 10, dtype=torch.bool))
+        hidden = model(tokens, output_mask=keep, return_hidden=True)
     assert none.shape == (0, 97)
+    assert hidden.shape == (int(keep.sum()), SHAPE["embed_dim"])
+    torch.testing.assert_close(model.output(hidden), full[keep], rtol=1e-6, atol=1e-6)
 
 
 def test_output_mask_bad_shape_or_dtype_raises():
