@@ -6,6 +6,7 @@ from transformers.models.llama import modeling_llama as hf_llama
 
 from tests.test_utils import tiny_hf_llama_config
 from torchtune.models.llama2._convert_weights import _unpermute
+from torchtune.modules.rms_norm import _RMSNormFunction
 from torchtune.modules import (
     CausalSelfAttention,
     FeedForward,
@@ -43,6 +44,36 @@ def test_rms_norm_matches_hf():
     torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=RTOL)
     xb = x.bfloat16()
     torch.testing.assert_close(ours.bfloat16()(xb), ref.bfloat16()(xb), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_backward_matches_hf(dtype):
+    # Ours recomputes the statistic in backward and uses the closed-form gradient.
+    torch.manual_seed(0)
+    ref = hf_llama.LlamaRMSNorm(37, eps=1e-5).to(dtype)
+    ours = RMSNorm(37, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(37))
+        ours.scale.copy_(ref.weight)
+    x = (torch.randn(3, 5, 37) * 4).to(dtype).requires_grad_()
+    grad_out = torch.randn(3, 5, 37).to(dtype)
+    got = torch.autograd.grad(ours(x), [x, ours.scale], grad_out)
+    want = torch.autograd.grad(ref(x), [x, ref.weight], grad_out)
+    tol = dict(atol=ATOL, rtol=RTOL) if dtype == torch.float32 else {}
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g, w, **tol)
+    # Only the input (and the scale, a parameter) are kept for backward.
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        ours(x)
+    assert len(kept) == 2 and kept[0] is x
+
+
+def test_rms_norm_double_precision_gradcheck():
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, s: _RMSNormFunction.apply(x, s, 1e-5), (x, scale))
 
 
 @pytest.mark.parametrize("explicit_pos", [False, True])
