@@ -52,6 +52,7 @@ class Levers:
         optim: AdamW implementation: ``loop`` (foreach=False), ``foreach`` or ``fused``.
         attn: ``sdpa`` or ``eager`` (softmax(QK^T)V written out).
         ac: activation checkpointing of every decoder layer.
+        sac: selective activation checkpointing (keep matmul/attention outputs) of every layer.
         compile: ``torch.compile`` of every decoder layer.
     """
 
@@ -61,6 +62,7 @@ class Levers:
     optim: str = "foreach"
     attn: str = "sdpa"
     ac: bool = False
+    sac: bool = False
     compile: bool = False
 
     def to_dict(self) -> Dict:
@@ -160,8 +162,10 @@ def _eager_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **_):
     if is_causal:
         s_q, s_k = q.shape[-2], k.shape[-2]
         attn_mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril()
-    if attn_mask is not None:
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:  # additive (what the decoder passes its layers)
+        scores = scores + attn_mask
     probs = F.dropout(scores.softmax(-1), p=dropout_p)
     return probs @ v
 
@@ -210,6 +214,10 @@ def build_ours(
     else:
         model = recipe._setup_model(OmegaConf.create(cfg_model), levers.ac, weights)
     recipe._model = model
+    if levers.sac:
+        from torchtune import utils
+
+        utils.set_activation_checkpointing(model, selective=True)
     if levers.compile:
         for layer in model.layers:
             layer.compile()

@@ -29,6 +29,9 @@ class CausalSelfAttention(nn.Module):
         slots, e.g. for left-padded batched generation (causal and padding in one mask).
         ``input_pos`` is then both the RoPE position and the cache slot written; since RoPE
         only sees relative positions, rows may be shifted by their padding.
+    Instead of a bool mask, an additive float mask of the same shape (0 = may attend,
+    ``-inf`` = may not; what SDPA turns a bool mask into) is accepted too: the decoder passes
+    one, converted once for all its layers.
     A query row that may attend nothing yields zeros (SDPA's convention), not NaN.
 
     Args:
@@ -95,7 +98,7 @@ class CausalSelfAttention(nn.Module):
         Args:
             x: ``[b, s, embed_dim]``.
             mask: optional ``BoolTensor[b, s, s]`` (or ``[b, s, cache_len]`` with a KV cache),
-                True = may attend. See the class docstring.
+                True = may attend, or its additive float form. See the class docstring.
             input_pos: ``LongTensor[b, s]`` positions of the tokens; required with a KV cache,
                 ``arange(s)`` otherwise when None.
 

@@ -20,7 +20,7 @@ class _RMSNormFunction(torch.autograd.Function):
     def forward(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
         x32 = _upcast(x)
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        return (x32 * rstd).type_as(x) * scale
+        return (x32 * rstd).type_as(x).mul_(scale)  # in place: no autograd inside forward
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # separate, so torch.func transforms work

@@ -193,6 +193,12 @@ class TransformerDecoder(nn.Module):
             )
 
         h = self.tok_embeddings(tokens)  # [b, s, d]
+        if mask is not None:
+            # SDPA turns a bool mask into this additive one; doing it once here rather than in
+            # every layer saves the work and lets all layers keep one copy for backward.
+            mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(
+                ~mask, float("-inf")
+            )  # [b, s, kv_len]
         for layer in self.layers:
             h = layer(h, mask=mask, input_pos=input_pos)
         if output_mask is not None:

@@ -116,3 +116,21 @@ def test_output_mask_bad_shape_or_dtype_raises():
         model(tokens, output_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="output_mask.*torch.int64"):
         model(tokens, output_mask=torch.ones(2, 5, dtype=torch.long))
+
+
+def test_bool_mask_with_an_empty_row_gives_finite_logits_and_grads():
+    # The decoder turns the bool mask into SDPA's additive form once; a query row that may
+    # attend nothing (padding in a packed row) must still give zeros, not NaN.
+    torch.manual_seed(2)
+    model = llama2(**SHAPE)
+    tokens = torch.randint(0, 97, (2, 6))
+    mask = torch.ones(2, 6, 6, dtype=torch.bool).tril()
+    mask[0, 2] = False
+    logits = model(tokens, mask=mask)
+    logits.sum().backward()
+    assert torch.isfinite(logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    # Rows that may attend something are unaffected by how the mask is passed.
+    with torch.no_grad():
+        causal = model(tokens)
+    torch.testing.assert_close(logits[1], causal[1], rtol=1e-6, atol=1e-6)

@@ -74,8 +74,9 @@ class LoRALinear(nn.Module):
         Returns:
             ``[..., out_dim]``.
         """
-        out = F.linear(x, self.weight, self.bias)
-        return out + self.scaling * self.lora_b(self.lora_a(self.dropout(x)))
+        out = F.linear(x, self.weight, self.bias)  # autograd keeps no reference to it
+        # In place, with the scaling folded in: no two extra [..., out_dim] temporaries.
+        return out.add_(self.lora_b(self.lora_a(self.dropout(x))), alpha=self.scaling)
 
     def extra_repr(self) -> str:
         return (
