@@ -10,7 +10,7 @@ import contextlib
 import math
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +51,8 @@ class Levers:
         frozen: LoRA base weights have ``requires_grad=False`` (else they get gradients too).
         optim: AdamW implementation: ``loop`` (foreach=False), ``foreach`` or ``fused``.
         attn: ``sdpa`` or ``eager`` (softmax(QK^T)V written out).
-        ac: activation checkpointing of every decoder layer.
-        sac: selective activation checkpointing (keep matmul/attention outputs) of every layer.
+        ac: the recipes' ``enable_activation_checkpointing``: ``False``, ``True`` (whole
+            layers) or ``"selective"`` (keep matmul/attention outputs, recompute the rest).
         compile: ``torch.compile`` of every decoder layer.
     """
 
@@ -61,8 +61,7 @@ class Levers:
     frozen: bool = True
     optim: str = "foreach"
     attn: str = "sdpa"
-    ac: bool = False
-    sac: bool = False
+    ac: Union[bool, str] = False
     compile: bool = False
 
     def to_dict(self) -> Dict:
@@ -214,10 +213,6 @@ def build_ours(
     else:
         model = recipe._setup_model(OmegaConf.create(cfg_model), levers.ac, weights)
     recipe._model = model
-    if levers.sac:
-        from torchtune import utils
-
-        utils.set_activation_checkpointing(model, selective=True)
     if levers.compile:
         for layer in model.layers:
             layer.compile()

@@ -43,12 +43,21 @@ LEVERS = {
     "packing": [{"data": "padded"}, {"data": "grouped"}],
     "fused_ce": [{"loss": "chunked"}, {"loss": "plain"}],
     "lora_frozen": [{"frozen": False}],
-    "adamw": [{"optim": "loop"}, {"optim": "fused"}],
+    "adamw": [{"optim": "loop"}, {"optim": "foreach"}, {"optim": "fused"}],
     "sdpa": [{"attn": "eager"}],
-    "activation_checkpointing": [{"ac": True}],
+    "activation_checkpointing": [{"ac": True}, {"ac": "selective"}, {"ac": False}],
     "compile": [{"compile": True}],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Our side's settings per method unless --ac/--optim say otherwise. Full fine-tuning keeps
+# matmul outputs only (selective activation checkpointing: faster *and* leaner than none on
+# CPU) and steps AdamW with the fused kernel (no parameter-sized temporaries); LoRA's frozen
+# weights keep little besides matmul outputs anyway and its optimizer is tiny.
+DEFAULT_LEVERS = {"lora": Levers(), "full": Levers(ac="selective", optim="fused")}
+
+
+def _ac(name: str):
+    return {"none": False, "full": True, "selective": "selective"}[name]
 
 
 def _windows(args, n_rounds: int):
@@ -123,7 +132,11 @@ def compare(method: str, args, device, peak_flops: float) -> Dict:
     dtype = DTYPES[args.dtype]
     n_rounds = args.warmup + args.rounds
     windows = _windows(args, n_rounds)
-    base = Levers(data=args.data, compile=args.compile)
+    base = replace(
+        DEFAULT_LEVERS[method], data=args.data, compile=args.compile,
+        **({} if args.ac is None else {"ac": _ac(args.ac)}),
+        **({} if args.optim is None else {"optim": args.optim}),
+    )  # fmt: skip
     n_params = non_embedding_params(args.shape)
     result = {"method": method, "n_params_non_embedding": n_params, "levers_default": base.to_dict()}
 
@@ -260,6 +273,11 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--data", choices=["packed", "grouped", "padded"], default="packed")
     p.add_argument("--compile", action="store_true",
                    help="our side runs with the recipes' compile: true (each decoder layer compiled)")
+    p.add_argument("--ac", choices=["none", "full", "selective"], default=None,
+                   help="our side's enable_activation_checkpointing (False / True / selective); "
+                   "default: selective for full, none for LoRA")
+    p.add_argument("--optim", choices=["loop", "foreach", "fused"], default=None,
+                   help="our side's AdamW implementation; default: fused for full, foreach for LoRA")
     p.add_argument("--levers", nargs="*", default=[], help=f"'all' or some of {list(LEVERS)}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -143,7 +143,7 @@ class FullFinetuneRecipeDistributed:
     def _setup_model(
         self,
         cfg_model: DictConfig,
-        enable_activation_checkpointing: bool,
+        enable_activation_checkpointing: Union[bool, str],
         model_sd: Optional[Dict[str, torch.Tensor]],
         compile_layers: bool = False,
     ) -> nn.Module:
@@ -151,8 +151,7 @@ class FullFinetuneRecipeDistributed:
         # dtype=bf16 FSDP casts them for compute.
         with utils.set_default_dtype(torch.float32), torch.device("meta"):
             model = config.instantiate(cfg_model)
-        if enable_activation_checkpointing:
-            utils.set_activation_checkpointing(model)
+        utils.apply_activation_checkpointing(model, enable_activation_checkpointing)
         if compile_layers:  # `compile: true`; lazy, the first forward compiles
             utils.compile_layers(model)
         param_dtype = self._dtype if self._dtype != torch.float32 else None

@@ -18,7 +18,7 @@ import logging
 import sys
 import time
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -114,15 +114,14 @@ class FullFinetuneRecipeSingleDevice:
     def _setup_model(
         self,
         cfg_model: DictConfig,
-        enable_activation_checkpointing: bool,
+        enable_activation_checkpointing: Union[bool, str],
         model_sd: Dict,
         compile_layers: bool = False,
     ) -> nn.Module:
         with utils.set_default_dtype(self._dtype), self._device:
             model = config.instantiate(cfg_model)
         model.load_state_dict(model_sd, strict=True)
-        if enable_activation_checkpointing:
-            utils.set_activation_checkpointing(model)
+        utils.apply_activation_checkpointing(model, enable_activation_checkpointing)
         if compile_layers:  # `compile: true`; lazy, the first forward compiles
             utils.compile_layers(model)
         n_params = sum(p.numel() for p in model.parameters())

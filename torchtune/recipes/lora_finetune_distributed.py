@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -152,7 +152,7 @@ class LoRAFinetuneRecipeDistributed:
     def _setup_model(
         self,
         cfg_model: DictConfig,
-        enable_activation_checkpointing: bool,
+        enable_activation_checkpointing: Union[bool, str],
         base_sd: Optional[Dict[str, torch.Tensor]],
         adapter_sd: Optional[Dict[str, torch.Tensor]],
         compile_layers: bool = False,
@@ -163,8 +163,7 @@ class LoRAFinetuneRecipeDistributed:
             model = config.instantiate(cfg_model)
         if not get_adapter_params(model):
             raise ValueError(f"Model '{cfg_model._component_}' has no LoRA adapters to train")
-        if enable_activation_checkpointing:
-            utils.set_activation_checkpointing(model)
+        utils.apply_activation_checkpointing(model, enable_activation_checkpointing)
         if compile_layers:  # `compile: true`; lazy, the first forward compiles
             utils.compile_layers(model)
         param_dtype = self._dtype if self._dtype != torch.float32 else None

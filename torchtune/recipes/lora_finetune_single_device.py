@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -128,7 +128,7 @@ class LoRAFinetuneRecipeSingleDevice:
     def _setup_model(
         self,
         cfg_model: DictConfig,
-        enable_activation_checkpointing: bool,
+        enable_activation_checkpointing: Union[bool, str],
         base_sd: Dict[str, torch.Tensor],
         adapter_sd: Optional[Dict[str, torch.Tensor]],
         compile_layers: bool = False,
@@ -156,8 +156,7 @@ class LoRAFinetuneRecipeSingleDevice:
         elif self._resume:
             raise ValueError("resume_from_checkpoint=True needs checkpointer.adapter_checkpoint")
         set_trainable_params(model, self._adapter_params)
-        if enable_activation_checkpointing:
-            utils.set_activation_checkpointing(model)
+        utils.apply_activation_checkpointing(model, enable_activation_checkpointing)
         if compile_layers:  # `compile: true`; lazy, the first forward compiles
             utils.compile_layers(model)
         n_params = sum(p.numel() for p in model.parameters())

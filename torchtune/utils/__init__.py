@@ -2,7 +2,10 @@
 from torchtune.utils._device import get_device, get_dtype, set_default_dtype
 from torchtune.utils._memory import get_memory_stats, reset_peak_memory_stats
 from torchtune.utils._seed import set_seed
-from torchtune.utils._activation_checkpointing import set_activation_checkpointing
+from torchtune.utils._activation_checkpointing import (
+    apply_activation_checkpointing,
+    set_activation_checkpointing,
+)
 from torchtune.utils._compile import compile_layers
 from torchtune.utils._checkpointing import (
     FullModelHFCheckpointer,

@@ -76,3 +76,27 @@ def set_activation_checkpointing(
             module._activation_checkpointed = True
             count += 1
     return count
+
+
+def apply_activation_checkpointing(model: nn.Module, setting) -> int:
+    """Apply the recipes' ``enable_activation_checkpointing`` config value to ``model``.
+
+    Args:
+        model: the model.
+        setting: ``False``/``None`` (off), ``True`` (recompute whole layers: least memory,
+            about a third more compute) or ``"selective"`` (keep matmul and attention outputs,
+            recompute only elementwise ops: most of the saving at a few percent).
+
+    Returns:
+        How many layers were set to checkpoint.
+
+    Raises:
+        ValueError: on any other value.
+    """
+    if setting is None or setting is False:
+        return 0
+    if setting is True or setting == "selective":
+        return set_activation_checkpointing(model, selective=setting == "selective")
+    raise ValueError(
+        f"enable_activation_checkpointing must be True, False or 'selective'; got {setting!r}"
+    )
