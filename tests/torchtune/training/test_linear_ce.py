@@ -120,3 +120,14 @@ def test_bad_input_raises():
         LinearCrossEntropyLoss(num_chunks=0)
     with pytest.raises(ValueError, match="feature dim"):
         LinearCrossEntropyLoss()(torch.randn(4, 3), nn.Linear(3, 5), torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("n", [0, 3])
+def test_no_scored_token_gives_zero_loss_and_grads(n):
+    # A micro-batch that is all prompt (train_on_input=False) or empty scores nothing.
+    projection = nn.Linear(5, 7)
+    hidden = torch.randn(n, 5, requires_grad=True)
+    loss, count = LinearCrossEntropyLoss(num_chunks=4)(hidden, projection, torch.full((n,), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and count.item() == 0
+    assert hidden.grad.abs().sum() == 0 and projection.weight.grad.abs().sum() == 0
