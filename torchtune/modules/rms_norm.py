@@ -44,9 +44,9 @@ class _RMSNormFunction(torch.autograd.Function):
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich, 2019) with a learned per-channel scale.
 
-    The statistic is computed in (at least) fp32 and the normalised input is cast back to the input dtype
-    before scaling, as Llama does, so bf16 training keeps a stable norm. Backward keeps only
-    the input (see ``_RMSNormFunction``).
+    The statistic is computed in (at least) fp32 and the normalised input is cast back to the
+    input dtype before scaling, as Llama does, so bf16 training keeps a stable norm. Backward
+    keeps only the input (see ``_RMSNormFunction``).
 
     Args:
         dim: size of the last dimension of the input.

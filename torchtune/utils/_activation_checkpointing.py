@@ -1,7 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 import functools
 import types
-from typing import Tuple, Type
+from typing import Optional, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -78,7 +78,7 @@ def set_activation_checkpointing(
     return count
 
 
-def apply_activation_checkpointing(model: nn.Module, setting) -> int:
+def apply_activation_checkpointing(model: nn.Module, setting: Optional[Union[bool, str]]) -> int:
     """Apply the recipes' ``enable_activation_checkpointing`` config value to ``model``.
 
     Args:
