@@ -9,20 +9,110 @@ from torch import nn
 def _chunk_loss_and_logit_grad(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, want_grad: bool
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Summed CE of ``[c, vocab]`` logits (fp32 math) and, if asked, d(sum)/d(logits)."""
+    """Summed CE of ``[c, vocab]`` logits (fp32 math) and, if asked, d(sum)/d(logits).
+
+    fp32 logits are overwritten (they become the gradient): every step is in place, because a
+    fresh ``[c, vocab]`` temporary per chunk (``torch.logsumexp`` makes one) costs more in page
+    faults on CPU than the arithmetic.
+    """
     logits32 = logits.detach().float()  # in fp32 the same tensor: edited in place below
     valid = labels != ignore_index
     targets = torch.where(valid, labels, 0)
-    lse = torch.logsumexp(logits32, dim=-1)  # [c]
     picked = logits32.gather(1, targets.unsqueeze(1)).squeeze(1)  # [c]
+    row_max = logits32.amax(dim=-1, keepdim=True)  # [c, 1]
+    exp = logits32.sub_(row_max).exp_()  # exp(logit - max), [c, vocab]
+    sum_exp = exp.sum(dim=-1)  # [c]
+    lse = sum_exp.log() + row_max.squeeze(1)
     loss = torch.where(valid, lse - picked, 0.0).sum()
     if not want_grad:
         return loss, None
     # d(lse - logit_t)/d(logits) = softmax - onehot(t); rows without a label get zero.
-    grad = logits32.sub_(lse.unsqueeze(1)).exp_()
-    grad.scatter_add_(1, targets.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
-    grad.mul_(valid.unsqueeze(1))
+    grad = exp.mul_((valid / sum_exp).unsqueeze(1))
+    grad.scatter_add_(1, targets.unsqueeze(1), -valid.to(grad.dtype).unsqueeze(1))
     return loss, grad.to(logits.dtype)
+
+
+def _plain_linear(projection: nn.Module) -> bool:
+    """Whether ``projection`` is exactly ``x @ weight.T (+ bias)`` with no hooks to honour,
+    so its matmuls can be written out (into reused buffers) instead of traced by autograd."""
+    return (
+        isinstance(projection, nn.Linear)
+        and type(projection).forward is nn.Linear.forward
+        and not (projection._forward_pre_hooks or projection._forward_hooks)
+    )
+
+
+def _linear_chunks(h_chunks, label_chunks, linear, ignore_index, grad_hidden, grad_params):
+    """Chunk loop for a plain ``nn.Linear``: matmuls written out, one logits buffer reused.
+
+    ``grad_hidden`` (or None) is filled row by row; ``grad_params`` are the fp32 sums for the
+    linear's trainable parameters in ``parameters()`` order (weight, then bias).
+    """
+    weight, bias = linear.weight, linear.bias
+    trainable = [p for p in (weight, bias) if p is not None and p.requires_grad]
+    acc = dict(zip(map(id, trainable), grad_params))
+    want_grad = grad_hidden is not None or bool(trainable)
+    rows = max(c.shape[0] for c in h_chunks)
+    buffer = h_chunks[0].new_empty((rows, weight.shape[0]))
+    total = h_chunks[0].new_zeros((), dtype=torch.float32)
+    start = 0
+    for h_chunk, label_chunk in zip(h_chunks, label_chunks):
+        end = start + h_chunk.shape[0]
+        out = buffer[: end - start]  # [c, vocab]
+        if bias is None:
+            logits = torch.mm(h_chunk, weight.t(), out=out)
+        else:  # one rounding, like F.linear
+            logits = torch.addmm(bias, h_chunk, weight.t(), out=out)
+        loss, grad_logits = _chunk_loss_and_logit_grad(
+            logits, label_chunk, ignore_index, want_grad
+        )
+        total += loss
+        if grad_hidden is not None:
+            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+        if id(weight) in acc:
+            _accumulate_mm(acc[id(weight)], grad_logits.t(), h_chunk)
+        if bias is not None and id(bias) in acc:
+            acc[id(bias)] += grad_logits.sum(dim=0, dtype=torch.float32)
+        start = end
+    return total
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` without a weight-sized temporary when the dtypes allow it."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:  # low-precision matmul (as autograd would do it), summed in fp32
+        acc += a @ b
+
+
+def _module_chunks(
+    h_chunks, label_chunks, projection, ignore_index, grad_hidden, params, grad_params
+):
+    """Chunk loop for any projection module (e.g. LoRA): gradients by ``autograd.grad``."""
+    want_hidden = grad_hidden is not None
+    want_grad = want_hidden or bool(params)
+    total = h_chunks[0].new_zeros((), dtype=torch.float32)
+    start = 0
+    for h_chunk, label_chunk in zip(h_chunks, label_chunks):
+        with torch.enable_grad():
+            h_leaf = h_chunk.detach().requires_grad_(want_hidden)
+            logits = projection(h_leaf)  # [c, vocab]
+        loss, grad_logits = _chunk_loss_and_logit_grad(
+            logits, label_chunk, ignore_index, want_grad
+        )
+        total += loss
+        if want_grad:
+            inputs = ([h_leaf] if want_hidden else []) + list(params)
+            grads = torch.autograd.grad(logits, inputs, grad_logits, allow_unused=True)
+            if want_hidden:
+                grad_hidden[start : start + h_chunk.shape[0]] = grads[0]
+                grads = grads[1:]
+            for acc, g in zip(grad_params, grads):
+                if g is not None:
+                    acc += g
+        start += h_chunk.shape[0]
+        del logits, grad_logits
+    return total
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -38,31 +128,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, labels, projection, num_chunks, ignore_index, *params):
         want_hidden, want_params = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
-        want_grad = want_hidden or want_params
-        total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         # Parameter gradients summed over chunks in fp32, cast once at the end.
         grad_params: List[torch.Tensor] = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        start = 0
-        for h_chunk, label_chunk in zip(hidden.chunk(num_chunks), labels.chunk(num_chunks)):
-            with torch.enable_grad():
-                h_leaf = h_chunk.detach().requires_grad_(want_hidden)
-                logits = projection(h_leaf)  # [c, vocab]
-            loss, grad_logits = _chunk_loss_and_logit_grad(
-                logits, label_chunk, ignore_index, want_grad
+        h_chunks, label_chunks = hidden.chunk(num_chunks), labels.chunk(num_chunks)
+        if _plain_linear(projection):
+            total = _linear_chunks(
+                h_chunks, label_chunks, projection, ignore_index, grad_hidden, grad_params
             )
-            total += loss
-            if want_grad:
-                inputs = ([h_leaf] if want_hidden else []) + list(params)
-                grads = torch.autograd.grad(logits, inputs, grad_logits, allow_unused=True)
-                if want_hidden:
-                    grad_hidden[start : start + h_chunk.shape[0]] = grads[0]
-                    grads = grads[1:]
-                for acc, g in zip(grad_params, grads):
-                    if g is not None:
-                        acc += g
-            start += h_chunk.shape[0]
-            del logits, grad_logits
+        else:
+            total = _module_chunks(
+                h_chunks, label_chunks, projection, ignore_index, grad_hidden, params, grad_params
+            )
         ctx.save_for_backward(
             *([grad_hidden] if want_hidden else []),
             *[g.to(p.dtype) for g, p in zip(grad_params, params)],

@@ -131,3 +131,20 @@ def test_no_scored_token_gives_zero_loss_and_grads(n):
     loss.backward()
     assert loss.item() == 0.0 and count.item() == 0
     assert hidden.grad.abs().sum() == 0 and projection.weight.grad.abs().sum() == 0
+
+
+def test_linear_with_hooks_runs_through_its_forward():
+    # A plain nn.Linear has its matmuls written out; hooks (FSDP's unshard, say) must not be
+    # skipped, so a hooked linear goes through the module and gives the same result.
+    torch.manual_seed(4)
+    plain, hooked = nn.Linear(19, 41), nn.Linear(19, 41)
+    hooked.load_state_dict(plain.state_dict())
+    calls = []
+    hooked.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    hidden, labels = _case(plain)
+    loss, _, grads = _ours(plain, hidden, labels, num_chunks=3)
+    hooked_loss, _, hooked_grads = _ours(hooked, hidden, labels, num_chunks=3)
+    assert calls == [18, 18, 17]
+    torch.testing.assert_close(hooked_loss, loss, rtol=1e-6, atol=0)
+    for g, ref in zip(hooked_grads, grads):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)
