@@ -22,6 +22,7 @@ from torchtune.datasets._packed import PackedDataset
 from torchtune.models.llama2 import llama2, tune_to_hf
 from torchtune.models.llama2._convert_adapter import tune_to_peft_adapter_weights
 from torchtune.modules import attention as attention_module
+from torchtune.modules import transformer as transformer_module
 
 # Llama2 shapes. ``small`` is the issue's CPU target; ``7b`` is for CUDA in bf16.
 SHAPES: Dict[str, Dict[str, int]] = {
@@ -50,7 +51,8 @@ class Levers:
             fp32 CE over full logits).
         frozen: LoRA base weights have ``requires_grad=False`` (else they get gradients too).
         optim: AdamW implementation: ``loop`` (foreach=False), ``foreach`` or ``fused``.
-        attn: ``sdpa`` or ``eager`` (softmax(QK^T)V written out).
+        attn: ``sdpa`` (packed rows: causal SDPA per document), ``dense`` (SDPA with the
+            dense block-causal mask) or ``eager`` (softmax(QK^T)V written out, dense mask).
         ac: the recipes' ``enable_activation_checkpointing``: ``False``, ``True`` (whole
             layers) or ``"selective"`` (keep matmul/attention outputs, recompute the rest).
         compile: ``torch.compile`` of every decoder layer.
@@ -180,6 +182,24 @@ def eager_attention():
         attention_module.F = saved
 
 
+@contextlib.contextmanager
+def dense_mask_attention():
+    """Keep packed rows' block-causal mask dense: SDPA computes and discards the blocks
+    between documents (what the decoder did before it ran attention per document)."""
+    saved = transformer_module.document_mask_from
+    transformer_module.document_mask_from = lambda mask: None
+    try:
+        yield
+    finally:
+        transformer_module.document_mask_from = saved
+
+
+@contextlib.contextmanager
+def _eager_dense_attention():
+    with eager_attention(), dense_mask_attention():
+        yield
+
+
 def _optimizer_cfg(optim: str):
     impl = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
     if optim not in impl:
@@ -229,7 +249,10 @@ def build_ours(
         recipe._loss_fn = PlainCrossEntropy()
     else:
         raise ValueError(f"loss must be linear, chunked or plain; got {levers.loss!r}")
-    attn_ctx = eager_attention if levers.attn == "eager" else contextlib.nullcontext
+    attn_ctx = {"sdpa": contextlib.nullcontext, "dense": dense_mask_attention,
+                "eager": _eager_dense_attention}.get(levers.attn)  # fmt: skip
+    if attn_ctx is None:
+        raise ValueError(f"attn must be sdpa, dense or eager; got {levers.attn!r}")
 
     def step(batch: Dict[str, torch.Tensor]) -> float:
         with attn_ctx():

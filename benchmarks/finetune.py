@@ -44,7 +44,7 @@ LEVERS = {
     "fused_ce": [{"loss": "chunked"}, {"loss": "plain"}],
     "lora_frozen": [{"frozen": False}],
     "adamw": [{"optim": "loop"}, {"optim": "foreach"}, {"optim": "fused"}],
-    "sdpa": [{"attn": "eager"}],
+    "sdpa": [{"attn": "dense"}, {"attn": "eager"}],
     "activation_checkpointing": [{"ac": True}, {"ac": "selective"}, {"ac": False}],
     "compile": [{"compile": True}],
 }

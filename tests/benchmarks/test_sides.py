@@ -9,6 +9,7 @@ from benchmarks._sides import (
     PlainCrossEntropy,
     build_hf,
     build_ours,
+    dense_mask_attention,
     eager_attention,
     make_batches,
     make_weights,
@@ -82,7 +83,10 @@ def test_eager_attention_equals_sdpa(packed):
         want = model(batch["tokens"], **kwargs)
         with eager_attention():
             got = model(batch["tokens"], **kwargs)
+        with dense_mask_attention():
+            dense = model(batch["tokens"], **kwargs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense, want, rtol=1e-5, atol=1e-5)
 
 
 def test_frozen_lever_off_gives_base_weights_gradients_only():

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +10,80 @@ from torchtune.modules.kv_cache import KVCache
 
 # SDPA can share k/v heads itself since torch 2.5; its flash kernel does so without copies.
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+@dataclass(frozen=True)
+class DocumentMask:
+    """Packed rows as a sequence of documents, each attending causally within itself only.
+
+    The block-causal mask of packed samples, kept as document lengths: attention then runs
+    one document at a time (SDPA's ``is_causal``) and skips the masked-out blocks between
+    documents and above the diagonal that a dense mask would compute and discard.
+
+    Attributes:
+        lengths: lengths of consecutive documents over the ``b * s`` tokens of a batch taken
+            row after row; no document crosses a row boundary.
+    """
+
+    lengths: Tuple[int, ...]
+
+
+# Below this mean document length the per-document loop costs more than it saves.
+_MIN_MEAN_DOCUMENT_LEN = 32
+
+
+def document_mask_from(mask: torch.Tensor) -> Optional[DocumentMask]:
+    """The :class:`DocumentMask` equal to ``mask``, or None if ``mask`` is not block-causal.
+
+    Args:
+        mask: ``BoolTensor[b, s, s]``, True = may attend.
+
+    Returns:
+        A ``DocumentMask`` if ``mask`` is exactly block-diagonal with causal blocks (packed
+        samples, their padding tail a block of its own) and its documents are long enough to
+        be worth a loop (mean over 32 tokens); None otherwise.
+    """
+    b, s, _ = mask.shape
+    # A document starts where a token may not see the one before it.
+    starts = torch.ones(b, s, dtype=torch.bool, device=mask.device)
+    starts[:, 1:] = ~mask.diagonal(offset=-1, dim1=1, dim2=2)
+    segment = starts.cumsum(dim=1)  # [b, s] document index within the row
+    causal = torch.ones(s, s, dtype=torch.bool, device=mask.device).tril()
+    if not torch.equal((segment[:, :, None] == segment[:, None, :]) & causal, mask):
+        return None
+    num_docs = int(starts.sum())  # a host sync, once per forward
+    if b * s < _MIN_MEAN_DOCUMENT_LEN * num_docs:
+        return None
+    ids = segment + torch.arange(b, device=mask.device).unsqueeze(1) * s  # [b, s], unique
+    lengths = torch.unique_consecutive(ids.flatten(), return_counts=True)[1]
+    return DocumentMask(tuple(lengths.tolist()))
+
+
+def _attention_by_document(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Tuple[int, ...], **sdpa_kwargs
+) -> torch.Tensor:
+    """Causal SDPA within each document of the flattened batch.
+
+    Args:
+        q: ``[b, s, n_h, h_d]``; k, v: ``[b, s, n_kv, h_d]``, after positional embeddings.
+        lengths: document lengths summing to ``b * s``.
+
+    Returns:
+        ``[b, s, n_h, h_d]``.
+    """
+    b, s = q.shape[:2]
+    # split's backward is a single cat per input (slicing would add a zero-filled copy of
+    # the whole input per document).
+    pieces = zip(*(t.flatten(0, 1).split(lengths) for t in (q, k, v)))  # each [l, n, h_d]
+    outs = [
+        F.scaled_dot_product_attention(
+            *(t.transpose(0, 1).unsqueeze(0) for t in qkv), is_causal=True, **sdpa_kwargs
+        )  # [1, n_h, l, h_d]
+        .squeeze(0)
+        .transpose(0, 1)
+        for qkv in pieces
+    ]
+    return torch.cat(outs).view(b, s, *q.shape[2:])
 
 
 class CausalSelfAttention(nn.Module):
@@ -31,7 +106,9 @@ class CausalSelfAttention(nn.Module):
         only sees relative positions, rows may be shifted by their padding.
     Instead of a bool mask, an additive float mask of the same shape (0 = may attend,
     ``-inf`` = may not; what SDPA turns a bool mask into) is accepted too: the decoder passes
-    one, converted once for all its layers.
+    one, converted once for all its layers. Without a cache, a :class:`DocumentMask` runs
+    causal attention within each packed document (the decoder passes one for block-causal
+    masks).
     A query row that may attend nothing yields zeros (SDPA's convention), not NaN.
 
     Args:
@@ -91,14 +168,15 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         *,
-        mask: Optional[torch.Tensor] = None,
+        mask: Optional[Union[torch.Tensor, DocumentMask]] = None,
         input_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
         Args:
             x: ``[b, s, embed_dim]``.
             mask: optional ``BoolTensor[b, s, s]`` (or ``[b, s, cache_len]`` with a KV cache),
-                True = may attend, or its additive float form. See the class docstring.
+                True = may attend, its additive float form, or a ``DocumentMask``. See the
+                class docstring.
             input_pos: ``LongTensor[b, s]`` positions of the tokens; required with a KV cache,
                 ``arange(s)`` otherwise when None.
 
@@ -106,7 +184,8 @@ class CausalSelfAttention(nn.Module):
             ``[b, s, embed_dim]``.
 
         Raises:
-            ValueError: if a KV cache is set and ``input_pos`` is None.
+            ValueError: if a KV cache is set and ``input_pos`` is None, or a ``DocumentMask``
+                comes with a KV cache or does not cover ``b * s`` tokens.
         """
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
@@ -115,6 +194,9 @@ class CausalSelfAttention(nn.Module):
 
         q = self.pos_embeddings(q, input_pos=input_pos)
         k = self.pos_embeddings(k, input_pos=input_pos)
+
+        if isinstance(mask, DocumentMask):
+            return self.output_proj(self._forward_by_document(q, k, v, mask))
 
         # [b, n, s, h_d]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -156,3 +238,23 @@ class CausalSelfAttention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [b, s, n_h*h_d]
         return self.output_proj(out)
+
+    def _forward_by_document(self, q, k, v, mask: DocumentMask) -> torch.Tensor:
+        """``[b, s, n_h, h_d]`` q and ``[b, s, n_kv, h_d]`` k, v -> ``[b, s, n_h * h_d]``."""
+        b, s = q.shape[:2]
+        if self.kv_cache is not None:
+            raise ValueError("a DocumentMask is for cache-free forwards; got a KV cache")
+        if sum(mask.lengths) != b * s:
+            raise ValueError(
+                f"DocumentMask lengths sum to {sum(mask.lengths)}, expected b * s = {b * s}"
+            )
+        sdpa_kwargs = {"dropout_p": self.attn_dropout if self.training else 0.0}
+        if self.num_kv_heads != self.num_heads:
+            if _SDPA_HAS_GQA:
+                sdpa_kwargs["enable_gqa"] = True
+            else:
+                q_per_kv = self.num_heads // self.num_kv_heads
+                k = k.repeat_interleave(q_per_kv, dim=2)  # [b, s, n_h, h_d], as HF's repeat_kv
+                v = v.repeat_interleave(q_per_kv, dim=2)
+        out = _attention_by_document(q, k, v, mask.lengths, **sdpa_kwargs)
+        return out.view(b, s, self.num_heads * self.head_dim)

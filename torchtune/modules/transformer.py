@@ -4,8 +4,13 @@ from typing import List, Optional, Union
 import torch
 from torch import nn
 
-from torchtune.modules.attention import CausalSelfAttention
+from torchtune.modules.attention import CausalSelfAttention, document_mask_from
 from torchtune.modules.kv_cache import KVCache
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    # ``module.compile()`` stores the compiled call here; ``torch.compile(module)`` wraps it.
+    return getattr(module, "_compiled_call_impl", None) is not None or hasattr(module, "_orig_mod")
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -193,7 +198,11 @@ class TransformerDecoder(nn.Module):
             )
 
         h = self.tok_embeddings(tokens)  # [b, s, d]
-        if mask is not None:
+        if mask is not None and not caches_on and not any(map(_is_compiled, self.layers)):
+            # Packed samples: attention document by document skips the masked-out blocks.
+            # (Not under torch.compile: the lengths would be guarded on and recompile.)
+            mask = document_mask_from(mask) or mask
+        if isinstance(mask, torch.Tensor):
             # SDPA turns a bool mask into this additive one; doing it once here rather than in
             # every layer saves the work and lets all layers keep one copy for backward.
             mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(

@@ -1,0 +1,118 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""Attention document by document (``DocumentMask``) against HF and our dense block-causal mask."""
+import pytest
+import torch
+
+from tests.torchtune.modules.test_layers import _additive, _attention_pair
+from torchtune.data import padded_collate
+from torchtune.datasets import PackedDataset
+from torchtune.models.llama2 import llama2
+from torchtune.modules import attention as attention_module
+from torchtune.modules.attention import DocumentMask, document_mask_from
+
+
+def _block_causal(rows):
+    """Bool ``[b, s, s]`` mask and restarting positions for rows of document lengths."""
+    s = sum(rows[0])
+    mask = torch.zeros(len(rows), s, s, dtype=torch.bool)
+    pos = torch.zeros(len(rows), s, dtype=torch.long)
+    for i, row in enumerate(rows):
+        start = 0
+        for n in row:
+            mask[i, start : start + n, start : start + n] = torch.ones(n, n).tril().bool()
+            pos[i, start : start + n] = torch.arange(n)
+            start += n
+    return mask, pos
+
+
+ROWS = [[37, 50, 41], [64, 33, 31]]  # documents of 31-64 tokens, rows of 128
+
+
+def test_document_mask_from_packed_rows():
+    g = torch.Generator().manual_seed(0)
+    lengths = [40, 70, 35, 90, 60, 33]
+    samples = [{"tokens": torch.randint(3, 50, (n,), generator=g).tolist()} for n in lengths]
+    for sample in samples:
+        sample["labels"] = list(sample["tokens"])
+    rows = PackedDataset(samples, max_seq_len=128)
+    batch = padded_collate([rows[i] for i in range(len(rows))], padding_idx=0)
+    doc = document_mask_from(batch["mask"])
+    assert doc is not None and sum(doc.lengths) == batch["tokens"].numel()
+    # Every document (padding tails included) is a run of positions 0, 1, ..., n - 1.
+    expected = torch.unique_consecutive(
+        (batch["input_pos"] == 0).flatten().cumsum(0), return_counts=True
+    )[1]
+    assert doc.lengths == tuple(expected.tolist())
+
+
+def test_document_mask_from_rejects_other_masks():
+    mask, _ = _block_causal(ROWS)
+    assert document_mask_from(mask) == DocumentMask((37, 50, 41, 64, 33, 31))
+    leaky = mask.clone()
+    leaky[0, 40, 2] = True  # one token sees into the previous document
+    assert document_mask_from(leaky) is None
+    not_causal = mask.clone()
+    not_causal[1, 3, 5] = True
+    assert document_mask_from(not_causal) is None
+    left_padded = torch.ones(2, 128, 128, dtype=torch.bool).tril()
+    left_padded[1, :, :10] = False
+    assert document_mask_from(left_padded) is None
+    short, _ = _block_causal([[8] * 16, [16] * 8])  # a loop over short documents costs more
+    assert document_mask_from(short) is None
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (8, 1)])
+def test_attention_by_document_matches_hf_and_the_dense_mask(num_heads, num_kv_heads):
+    torch.manual_seed(0)
+    ref, ours, rope_ref = _attention_pair(num_heads, num_kv_heads, max_seq_len=128)
+    mask, pos = _block_causal(ROWS)
+    doc = document_mask_from(mask)
+    x = torch.randn(2, 128, 64, requires_grad=True)
+    with torch.no_grad():
+        expected, _ = ref(x, position_embeddings=rope_ref(x, pos), attention_mask=_additive(mask))
+    results = []
+    for m in (doc, mask):
+        ours.zero_grad()
+        x.grad = None
+        out = ours(x, mask=m, input_pos=pos)
+        (out**2).sum().backward()
+        results.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in ours.parameters()])
+    torch.testing.assert_close(results[0][0], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for by_doc, dense in zip(results[0][1:], results[1][1:]):
+        # Gradients sum over 256 tokens in another order: fp32 rounding relative to their scale.
+        scale = dense.abs().max().item()
+        torch.testing.assert_close(by_doc, dense, atol=2e-6 * scale, rtol=1e-5)
+
+
+def test_decoder_runs_packed_rows_by_document_with_the_same_logits(monkeypatch):
+    torch.manual_seed(0)
+    model = llama2(vocab_size=97, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=40,
+                   intermediate_dim=60, max_seq_len=128)  # fmt: skip
+    mask, pos = _block_causal(ROWS)
+    tokens = torch.randint(3, 97, (2, 128))
+    calls = []
+    real = attention_module._attention_by_document
+    monkeypatch.setattr(
+        attention_module, "_attention_by_document",
+        lambda *a, **k: calls.append(a[3]) or real(*a, **k),
+    )  # fmt: skip
+    packed = model(tokens, mask=mask, input_pos=pos)
+    assert calls == [(37, 50, 41, 64, 33, 31)] * 2  # once per layer
+    # Each document alone, plain causal attention: what packing must reproduce.
+    start = 0
+    flat_tokens, flat_logits = tokens.flatten(), packed.flatten(0, 1)
+    for n in calls[0]:
+        alone = model(flat_tokens[start : start + n].unsqueeze(0))[0]
+        torch.testing.assert_close(flat_logits[start : start + n], alone, atol=1e-5, rtol=1e-5)
+        start += n
+
+
+def test_document_mask_misuse_raises():
+    _, ours, _ = _attention_pair(4, 4, max_seq_len=128)
+    x = torch.randn(2, 128, 64)
+    with pytest.raises(ValueError, match="sum to 100, expected b \\* s = 256"):
+        ours(x, mask=DocumentMask((50, 50)))
+    ours.kv_cache = object()  # any cache
+    with pytest.raises(ValueError, match="cache-free"):
+        ours(x, mask=DocumentMask((128, 128)), input_pos=torch.zeros(2, 128, dtype=torch.long))
