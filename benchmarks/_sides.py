@@ -46,9 +46,10 @@ class Levers:
     Attributes:
         data: ``packed`` (PackedDataset rows), ``grouped`` (length-sorted within a window) or
             ``padded`` (batches in order, padded to their longest sample).
-        loss: ``linear`` (LinearCrossEntropyLoss: output projection + CE fused, 8 chunks),
-            ``chunked`` (ChunkedCrossEntropyLoss over full logits, 8 chunks) or ``plain`` (one
+        loss: ``linear`` (LinearCrossEntropyLoss: output projection + CE fused),
+            ``chunked`` (ChunkedCrossEntropyLoss over full logits) or ``plain`` (one
             fp32 CE over full logits).
+        ce_chunks: ``num_chunks`` of the ``linear`` and ``chunked`` losses.
         frozen: LoRA base weights have ``requires_grad=False`` (else they get gradients too).
         optim: AdamW implementation: ``loop`` (foreach=False), ``foreach`` or ``fused``.
         attn: ``sdpa`` (packed rows: causal SDPA per document), ``dense`` (SDPA with the
@@ -60,6 +61,7 @@ class Levers:
 
     data: str = "packed"
     loss: str = "linear"
+    ce_chunks: int = 8
     frozen: bool = True
     optim: str = "foreach"
     attn: str = "sdpa"
@@ -240,11 +242,11 @@ def build_ours(
     if levers.loss == "linear":
         from torchtune.training import LinearCrossEntropyLoss
 
-        recipe._loss_fn = LinearCrossEntropyLoss(num_chunks=8, ignore_index=IGNORE)
+        recipe._loss_fn = LinearCrossEntropyLoss(levers.ce_chunks, ignore_index=IGNORE)
     elif levers.loss == "chunked":
         from torchtune.training import ChunkedCrossEntropyLoss
 
-        recipe._loss_fn = ChunkedCrossEntropyLoss(num_chunks=8, ignore_index=IGNORE)
+        recipe._loss_fn = ChunkedCrossEntropyLoss(levers.ce_chunks, ignore_index=IGNORE)
     elif levers.loss == "plain":
         recipe._loss_fn = PlainCrossEntropy()
     else:

@@ -44,7 +44,9 @@ LEVERS = {
     "fused_ce": [{"loss": "chunked"}, {"loss": "plain"}],
     "lora_frozen": [{"frozen": False}],
     "adamw": [{"optim": "loop"}, {"optim": "foreach"}, {"optim": "fused"}],
-    "sdpa": [{"attn": "dense"}, {"attn": "eager"}],
+    "document_attention": [{"attn": "dense"}],
+    "sdpa": [{"attn": "eager"}],
+    "ce_chunks": [{"ce_chunks": 2}, {"ce_chunks": 4}],
     "activation_checkpointing": [{"ac": True}, {"ac": "selective"}, {"ac": False}],
     "compile": [{"compile": True}],
 }

@@ -116,3 +116,23 @@ def test_document_mask_misuse_raises():
     ours.kv_cache = object()  # any cache
     with pytest.raises(ValueError, match="cache-free"):
         ours(x, mask=DocumentMask((128, 128)), input_pos=torch.zeros(2, 128, dtype=torch.long))
+
+
+@pytest.mark.parametrize("setting", [True, "selective"])
+def test_document_attention_under_activation_checkpointing(setting):
+    # The DocumentMask is a plain argument of each checkpointed layer; recompute must see it.
+    from torchtune.utils import apply_activation_checkpointing
+
+    shape = dict(vocab_size=97, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=40,
+                 intermediate_dim=60, max_seq_len=128)  # fmt: skip
+    mask, pos = _block_causal(ROWS)
+    tokens = torch.randint(3, 97, (2, 128), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for ac in (False, setting):
+        torch.manual_seed(0)
+        model = llama2(**shape)
+        apply_activation_checkpointing(model, ac)
+        (model(tokens, mask=mask, input_pos=pos) ** 2).mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
