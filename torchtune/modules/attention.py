@@ -59,22 +59,40 @@ def document_mask_from(mask: torch.Tensor) -> Optional[DocumentMask]:
     return DocumentMask(tuple(lengths.tolist()))
 
 
+# Run eagerly inside compiled layers: dynamo would guard on (and recompile for) every new
+# tuple of document lengths; this way a compiled layer breaks its graph here instead.
+@torch.compiler.disable
 def _attention_by_document(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Tuple[int, ...], **sdpa_kwargs
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask, dropout_p: float
 ) -> torch.Tensor:
     """Causal SDPA within each document of the flattened batch.
 
     Args:
         q: ``[b, s, n_h, h_d]``; k, v: ``[b, s, n_kv, h_d]``, after positional embeddings.
-        lengths: document lengths summing to ``b * s``.
+        mask: document lengths summing to ``b * s``.
+        dropout_p: attention dropout.
 
     Returns:
-        ``[b, s, n_h, h_d]``.
+        ``[b, s, n_h * h_d]``.
+
+    Raises:
+        ValueError: if the lengths do not sum to ``b * s``.
     """
-    b, s = q.shape[:2]
+    b, s, n_h, h_d = q.shape
+    if sum(mask.lengths) != b * s:
+        raise ValueError(
+            f"DocumentMask lengths sum to {sum(mask.lengths)}, expected b * s = {b * s}"
+        )
+    sdpa_kwargs = {"dropout_p": dropout_p}
+    if k.shape[2] != n_h:
+        if _SDPA_HAS_GQA:
+            sdpa_kwargs["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(n_h // k.shape[2], dim=2)  # [b, s, n_h, h_d], as repeat_kv
+            v = v.repeat_interleave(n_h // v.shape[2], dim=2)
     # split's backward is a single cat per input (slicing would add a zero-filled copy of
     # the whole input per document).
-    pieces = zip(*(t.flatten(0, 1).split(lengths) for t in (q, k, v)))  # each [l, n, h_d]
+    pieces = zip(*(t.flatten(0, 1).split(mask.lengths) for t in (q, k, v)))  # each [l, n, h_d]
     outs = [
         F.scaled_dot_product_attention(
             *(t.transpose(0, 1).unsqueeze(0) for t in qkv), is_causal=True, **sdpa_kwargs
@@ -83,7 +101,7 @@ def _attention_by_document(
         .transpose(0, 1)
         for qkv in pieces
     ]
-    return torch.cat(outs).view(b, s, *q.shape[2:])
+    return torch.cat(outs).view(b, s, n_h * h_d)
 
 
 class CausalSelfAttention(nn.Module):
@@ -196,7 +214,10 @@ class CausalSelfAttention(nn.Module):
         k = self.pos_embeddings(k, input_pos=input_pos)
 
         if isinstance(mask, DocumentMask):
-            return self.output_proj(self._forward_by_document(q, k, v, mask))
+            if self.kv_cache is not None:
+                raise ValueError("a DocumentMask is for cache-free forwards; got a KV cache")
+            dropout_p = self.attn_dropout if self.training else 0.0
+            return self.output_proj(_attention_by_document(q, k, v, mask, dropout_p))
 
         # [b, n, s, h_d]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -238,23 +259,3 @@ class CausalSelfAttention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [b, s, n_h*h_d]
         return self.output_proj(out)
-
-    def _forward_by_document(self, q, k, v, mask: DocumentMask) -> torch.Tensor:
-        """``[b, s, n_h, h_d]`` q and ``[b, s, n_kv, h_d]`` k, v -> ``[b, s, n_h * h_d]``."""
-        b, s = q.shape[:2]
-        if self.kv_cache is not None:
-            raise ValueError("a DocumentMask is for cache-free forwards; got a KV cache")
-        if sum(mask.lengths) != b * s:
-            raise ValueError(
-                f"DocumentMask lengths sum to {sum(mask.lengths)}, expected b * s = {b * s}"
-            )
-        sdpa_kwargs = {"dropout_p": self.attn_dropout if self.training else 0.0}
-        if self.num_kv_heads != self.num_heads:
-            if _SDPA_HAS_GQA:
-                sdpa_kwargs["enable_gqa"] = True
-            else:
-                q_per_kv = self.num_heads // self.num_kv_heads
-                k = k.repeat_interleave(q_per_kv, dim=2)  # [b, s, n_h, h_d], as HF's repeat_kv
-                v = v.repeat_interleave(q_per_kv, dim=2)
-        out = _attention_by_document(q, k, v, mask.lengths, **sdpa_kwargs)
-        return out.view(b, s, self.num_heads * self.head_dim)

@@ -8,11 +8,6 @@ from torchtune.modules.attention import CausalSelfAttention, document_mask_from
 from torchtune.modules.kv_cache import KVCache
 
 
-def _is_compiled(module: nn.Module) -> bool:
-    # ``module.compile()`` stores the compiled call here; ``torch.compile(module)`` wraps it.
-    return getattr(module, "_compiled_call_impl", None) is not None or hasattr(module, "_orig_mod")
-
-
 class TransformerDecoderLayer(nn.Module):
     """Pre-norm decoder block: ``h = x + attn(sa_norm(x)); out = h + mlp(mlp_norm(h))``.
 
@@ -198,9 +193,8 @@ class TransformerDecoder(nn.Module):
             )
 
         h = self.tok_embeddings(tokens)  # [b, s, d]
-        if mask is not None and not caches_on and not any(map(_is_compiled, self.layers)):
+        if mask is not None and not caches_on:
             # Packed samples: attention document by document skips the masked-out blocks.
-            # (Not under torch.compile: the lengths would be guarded on and recompile.)
             mask = document_mask_from(mask) or mask
         if isinstance(mask, torch.Tensor):
             # SDPA turns a bool mask into this additive one; doing it once here rather than in

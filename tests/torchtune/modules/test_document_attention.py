@@ -95,7 +95,7 @@ def test_decoder_runs_packed_rows_by_document_with_the_same_logits(monkeypatch):
     real = attention_module._attention_by_document
     monkeypatch.setattr(
         attention_module, "_attention_by_document",
-        lambda *a, **k: calls.append(a[3]) or real(*a, **k),
+        lambda *a, **k: calls.append(a[3].lengths) or real(*a, **k),
     )  # fmt: skip
     packed = model(tokens, mask=mask, input_pos=pos)
     assert calls == [(37, 50, 41, 64, 33, 31)] * 2  # once per layer
@@ -136,3 +136,26 @@ def test_document_attention_under_activation_checkpointing(setting):
         grads.append([p.grad for p in model.parameters()])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_layer_runs_documents_eagerly_without_recompiling():
+    # The per-document loop is excluded from compilation, so new lengths reuse the graphs.
+    shape = dict(vocab_size=97, num_layers=1, num_heads=4, num_kv_heads=2, embed_dim=64,
+                 intermediate_dim=96, max_seq_len=128)  # fmt: skip
+    torch.manual_seed(0)
+    eager = llama2(**shape).layers[0]
+    compiled = llama2(**shape).layers[0]
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile()
+    x = torch.randn(2, 128, 64, requires_grad=True)
+    for i, rows in enumerate([ROWS, [[128], [40, 88]], [[60, 68], [32, 32, 64]]]):
+        mask, pos = _block_causal(rows)
+        doc = document_mask_from(mask)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = compiled(x, mask=doc, input_pos=pos)
+        want = eager(x, mask=doc, input_pos=pos)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        (g_got,) = torch.autograd.grad(got.sum(), x)
+        (g_want,) = torch.autograd.grad(want.sum(), x)
+        torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
