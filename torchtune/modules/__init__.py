@@ -1,5 +1,5 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-from torchtune.modules.attention import CausalSelfAttention
+from torchtune.modules.attention import CausalSelfAttention, DocumentMask, document_mask_from
 from torchtune.modules.feed_forward import FeedForward
 from torchtune.modules.kv_cache import KVCache
 from torchtune.modules.position_embeddings import RotaryPositionalEmbeddings
@@ -9,11 +9,13 @@ from torchtune.modules.weight_init import init_weights_
 
 __all__ = [
     "CausalSelfAttention",
+    "DocumentMask",
     "FeedForward",
     "KVCache",
     "RMSNorm",
     "RotaryPositionalEmbeddings",
     "TransformerDecoder",
     "TransformerDecoderLayer",
+    "document_mask_from",
     "init_weights_",
 ]

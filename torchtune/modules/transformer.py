@@ -144,7 +144,10 @@ class TransformerDecoder(nn.Module):
                 of packed samples or padding masks; it must include causality. With KV caches
                 on it is ``[b, s, cache_len]`` over cache slots (e.g. left-padded generation:
                 pass ``input_pos`` = column index for every row and hide the pad slots here);
-                None there means causal over cache slots.
+                None there means causal over cache slots. Without caches, an exactly
+                block-causal mask (packed samples) runs attention document by document
+                (:class:`~torchtune.modules.attention.DocumentMask`): same result, no work on
+                the masked-out blocks.
             input_pos: ``LongTensor[b, s]`` token positions; required with KV caches,
                 ``arange(s)`` per row otherwise when None.
             output_mask: optional ``BoolTensor[b, s]``: run the final norm and the output
