@@ -51,12 +51,11 @@ def document_mask_from(mask: torch.Tensor) -> Optional[DocumentMask]:
     causal = torch.ones(s, s, dtype=torch.bool, device=mask.device).tril()
     if not torch.equal((segment[:, :, None] == segment[:, None, :]) & causal, mask):
         return None
-    num_docs = int(starts.sum())  # a host sync, once per forward
-    if b * s < _MIN_MEAN_DOCUMENT_LEN * num_docs:
-        return None
     ids = segment + torch.arange(b, device=mask.device).unsqueeze(1) * s  # [b, s], unique
-    lengths = torch.unique_consecutive(ids.flatten(), return_counts=True)[1]
-    return DocumentMask(tuple(lengths.tolist()))
+    lengths = torch.unique_consecutive(ids.flatten(), return_counts=True)[1].tolist()  # sync
+    if b * s < _MIN_MEAN_DOCUMENT_LEN * len(lengths):
+        return None
+    return DocumentMask(tuple(lengths))
 
 
 # Run eagerly inside compiled layers: dynamo would guard on (and recompile for) every new

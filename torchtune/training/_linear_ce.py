@@ -127,7 +127,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, labels, projection, num_chunks, ignore_index, *params):
-        want_hidden, want_params = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
+        want_hidden = ctx.needs_input_grad[0]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         # Parameter gradients summed over chunks in fp32, cast once at the end.
         grad_params: List[torch.Tensor] = [torch.zeros_like(p, dtype=torch.float32) for p in params]

@@ -3,26 +3,12 @@
 import pytest
 import torch
 
-from tests.torchtune.modules.test_layers import _additive, _attention_pair
+from tests.torchtune.modules.test_layers import _additive, _attention_pair, _block_causal
 from torchtune.data import padded_collate
 from torchtune.datasets import PackedDataset
 from torchtune.models.llama2 import llama2
 from torchtune.modules import attention as attention_module
 from torchtune.modules.attention import DocumentMask, document_mask_from
-
-
-def _block_causal(rows):
-    """Bool ``[b, s, s]`` mask and restarting positions for rows of document lengths."""
-    s = sum(rows[0])
-    mask = torch.zeros(len(rows), s, s, dtype=torch.bool)
-    pos = torch.zeros(len(rows), s, dtype=torch.long)
-    for i, row in enumerate(rows):
-        start = 0
-        for n in row:
-            mask[i, start : start + n, start : start + n] = torch.ones(n, n).tril().bool()
-            pos[i, start : start + n] = torch.arange(n)
-            start += n
-    return mask, pos
 
 
 ROWS = [[37, 50, 41], [64, 33, 31]]  # documents of 31-64 tokens, rows of 128

@@ -218,21 +218,26 @@ def test_attention_matches_hf_causal(num_heads, num_kv_heads):
         torch.testing.assert_close(ours(x, mask=causal), expected, atol=ATOL, rtol=RTOL)
 
 
-def test_attention_matches_hf_with_mask_and_positions():
-    """Block-causal mask + restarting positions (packing) against HF with the same mask."""
-    torch.manual_seed(0)
-    ref, ours, rope_ref = _attention_pair(4, 2)
-    b, s = 2, 12
-    x = torch.randn(b, s, 64)
-    lengths = [[5, 7], [3, 4, 5]]
-    mask = torch.zeros(b, s, s, dtype=torch.bool)
-    pos = torch.zeros(b, s, dtype=torch.long)
-    for i, row in enumerate(lengths):
+def _block_causal(rows):
+    """Bool ``[b, s, s]`` mask and restarting positions for rows of document lengths."""
+    s = sum(rows[0])
+    mask = torch.zeros(len(rows), s, s, dtype=torch.bool)
+    pos = torch.zeros(len(rows), s, dtype=torch.long)
+    for i, row in enumerate(rows):
         start = 0
         for n in row:
             mask[i, start : start + n, start : start + n] = torch.ones(n, n).tril().bool()
             pos[i, start : start + n] = torch.arange(n)
             start += n
+    return mask, pos
+
+
+def test_attention_matches_hf_with_mask_and_positions():
+    """Block-causal mask + restarting positions (packing) against HF with the same mask."""
+    torch.manual_seed(0)
+    ref, ours, rope_ref = _attention_pair(4, 2)
+    x = torch.randn(2, 12, 64)
+    mask, pos = _block_causal([[5, 7], [3, 4, 5]])
     with torch.no_grad():
         expected, _ = ref(x, position_embeddings=rope_ref(x, pos), attention_mask=_additive(mask))
         torch.testing.assert_close(ours(x, mask=mask, input_pos=pos), expected, atol=ATOL, rtol=RTOL)
