@@ -57,6 +57,9 @@ class Levers:
         ac: the recipes' ``enable_activation_checkpointing``: ``False``, ``True`` (whole
             layers) or ``"selective"`` (keep matmul/attention outputs, recompute the rest).
         compile: ``torch.compile`` of every decoder layer.
+        cpu_heap: ``retain`` (``utils.retain_freed_cpu_memory()``, what the recipes do on CPU)
+            or ``default`` (glibc's malloc defaults). Process-wide: the reference in the same
+            process runs under it too, and the lever is measured in fresh processes.
     """
 
     data: str = "packed"
@@ -67,9 +70,20 @@ class Levers:
     attn: str = "sdpa"
     ac: Union[bool, str] = False
     compile: bool = False
+    cpu_heap: str = "retain"
 
     def to_dict(self) -> Dict:
         return asdict(self)
+
+
+def apply_cpu_heap(levers: Levers, device: torch.device) -> None:
+    """Set this process's malloc behaviour as ``levers.cpu_heap`` says (before any tensor work)."""
+    from torchtune.utils import retain_freed_cpu_memory
+
+    if levers.cpu_heap not in ("retain", "default"):
+        raise ValueError(f"cpu_heap must be retain or default; got {levers.cpu_heap!r}")
+    if levers.cpu_heap == "retain" and device.type == "cpu":
+        retain_freed_cpu_memory()
 
 
 def non_embedding_params(shape: str) -> int:

@@ -35,7 +35,7 @@ import torch
 
 from benchmarks import _measure as M
 from benchmarks._sides import SHAPES, Levers, build_hf, build_ours, make_batches, make_weights
-from benchmarks._sides import non_embedding_params
+from benchmarks._sides import apply_cpu_heap, non_embedding_params
 from benchmarks.alpaca_like_data import AlpacaLikeDataset
 
 # Each lever: the variants of our default that it is measured against.
@@ -49,7 +49,10 @@ LEVERS = {
     "ce_chunks": [{"ce_chunks": 2}, {"ce_chunks": 4}],
     "activation_checkpointing": [{"ac": True}, {"ac": "selective"}, {"ac": False}],
     "compile": [{"compile": True}],
+    "cpu_heap": [{"cpu_heap": "default"}],
 }
+# Levers that change the whole process: both settings are measured in fresh processes.
+PROCESS_LEVERS = ("cpu_heap",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Our side's settings per method unless --ac/--optim say otherwise. Full fine-tuning keeps
 # matmul outputs only (selective activation checkpointing: faster *and* leaner than none on
@@ -95,12 +98,13 @@ def worker(spec: Dict) -> Dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     levers = Levers(**spec["levers"])
+    apply_cpu_heap(levers, device)
     dtype = DTYPES[args.dtype]
     weights, adapter = make_weights(args.shape, spec["method"], args.seed, args.device, dtype)
     step = _build(spec["side"], args, spec["method"], levers, weights, adapter, device)
     del weights, adapter
     setup = M.peak_memory(device)  # includes the weights being built twice
-    windows = _windows(args, args.warmup + args.mem_rounds)
+    windows = _windows(args, args.warmup + spec.get("rounds", args.mem_rounds))
     data = "hf" if spec["side"] == "hf" else levers.data
     _, batches = _runner(step, data, windows, args)
     M.alternate({"x": (step, batches[: args.warmup])}, warmup=args.warmup, device=device)
@@ -111,8 +115,10 @@ def worker(spec: Dict) -> Dict:
             **M.summarize(stats["x"])}  # fmt: skip
 
 
-def fresh_process(side: str, method: str, levers: Levers, args) -> Dict:
+def fresh_process(side: str, method: str, levers: Levers, args, rounds: Optional[int] = None) -> Dict:
     spec = {"side": side, "method": method, "levers": levers.to_dict(), "args": vars(args)}
+    if rounds is not None:
+        spec["rounds"] = rounds
     cmd = [sys.executable, "-m", "benchmarks.finetune", "--worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     for line in proc.stdout.splitlines():
@@ -135,7 +141,7 @@ def compare(method: str, args, device, peak_flops: float) -> Dict:
     n_rounds = args.warmup + args.rounds
     windows = _windows(args, n_rounds)
     base = replace(
-        DEFAULT_LEVERS[method], data=args.data, compile=args.compile,
+        DEFAULT_LEVERS[method], data=args.data, compile=args.compile, cpu_heap=args.cpu_heap,
         **({} if args.ac is None else {"ac": _ac(args.ac)}),
         **({} if args.optim is None else {"optim": args.optim}),
     )  # fmt: skip
@@ -184,7 +190,11 @@ def compare(method: str, args, device, peak_flops: float) -> Dict:
             variant = replace(base, **change)
             if variant == base:
                 continue
-            if args.isolate:
+            per_process = any(k in PROCESS_LEVERS for k in change)
+            if per_process:  # speed and memory of both settings, each in a fresh process
+                o_res = fresh_process("ours", method, base, args, rounds=args.rounds)
+                v_res = fresh_process("ours", method, variant, args, rounds=args.rounds)
+            elif args.isolate:
                 v_res = fresh_process("ours", method, variant, args)
                 o_res = {"tok_s_real": speed["ours"]["tok_s_real"]}
             else:
@@ -198,7 +208,9 @@ def compare(method: str, args, device, peak_flops: float) -> Dict:
                 o_res, v_res = M.summarize(v_stats["ours"]), M.summarize(v_stats["variant"])
             row = {"lever": lever, "variant": change,
                    "speed_ratio_variant_over_default": v_res["tok_s_real"] / o_res["tok_s_real"]}  # fmt: skip
-            if not args.skip_memory and not args.skip_lever_memory:
+            if per_process:
+                row["memory_ratio_variant_over_default"] = _peak_gib(v_res) / _peak_gib(o_res)
+            elif not args.skip_memory and not args.skip_lever_memory:
                 v_mem = fresh_process("ours", method, variant, args)
                 row["memory_ratio_variant_over_default"] = _peak_gib(v_mem) / _peak_gib(mem["ours"])
             print(f"[{method}] lever {lever} {change}: {json.dumps(row)}", flush=True)
@@ -219,6 +231,10 @@ def markdown(report: Dict) -> str:
         + f"; torch {m['torch']}, {m['threads']} threads; load average at start "
         f"{m.get('loadavg_1min', '?')}. Matmul peak measured here: "
         f"{report['peak_flops'] / 1e9:.1f} GFLOP/s.",
+        "",
+        f"Process-wide malloc setting (both sides): `cpu_heap={a.get('cpu_heap', 'default')}`"
+        + (" (freed memory stays mapped, as in the recipes on CPU)." if a.get("cpu_heap") == "retain"
+           else " (glibc's defaults)."),
         "",
         f"Command: `{report['command']}`",
         "",
@@ -281,6 +297,9 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--optim", choices=["loop", "foreach", "fused"], default=None,
                    help="our side's AdamW implementation; default: fused for full, foreach for LoRA")
     p.add_argument("--levers", nargs="*", default=[], help=f"'all' or some of {list(LEVERS)}")
+    p.add_argument("--cpu-heap", choices=["retain", "default"], default="retain",
+                   help="this process's malloc: retain freed memory as the recipes do on CPU "
+                   "(both sides run under it), or glibc's defaults")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--isolate", action="store_true",
@@ -306,6 +325,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args_dict = {k: v for k, v in vars(args).items() if k != "worker"}
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    apply_cpu_heap(Levers(cpu_heap=args.cpu_heap), device)
     dtype = DTYPES[args.dtype]
     machine = M.machine_info(device)
     peak = M.gemm_peak_flops(device, dtype)

@@ -71,6 +71,8 @@ class FullFinetuneRecipeDistributed:
         if self._device.type == "cuda":  # now this rank's GPU, cuda:LOCAL_RANK
             self._device = utils.get_device("cuda")
         self._dtype = utils.get_dtype(cfg.dtype, self._device)
+        if self._device.type == "cpu":  # steps re-allocate the same sizes: keep freed pages
+            utils.retain_freed_cpu_memory()
         for key in ("gradient_accumulation_steps", "epochs", "log_every_n_steps"):
             if int(cfg[key]) < 1:
                 raise ValueError(f"Config key '{key}' must be >= 1, got {cfg[key]}")

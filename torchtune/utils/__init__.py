@@ -1,6 +1,10 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 from torchtune.utils._device import get_device, get_dtype, set_default_dtype
-from torchtune.utils._memory import get_memory_stats, reset_peak_memory_stats
+from torchtune.utils._memory import (
+    get_memory_stats,
+    reset_peak_memory_stats,
+    retain_freed_cpu_memory,
+)
 from torchtune.utils._seed import set_seed
 from torchtune.utils._activation_checkpointing import (
     apply_activation_checkpointing,
