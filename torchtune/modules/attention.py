@@ -32,16 +32,16 @@ class DocumentMask:
 _MIN_MEAN_DOCUMENT_LEN = 32
 
 
-def document_mask_from(mask: torch.Tensor) -> Optional[DocumentMask]:
-    """The :class:`DocumentMask` equal to ``mask``, or None if ``mask`` is not block-causal.
+def block_causal_documents(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """Which document each token is in, if ``mask`` is exactly block-causal; else None.
 
     Args:
         mask: ``BoolTensor[b, s, s]``, True = may attend.
 
     Returns:
-        A ``DocumentMask`` if ``mask`` is exactly block-diagonal with causal blocks (packed
-        samples, their padding tail a block of its own) and its documents are long enough to
-        be worth a loop (mean over 32 tokens); None otherwise.
+        ``LongTensor[b, s]`` of document ids, increasing along the flattened batch and unique
+        across rows, if ``mask`` is block-diagonal with causal blocks (packed samples, their
+        padding tail a block of its own); None otherwise.
     """
     b, s, _ = mask.shape
     # A document starts where a token may not see the one before it.
@@ -51,9 +51,30 @@ def document_mask_from(mask: torch.Tensor) -> Optional[DocumentMask]:
     causal = torch.ones(s, s, dtype=torch.bool, device=mask.device).tril()
     if not torch.equal((segment[:, :, None] == segment[:, None, :]) & causal, mask):
         return None
-    ids = segment + torch.arange(b, device=mask.device).unsqueeze(1) * s  # [b, s], unique
+    return segment + torch.arange(b, device=mask.device).unsqueeze(1) * s  # [b, s]
+
+
+def worth_attending_by_document(n_tokens: int, n_documents: int) -> bool:
+    """Whether documents are long enough on average for the per-document loop to pay."""
+    return n_tokens >= _MIN_MEAN_DOCUMENT_LEN * n_documents
+
+
+def document_mask_from(mask: torch.Tensor) -> Optional[DocumentMask]:
+    """The :class:`DocumentMask` equal to ``mask``, or None if ``mask`` is not block-causal.
+
+    Args:
+        mask: ``BoolTensor[b, s, s]``, True = may attend.
+
+    Returns:
+        A ``DocumentMask`` if ``mask`` is exactly block-causal (see
+        :func:`block_causal_documents`) and its documents are long enough to be worth a loop
+        (mean over 32 tokens); None otherwise.
+    """
+    ids = block_causal_documents(mask)
+    if ids is None:
+        return None
     lengths = torch.unique_consecutive(ids.flatten(), return_counts=True)[1].tolist()  # sync
-    if b * s < _MIN_MEAN_DOCUMENT_LEN * len(lengths):
+    if not worth_attending_by_document(ids.numel(), len(lengths)):
         return None
     return DocumentMask(tuple(lengths))
 

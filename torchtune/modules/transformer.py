@@ -4,7 +4,7 @@ from typing import List, Optional, Union
 import torch
 from torch import nn
 
-from torchtune.modules.attention import CausalSelfAttention, document_mask_from
+from torchtune.modules.attention import CausalSelfAttention, DocumentMask, document_mask_from
 from torchtune.modules.kv_cache import KVCache
 
 
@@ -128,11 +128,27 @@ class TransformerDecoder(nn.Module):
         for layer in self.layers:
             layer.attn.kv_cache = None
 
+    def _check_document_mask(
+        self, mask: DocumentMask, n_tokens: int, input_pos: Optional[torch.Tensor], caches_on: bool
+    ) -> None:
+        if caches_on:
+            raise ValueError("A DocumentMask needs KV caches off (it is for training and scoring)")
+        if sum(mask.lengths) != n_tokens:
+            raise ValueError(
+                f"DocumentMask lengths sum to {sum(mask.lengths)}, expected b * s = {n_tokens}"
+            )
+        if max(mask.lengths) > self.max_seq_len:
+            raise ValueError(
+                f"Document length {max(mask.lengths)} exceeds max_seq_len {self.max_seq_len}"
+            )
+        if input_pos is None:
+            raise ValueError("A DocumentMask needs input_pos: positions restart in each document")
+
     def forward(
         self,
         tokens: torch.Tensor,
         *,
-        mask: Optional[torch.Tensor] = None,
+        mask: Optional[Union[torch.Tensor, DocumentMask]] = None,
         input_pos: Optional[torch.Tensor] = None,
         output_mask: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
@@ -147,7 +163,9 @@ class TransformerDecoder(nn.Module):
                 None there means causal over cache slots. Without caches, an exactly
                 block-causal mask (packed samples) runs attention document by document
                 (:class:`~torchtune.modules.attention.DocumentMask`): same result, no work on
-                the masked-out blocks.
+                the masked-out blocks. A ``DocumentMask`` may also be passed directly (with
+                ``input_pos``), e.g. for a batch flattened to one row of documents, which may
+                then be longer than ``max_seq_len``; each document may not.
             input_pos: ``LongTensor[b, s]`` token positions; required with KV caches,
                 ``arange(s)`` per row otherwise when None.
             output_mask: optional ``BoolTensor[b, s]``: run the final norm and the output
@@ -169,10 +187,13 @@ class TransformerDecoder(nn.Module):
         b, s = tokens.shape
         caches_on = self.caches_are_enabled()
         max_len = self.layers[0].attn.kv_cache.max_seq_len if caches_on else self.max_seq_len
-        if s > max_len:
-            raise ValueError(f"Sequence length {s} exceeds max_seq_len {max_len}")
         if input_pos is not None and tuple(input_pos.shape) != (b, s):
             raise ValueError(f"input_pos must have shape {(b, s)}, got {tuple(input_pos.shape)}")
+        if isinstance(mask, DocumentMask):
+            # Documents laid end to end (e.g. a flattened batch): each must fit, not the row.
+            self._check_document_mask(mask, b * s, input_pos, caches_on)
+        elif s > max_len:
+            raise ValueError(f"Sequence length {s} exceeds max_seq_len {max_len}")
         if caches_on:
             if input_pos is None:
                 raise ValueError("input_pos is required when KV caches are enabled")
@@ -180,7 +201,7 @@ class TransformerDecoder(nn.Module):
                 # Built once here rather than in every layer: query at p sees slots <= p.
                 slots = torch.arange(max_len, device=tokens.device)
                 mask = slots.view(1, 1, -1) <= input_pos.unsqueeze(-1)  # [b, s, cache_len]
-        if mask is not None:
+        if isinstance(mask, torch.Tensor):
             kv_len = max_len if caches_on else s
             if tuple(mask.shape) != (b, s, kv_len) or mask.dtype != torch.bool:
                 raise ValueError(
@@ -196,7 +217,7 @@ class TransformerDecoder(nn.Module):
             )
 
         h = self.tok_embeddings(tokens)  # [b, s, d]
-        if mask is not None and not caches_on:
+        if isinstance(mask, torch.Tensor) and not caches_on:
             # Packed samples: attention document by document skips the masked-out blocks.
             mask = document_mask_from(mask) or mask
         if isinstance(mask, torch.Tensor):
