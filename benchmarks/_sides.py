@@ -23,6 +23,7 @@ from torchtune.models.llama2 import llama2, tune_to_hf
 from torchtune.models.llama2._convert_adapter import tune_to_peft_adapter_weights
 from torchtune.modules import attention as attention_module
 from torchtune.modules import transformer as transformer_module
+from torchtune.training import _next_token_loss as next_token_loss_module
 
 # Llama2 shapes. ``small`` is the issue's CPU target; ``7b`` is for CUDA in bf16.
 SHAPES: Dict[str, Dict[str, int]] = {
@@ -57,6 +58,8 @@ class Levers:
         ac: the recipes' ``enable_activation_checkpointing``: ``False``, ``True`` (whole
             layers) or ``"selective"`` (keep matmul/attention outputs, recompute the rest).
         compile: ``torch.compile`` of every decoder layer.
+        drop_unscored: the recipes' loss drops each document's unscored tail (padding)
+            before the model runs; False runs the padded batch as it is.
         cpu_heap: ``retain`` (``utils.retain_freed_cpu_memory()``, what the recipes do on CPU)
             or ``default`` (glibc's malloc defaults). Process-wide: the reference in the same
             process runs under it too, and the lever is measured in fresh processes.
@@ -70,6 +73,7 @@ class Levers:
     attn: str = "sdpa"
     ac: Union[bool, str] = False
     compile: bool = False
+    drop_unscored: bool = True
     cpu_heap: str = "retain"
 
     def to_dict(self) -> Dict:
@@ -211,6 +215,17 @@ def dense_mask_attention():
 
 
 @contextlib.contextmanager
+def keep_unscored_tails():
+    """Run batches as they come, padding included (what the loss did before it dropped them)."""
+    saved = next_token_loss_module.drop_unscored_tails
+    next_token_loss_module.drop_unscored_tails = lambda batch, scored: None
+    try:
+        yield
+    finally:
+        next_token_loss_module.drop_unscored_tails = saved
+
+
+@contextlib.contextmanager
 def _eager_dense_attention():
     with eager_attention(), dense_mask_attention():
         yield
@@ -270,8 +285,10 @@ def build_ours(
     if attn_ctx is None:
         raise ValueError(f"attn must be sdpa, dense or eager; got {levers.attn!r}")
 
+    tails_ctx = contextlib.nullcontext if levers.drop_unscored else keep_unscored_tails
+
     def step(batch: Dict[str, torch.Tensor]) -> float:
-        with attn_ctx():
+        with attn_ctx(), tails_ctx():
             return float(recipe._optimizer_step([batch]))
 
     step.model = model

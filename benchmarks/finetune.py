@@ -41,6 +41,7 @@ from benchmarks.alpaca_like_data import AlpacaLikeDataset
 # Each lever: the variants of our default that it is measured against.
 LEVERS = {
     "packing": [{"data": "padded"}, {"data": "grouped"}],
+    "drop_unscored": [{"drop_unscored": False}, {"drop_unscored": False, "data": "padded"}],
     "fused_ce": [{"loss": "chunked"}, {"loss": "plain"}],
     "lora_frozen": [{"frozen": False}],
     "adamw": [{"optim": "loop"}, {"optim": "foreach"}, {"optim": "fused"}],
