@@ -117,7 +117,9 @@ def worker(spec: Dict) -> Dict:
             **M.summarize(stats["x"])}  # fmt: skip
 
 
-def fresh_process(side: str, method: str, levers: Levers, args, rounds: Optional[int] = None) -> Dict:
+def fresh_process(
+    side: str, method: str, levers: Levers, args, rounds: Optional[int] = None
+) -> Dict:
     spec = {"side": side, "method": method, "levers": levers.to_dict(), "args": vars(args)}
     if rounds is not None:
         spec["rounds"] = rounds
@@ -235,8 +237,8 @@ def markdown(report: Dict) -> str:
         f"{report['peak_flops'] / 1e9:.1f} GFLOP/s.",
         "",
         f"Process-wide malloc setting (both sides): `cpu_heap={a.get('cpu_heap', 'default')}`"
-        + (" (freed memory stays mapped, as in the recipes on CPU)." if a.get("cpu_heap") == "retain"
-           else " (glibc's defaults)."),
+        + (" (freed memory stays mapped, as in the recipes on CPU)."
+           if a.get("cpu_heap") == "retain" else " (glibc's defaults)."),
         "",
         f"Command: `{report['command']}`",
         "",

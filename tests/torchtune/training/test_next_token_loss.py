@@ -111,7 +111,8 @@ def test_drop_unscored_tails_cuts_each_document_after_its_last_scored_position()
     assert flat["mask"] == DocumentMask((31, 36))
     want_tokens = torch.cat([torch.arange(31), torch.arange(40, 76)])
     torch.testing.assert_close(flat["tokens"], want_tokens.unsqueeze(0))
-    torch.testing.assert_close(flat["input_pos"], torch.cat([torch.arange(31), torch.arange(36)])[None])
+    want_pos = torch.cat([torch.arange(31), torch.arange(36)]).unsqueeze(0)
+    torch.testing.assert_close(flat["input_pos"], want_pos)
     torch.testing.assert_close(keep.nonzero().flatten(), want_tokens)
 
 
