@@ -80,13 +80,13 @@ class Levers:
         return asdict(self)
 
 
-def apply_cpu_heap(levers: Levers, device: torch.device) -> None:
-    """Set this process's malloc behaviour as ``levers.cpu_heap`` says (before any tensor work)."""
+def apply_cpu_heap(cpu_heap: str, device: torch.device) -> None:
+    """Set this process's malloc behaviour (``Levers.cpu_heap``) before any tensor work."""
     from torchtune.utils import retain_freed_cpu_memory
 
-    if levers.cpu_heap not in ("retain", "default"):
-        raise ValueError(f"cpu_heap must be retain or default; got {levers.cpu_heap!r}")
-    if levers.cpu_heap == "retain" and device.type == "cpu":
+    if cpu_heap not in ("retain", "default"):
+        raise ValueError(f"cpu_heap must be retain or default; got {cpu_heap!r}")
+    if cpu_heap == "retain" and device.type == "cpu":
         retain_freed_cpu_memory()
 
 

@@ -100,7 +100,7 @@ def worker(spec: Dict) -> Dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     levers = Levers(**spec["levers"])
-    apply_cpu_heap(levers, device)
+    apply_cpu_heap(levers.cpu_heap, device)
     dtype = DTYPES[args.dtype]
     weights, adapter = make_weights(args.shape, spec["method"], args.seed, args.device, dtype)
     step = _build(spec["side"], args, spec["method"], levers, weights, adapter, device)
@@ -329,7 +329,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args_dict = {k: v for k, v in vars(args).items() if k != "worker"}
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    apply_cpu_heap(Levers(cpu_heap=args.cpu_heap), device)
+    apply_cpu_heap(args.cpu_heap, device)
     dtype = DTYPES[args.dtype]
     machine = M.machine_info(device)
     peak = M.gemm_peak_flops(device, dtype)

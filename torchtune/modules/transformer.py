@@ -128,22 +128,6 @@ class TransformerDecoder(nn.Module):
         for layer in self.layers:
             layer.attn.kv_cache = None
 
-    def _check_document_mask(
-        self, mask: DocumentMask, n_tokens: int, input_pos: Optional[torch.Tensor], caches_on: bool
-    ) -> None:
-        if caches_on:
-            raise ValueError("A DocumentMask needs KV caches off (it is for training and scoring)")
-        if sum(mask.lengths) != n_tokens:
-            raise ValueError(
-                f"DocumentMask lengths sum to {sum(mask.lengths)}, expected b * s = {n_tokens}"
-            )
-        if max(mask.lengths) > self.max_seq_len:
-            raise ValueError(
-                f"Document length {max(mask.lengths)} exceeds max_seq_len {self.max_seq_len}"
-            )
-        if input_pos is None:
-            raise ValueError("A DocumentMask needs input_pos: positions restart in each document")
-
     def forward(
         self,
         tokens: torch.Tensor,
@@ -191,7 +175,13 @@ class TransformerDecoder(nn.Module):
             raise ValueError(f"input_pos must have shape {(b, s)}, got {tuple(input_pos.shape)}")
         if isinstance(mask, DocumentMask):
             # Documents laid end to end (e.g. a flattened batch): each must fit, not the row.
-            self._check_document_mask(mask, b * s, input_pos, caches_on)
+            # (Attention checks that the lengths cover the batch and that caches are off.)
+            if max(mask.lengths) > self.max_seq_len:
+                raise ValueError(
+                    f"Document length {max(mask.lengths)} exceeds max_seq_len {self.max_seq_len}"
+                )
+            if input_pos is None:
+                raise ValueError("A DocumentMask needs input_pos: positions restart per document")
         elif s > max_len:
             raise ValueError(f"Sequence length {s} exceeds max_seq_len {max_len}")
         if caches_on:
