@@ -67,7 +67,7 @@ class Levers:
 
     data: str = "packed"
     loss: str = "linear"
-    ce_chunks: int = 8
+    ce_chunks: int = 4
     frozen: bool = True
     optim: str = "foreach"
     attn: str = "sdpa"

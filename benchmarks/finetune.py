@@ -47,7 +47,7 @@ LEVERS = {
     "adamw": [{"optim": "loop"}, {"optim": "foreach"}, {"optim": "fused"}],
     "document_attention": [{"attn": "dense"}],
     "sdpa": [{"attn": "eager"}],
-    "ce_chunks": [{"ce_chunks": 2}, {"ce_chunks": 4}],
+    "ce_chunks": [{"ce_chunks": 2}, {"ce_chunks": 8}],
     "activation_checkpointing": [{"ac": True}, {"ac": "selective"}, {"ac": False}],
     "compile": [{"compile": True}],
     "cpu_heap": [{"cpu_heap": "default"}],
