@@ -21,7 +21,7 @@ so it is the training peak; CUDA: ``max_memory_allocated``/``reserved``).
 
 MFU counts ``6N`` (full) or ``4N`` (LoRA) FLOPs per token, N = parameters other than the
 embedding table, over the fp32 (or bf16) square-matmul peak this script measures with the
-same thread count. Lever rows compare one change against our default in the same way.
+same thread count just before and after each method's timed rounds. Lever rows compare one change against our default in the same way.
 """
 import argparse
 import json
@@ -139,8 +139,13 @@ def _peak_gib(result: Dict) -> float:
 # ---------------------------------------------------------------- the comparison
 
 
-def compare(method: str, args, device, peak_flops: float) -> Dict:
-    """Ours (default levers) vs the reference, then each lever variant vs ours."""
+def compare(method: str, args, device) -> Dict:
+    """Ours (default levers) vs the reference, then each lever variant vs ours.
+
+    MFU is over the matmul peak measured just before and just after this method's timed
+    rounds (the higher of the two): this host's speed drifts by 20% within a run, so one
+    peak for the whole run mis-states the MFU of whichever method ran in a slower stretch.
+    """
     dtype = DTYPES[args.dtype]
     n_rounds = args.warmup + args.rounds
     windows = _windows(args, n_rounds)
@@ -152,6 +157,7 @@ def compare(method: str, args, device, peak_flops: float) -> Dict:
     n_params = non_embedding_params(args.shape)
     result = {"method": method, "n_params_non_embedding": n_params, "levers_default": base.to_dict()}
 
+    peak_flops = M.gemm_peak_flops(device, dtype)
     if args.isolate:
         speed = {side: fresh_process(side, method, base, args) for side in ("ours", "hf")}
         speed = {k: {kk: v[kk] for kk in ("tok_s_real", "tok_s_all", "s_per_step",
@@ -169,6 +175,8 @@ def compare(method: str, args, device, peak_flops: float) -> Dict:
         speed = {k: M.summarize(v) for k, v in stats.items()}
         del hf
         mem = None
+    peak_flops = max(peak_flops, M.gemm_peak_flops(device, dtype))
+    result["peak_flops"] = peak_flops
     for side in ("ours", "hf"):
         s = speed[side]
         s["mfu_real"] = M.mfu(s["tok_s_real"], n_params, method, peak_flops)
@@ -233,8 +241,9 @@ def markdown(report: Dict) -> str:
         "",
         f"Machine: {m.get('cpu', '?')}" + (f", GPU {m['gpu']}" if "gpu" in m else "")
         + f"; torch {m['torch']}, {m['threads']} threads; load average at start "
-        f"{m.get('loadavg_1min', '?')}. Matmul peak measured here: "
-        f"{report['peak_flops'] / 1e9:.1f} GFLOP/s.",
+        f"{m.get('loadavg_1min', '?')}. Matmul peak measured around each method's timed rounds: "
+        + ", ".join(f"{r['method']} {r['peak_flops'] / 1e9:.1f}" for r in report["results"])
+        + " GFLOP/s.",
         "",
         f"Process-wide malloc setting (both sides): `cpu_heap={a.get('cpu_heap', 'default')}`"
         + (" (freed memory stays mapped, as in the recipes on CPU)."
@@ -332,23 +341,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     apply_cpu_heap(args.cpu_heap, device)
     dtype = DTYPES[args.dtype]
     machine = M.machine_info(device)
-    peak = M.gemm_peak_flops(device, dtype)
-    print(f"machine: {machine}; matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+    print(f"machine: {machine}", flush=True)
     worker_args = argparse.Namespace(**args_dict)
     results = []
     for method in args.methods:
-        res = compare(method, worker_args, device, peak)
-        print(json.dumps({k: res[k] for k in ("method", "ratios")}), flush=True)
+        res = compare(method, worker_args, device)
+        print(json.dumps({k: res[k] for k in ("method", "peak_flops", "ratios")}), flush=True)
         results.append(res)
-    peak_after = M.gemm_peak_flops(device, dtype)
-    if peak_after > peak:  # keep the higher (less disturbed) peak and redo the MFU arithmetic
-        peak = peak_after
-        for res in results:
-            for side in ("ours", "hf"):
-                s = res[side]
-                s["mfu_real"] = M.mfu(s["tok_s_real"], res["n_params_non_embedding"], res["method"], peak)
-                s["mfu_all"] = M.mfu(s["tok_s_all"], res["n_params_non_embedding"], res["method"], peak)
-    report = {"machine": machine, "peak_flops": peak, "args": args_dict, "results": results,
+    report = {"machine": machine, "args": args_dict, "results": results,
               "command": "python -m benchmarks.finetune " + " ".join(sys.argv[1:] if argv is None else argv)}  # fmt: skip
     md = markdown(report)
     print(md)
