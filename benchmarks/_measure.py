@@ -41,7 +41,8 @@ def gemm_peak_flops(device: torch.device, dtype: torch.dtype, reps: int = 5) -> 
     """Best FLOP/s of square matmuls (CPU fp32: 1024 and 2048) in this process's thread count.
 
     On a shared machine, other load lowers this peak as much as it lowers training speed; the
-    benchmark measures it before and after training and keeps the higher value.
+    benchmark measures it just before and after each method's timed rounds and keeps the
+    higher value.
     """
     if device.type != "cpu":
         sizes = (4096, 8192)

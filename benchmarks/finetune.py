@@ -21,7 +21,8 @@ so it is the training peak; CUDA: ``max_memory_allocated``/``reserved``).
 
 MFU counts ``6N`` (full) or ``4N`` (LoRA) FLOPs per token, N = parameters other than the
 embedding table, over the fp32 (or bf16) square-matmul peak this script measures with the
-same thread count just before and after each method's timed rounds. Lever rows compare one change against our default in the same way.
+same thread count just before and after each method's timed rounds. Lever rows compare one
+change against our default in the same way.
 """
 import argparse
 import json
