@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Timing, memory and FLOP arithmetic for ``benchmarks/finetune.py``."""
+
 import os
 import platform
 import subprocess
@@ -13,8 +14,12 @@ _GIB = 1024**3
 
 def machine_info(device: torch.device) -> Dict[str, str]:
     """What the numbers were measured on."""
-    info = {"torch": torch.__version__, "threads": str(torch.get_num_threads()),
-            "device": str(device), "cpu_count": str(os.cpu_count())}  # fmt: skip
+    info = {
+        "torch": torch.__version__,
+        "threads": str(torch.get_num_threads()),
+        "device": str(device),
+        "cpu_count": str(os.cpu_count()),
+    }
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         for line in out.splitlines():
@@ -124,8 +129,17 @@ def alternate(
 
     names = list(runners)
     n_rounds = len(next(iter(runners.values()))[1])
-    stats = {n: {"seconds": 0.0, "steps": 0, "real_tokens": 0, "all_tokens": 0,
-                 "round_tok_s": [], "losses": []} for n in names}  # fmt: skip
+    stats = {
+        n: {
+            "seconds": 0.0,
+            "steps": 0,
+            "real_tokens": 0,
+            "all_tokens": 0,
+            "round_tok_s": [],
+            "losses": [],
+        }
+        for n in names
+    }
     for r in range(n_rounds):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:

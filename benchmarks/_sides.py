@@ -6,6 +6,7 @@ Ours is built by the recipe's own ``_setup_model`` / ``_setup_optimizer`` and st
 are not config keys of the recipe yet (eager attention, frozen weights that still get
 gradients, ``torch.compile`` of each layer) are applied to the built model here.
 """
+
 import contextlib
 import math
 from dataclasses import asdict, dataclass
@@ -27,13 +28,31 @@ from torchtune.training import _next_token_loss as next_token_loss_module
 
 # Llama2 shapes. ``small`` is the issue's CPU target; ``7b`` is for CUDA in bf16.
 SHAPES: Dict[str, Dict[str, int]] = {
-    "tiny": dict(vocab_size=1000, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=128,
-                 intermediate_dim=352),
-    "small": dict(vocab_size=32_000, num_layers=12, num_heads=12, num_kv_heads=12, embed_dim=768,
-                  intermediate_dim=2048),
-    "7b": dict(vocab_size=32_000, num_layers=32, num_heads=32, num_kv_heads=32, embed_dim=4096,
-               intermediate_dim=11008),
-}  # fmt: skip
+    "tiny": dict(
+        vocab_size=1000,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        embed_dim=128,
+        intermediate_dim=352,
+    ),
+    "small": dict(
+        vocab_size=32_000,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=12,
+        embed_dim=768,
+        intermediate_dim=2048,
+    ),
+    "7b": dict(
+        vocab_size=32_000,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        embed_dim=4096,
+        intermediate_dim=11008,
+    ),
+}
 LORA = dict(lora_attn_modules=["q_proj", "v_proj"], lora_rank=8, lora_alpha=16.0)
 ADAMW = dict(lr=2e-5, weight_decay=0.01)
 PAD_ID = 0
@@ -121,8 +140,12 @@ def make_weights(shape: str, method: str, seed: int, device: str, dtype: torch.d
         for i in range(s["num_layers"]):
             for name in LORA["lora_attn_modules"]:
                 p = f"layers.{i}.attn.{name}."
-                adapter[p + "lora_a.weight"] = (torch.randn(r, d, device=device) / math.sqrt(d)).to(dtype)
-                adapter[p + "lora_b.weight"] = (torch.randn(out[name], r, device=device) * 0.01).to(dtype)
+                adapter[p + "lora_a.weight"] = (torch.randn(r, d, device=device) / math.sqrt(d)).to(
+                    dtype
+                )
+                adapter[p + "lora_b.weight"] = (torch.randn(out[name], r, device=device) * 0.01).to(
+                    dtype
+                )
     return weights, adapter
 
 
@@ -239,9 +262,14 @@ def _optimizer_cfg(optim: str):
 
 
 def build_ours(
-    shape: str, method: str, levers: Levers, weights: Dict, adapter: Optional[Dict],
-    device: torch.device, dtype: torch.dtype,
-) -> Callable[[Dict[str, torch.Tensor]], float]:  # fmt: skip
+    shape: str,
+    method: str,
+    levers: Levers,
+    weights: Dict,
+    adapter: Optional[Dict],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Callable[[Dict[str, torch.Tensor]], float]:
     """Our recipe, built by its own setup methods; returns ``step(batch) -> loss``."""
     from torchtune.recipes.full_finetune_single_device import FullFinetuneRecipeSingleDevice
     from torchtune.recipes.lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
@@ -280,8 +308,11 @@ def build_ours(
         recipe._loss_fn = PlainCrossEntropy()
     else:
         raise ValueError(f"loss must be linear, chunked or plain; got {levers.loss!r}")
-    attn_ctx = {"sdpa": contextlib.nullcontext, "dense": dense_mask_attention,
-                "eager": _eager_dense_attention}.get(levers.attn)  # fmt: skip
+    attn_ctx = {
+        "sdpa": contextlib.nullcontext,
+        "dense": dense_mask_attention,
+        "eager": _eager_dense_attention,
+    }.get(levers.attn)
     if attn_ctx is None:
         raise ValueError(f"attn must be sdpa, dense or eager; got {levers.attn!r}")
 
@@ -299,9 +330,13 @@ def build_ours(
 
 
 def build_hf(
-    shape: str, method: str, weights: Dict, adapter: Optional[Dict],
-    device: torch.device, dtype: torch.dtype,
-) -> Callable[[Dict[str, torch.Tensor]], float]:  # fmt: skip
+    shape: str,
+    method: str,
+    weights: Dict,
+    adapter: Optional[Dict],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Callable[[Dict[str, torch.Tensor]], float]:
     """A plain HF loop (``LlamaForCausalLM`` with its default SDPA attention, + PEFT LoRA on q/v,
     ``torch.optim.AdamW`` with its defaults but the same lr/weight decay); ``step(batch) -> loss``.
     """
@@ -309,13 +344,20 @@ def build_hf(
 
     s = SHAPES[shape]
     config = LlamaConfig(
-        vocab_size=s["vocab_size"], hidden_size=s["embed_dim"],
-        intermediate_size=s["intermediate_dim"], num_hidden_layers=s["num_layers"],
-        num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
-        max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        vocab_size=s["vocab_size"],
+        hidden_size=s["embed_dim"],
+        intermediate_size=s["intermediate_dim"],
+        num_hidden_layers=s["num_layers"],
+        num_attention_heads=s["num_heads"],
+        num_key_value_heads=s["num_kv_heads"],
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
         attn_implementation="sdpa",
-    )  # fmt: skip
+    )
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     model.load_state_dict(tune_to_hf(weights, s["num_heads"], s["num_kv_heads"]), strict=True)
@@ -323,9 +365,12 @@ def build_hf(
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
         lora_cfg = LoraConfig(
-            r=LORA["lora_rank"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0,
-            target_modules=LORA["lora_attn_modules"], bias="none",
-        )  # fmt: skip
+            r=LORA["lora_rank"],
+            lora_alpha=LORA["lora_alpha"],
+            lora_dropout=0.0,
+            target_modules=LORA["lora_attn_modules"],
+            bias="none",
+        )
         model = get_peft_model(model, lora_cfg)
         peft_sd = tune_to_peft_adapter_weights(adapter, s["num_heads"], s["num_kv_heads"])
         result = set_peft_model_state_dict(model, peft_sd)
@@ -337,7 +382,9 @@ def build_hf(
     def step(batch: Dict[str, torch.Tensor]) -> float:
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(
-            input_ids=batch["tokens"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            input_ids=batch["tokens"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
         )
         out.loss.backward()
         optimizer.step()

@@ -11,13 +11,13 @@ well samples pack into rows. Token ids are random; every sample is ``[bos, ..., 
 Everything is deterministic in ``seed`` (Python's ``random`` for lengths, a seeded
 ``torch.Generator`` for ids), so the benchmark's two sides and repeated runs see the same data.
 """
+
 import math
 import random
 from typing import Dict, List
 
-from torch.utils.data import Dataset
-
 import torch
+from torch.utils.data import Dataset
 
 MEDIAN_TOKENS = 180
 SIGMA = 0.55

@@ -11,6 +11,7 @@ the parent's peak into a child across fork+exec). It prints peak RSS / checkpoin
 raw and net of the RSS the process had before loading (interpreter + torch). The target is
 < 1.5x. A measurement, not a test.
 """
+
 import argparse
 import json
 import shutil
@@ -64,12 +65,24 @@ def _shapes(size_gb: float):
         shapes[p + "sa_norm.scale"] = (dim,)
         shapes[p + "mlp_norm.scale"] = (dim,)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dim,
-        "intermediate_size": hidden, "num_attention_heads": n_heads, "num_key_value_heads": n_heads,
-        "num_hidden_layers": n_layers, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": dim,
+        "intermediate_size": hidden,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_heads,
+        "num_hidden_layers": n_layers,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-5,
     }
-    params = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "vocab_size": vocab,
-              "multiple_of": 256, "norm_eps": 1e-5}
+    params = {
+        "dim": dim,
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "vocab_size": vocab,
+        "multiple_of": 256,
+        "norm_eps": 1e-5,
+    }
     return shapes, config, params
 
 
@@ -130,7 +143,9 @@ def main() -> None:
             size = sum((d / f).stat().st_size for f in files)
             proc = subprocess.run(
                 [sys.executable, "-c", CHILD, kind, str(d), ",".join(files)],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             before, peak = map(int, proc.stdout.split()[-2:])
             print(

@@ -24,6 +24,7 @@ embedding table, over the fp32 (or bf16) square-matmul peak this script measures
 same thread count just before and after each method's timed rounds. Lever rows compare one
 change against our default in the same way.
 """
+
 import argparse
 import json
 import subprocess
@@ -35,8 +36,16 @@ from typing import Dict, List, Optional
 import torch
 
 from benchmarks import _measure as M
-from benchmarks._sides import SHAPES, Levers, build_hf, build_ours, make_batches, make_weights
-from benchmarks._sides import apply_cpu_heap, non_embedding_params
+from benchmarks._sides import (
+    SHAPES,
+    Levers,
+    apply_cpu_heap,
+    build_hf,
+    build_ours,
+    make_batches,
+    make_weights,
+    non_embedding_params,
+)
 from benchmarks.alpaca_like_data import AlpacaLikeDataset
 
 # Each lever: the variants of our default that it is measured against.
@@ -114,8 +123,12 @@ def worker(spec: Dict) -> Dict:
     # From here on the peak is the training peak: optimizer state exists, setup is done.
     reset_ok = M.reset_peak(device)
     stats = M.alternate({"x": (step, batches[args.warmup :])}, warmup=0, device=device)
-    return {"setup": setup, "peak": M.peak_memory(device), "peak_reset_ok": reset_ok,
-            **M.summarize(stats["x"])}  # fmt: skip
+    return {
+        "setup": setup,
+        "peak": M.peak_memory(device),
+        "peak_reset_ok": reset_ok,
+        **M.summarize(stats["x"]),
+    }
 
 
 def fresh_process(
@@ -151,28 +164,50 @@ def compare(method: str, args, device) -> Dict:
     n_rounds = args.warmup + args.rounds
     windows = _windows(args, n_rounds)
     base = replace(
-        DEFAULT_LEVERS[method], data=args.data, compile=args.compile, cpu_heap=args.cpu_heap,
+        DEFAULT_LEVERS[method],
+        data=args.data,
+        compile=args.compile,
+        cpu_heap=args.cpu_heap,
         **({} if args.ac is None else {"ac": _ac(args.ac)}),
         **({} if args.optim is None else {"optim": args.optim}),
-    )  # fmt: skip
+    )
     n_params = non_embedding_params(args.shape)
-    result = {"method": method, "n_params_non_embedding": n_params, "levers_default": base.to_dict()}
+    result = {
+        "method": method,
+        "n_params_non_embedding": n_params,
+        "levers_default": base.to_dict(),
+    }
 
     peak_flops = M.gemm_peak_flops(device, dtype)
     if args.isolate:
         speed = {side: fresh_process(side, method, base, args) for side in ("ours", "hf")}
-        speed = {k: {kk: v[kk] for kk in ("tok_s_real", "tok_s_all", "s_per_step",
-                                          "padding_fraction", "steps", "round_tok_s_real")}
-                 for k, v in speed.items()}  # fmt: skip
+        speed = {
+            k: {
+                kk: v[kk]
+                for kk in (
+                    "tok_s_real",
+                    "tok_s_all",
+                    "s_per_step",
+                    "padding_fraction",
+                    "steps",
+                    "round_tok_s_real",
+                )
+            }
+            for k, v in speed.items()
+        }
         mem = None
     else:
         weights, adapter = make_weights(args.shape, method, args.seed, args.device, dtype)
         ours = _build("ours", args, method, base, weights, adapter, device)
         hf = _build("hf", args, method, None, weights, adapter, device)
         stats = M.alternate(
-            {"ours": _runner(ours, base.data, windows, args), "hf": _runner(hf, "hf", windows, args)},
-            warmup=args.warmup, device=device,
-        )  # fmt: skip
+            {
+                "ours": _runner(ours, base.data, windows, args),
+                "hf": _runner(hf, "hf", windows, args),
+            },
+            warmup=args.warmup,
+            device=device,
+        )
         speed = {k: M.summarize(v) for k, v in stats.items()}
         del hf
         mem = None
@@ -213,14 +248,20 @@ def compare(method: str, args, device) -> Dict:
             else:
                 var_step = _build("ours", args, method, variant, weights, adapter, device)
                 v_stats = M.alternate(
-                    {"ours": _runner(ours, base.data, windows, args),
-                     "variant": _runner(var_step, variant.data, windows, args)},
-                    warmup=args.warmup, device=device,
-                )  # fmt: skip
+                    {
+                        "ours": _runner(ours, base.data, windows, args),
+                        "variant": _runner(var_step, variant.data, windows, args),
+                    },
+                    warmup=args.warmup,
+                    device=device,
+                )
                 del var_step
                 o_res, v_res = M.summarize(v_stats["ours"]), M.summarize(v_stats["variant"])
-            row = {"lever": lever, "variant": change,
-                   "speed_ratio_variant_over_default": v_res["tok_s_real"] / o_res["tok_s_real"]}  # fmt: skip
+            row = {
+                "lever": lever,
+                "variant": change,
+                "speed_ratio_variant_over_default": v_res["tok_s_real"] / o_res["tok_s_real"],
+            }
             if per_process:
                 row["memory_ratio_variant_over_default"] = _peak_gib(v_res) / _peak_gib(o_res)
             elif not args.skip_memory and not args.skip_lever_memory:
@@ -240,21 +281,25 @@ def markdown(report: Dict) -> str:
         f"# Fine-tuning benchmark: shape `{a['shape']}`, {a['dtype']}, batch {a['batch_size']} x "
         f"max_seq_len {a['max_seq_len']}, Alpaca-like data",
         "",
-        f"Machine: {m.get('cpu', '?')}" + (f", GPU {m['gpu']}" if "gpu" in m else "")
+        f"Machine: {m.get('cpu', '?')}"
+        + (f", GPU {m['gpu']}" if "gpu" in m else "")
         + f"; torch {m['torch']}, {m['threads']} threads; load average at start "
         f"{m.get('loadavg_1min', '?')}. Matmul peak measured around each method's timed rounds: "
         + ", ".join(f"{r['method']} {r['peak_flops'] / 1e9:.1f}" for r in report["results"])
         + " GFLOP/s.",
         "",
         f"Process-wide malloc setting (both sides): `cpu_heap={a.get('cpu_heap', 'default')}`"
-        + (" (freed memory stays mapped, as in the recipes on CPU)."
-           if a.get("cpu_heap") == "retain" else " (glibc's defaults)."),
+        + (
+            " (freed memory stays mapped, as in the recipes on CPU)."
+            if a.get("cpu_heap") == "retain"
+            else " (glibc's defaults)."
+        ),
         "",
         f"Command: `{report['command']}`",
         "",
         "| method | side | non-pad tok/s | all tok/s | s/step | padding | MFU (non-pad) | MFU (all) | peak memory GiB |",
         "|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for res in report["results"]:
         for side in ("ours", "hf"):
             s = res[side]
@@ -267,17 +312,27 @@ def markdown(report: Dict) -> str:
                 f"| {res['method']} | {'ours' if side == 'ours' else 'HF' + (' + PEFT' if res['method'] == 'lora' else '')} "
                 f"| {s['tok_s_real']:.0f} | {s['tok_s_all']:.0f} | {s['s_per_step']:.3f} "
                 f"| {s['padding_fraction']:.0%} | {s['mfu_real']:.0%} | {s['mfu_all']:.0%} | {mem_s} |"
-            )  # fmt: skip
-    lines += ["", "| method | ours/ref non-pad tok/s | ours/ref all tok/s | ours/ref peak memory |",
-              "|---|---|---|---|"]  # fmt: skip
+            )
+    lines += [
+        "",
+        "| method | ours/ref non-pad tok/s | ours/ref all tok/s | ours/ref peak memory |",
+        "|---|---|---|---|",
+    ]
     for res in report["results"]:
         r = res["ratios"]
         mem = f"{r['peak_memory']:.2f}x" if "peak_memory" in r else "-"
-        lines.append(f"| {res['method']} | {r['tok_s_real']:.2f}x | {r['tok_s_all']:.2f}x | {mem} |")
+        lines.append(
+            f"| {res['method']} | {r['tok_s_real']:.2f}x | {r['tok_s_all']:.2f}x | {mem} |"
+        )
     if any(res["levers"] for res in report["results"]):
-        lines += ["", "Levers: one change to our default, speed (non-pad tok/s) and peak memory "
-                  "relative to the default (> 1 speed / < 1 memory = the change wins).", "",
-                  "| method | lever | change | speed | memory |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "Levers: one change to our default, speed (non-pad tok/s) and peak memory "
+            "relative to the default (> 1 speed / < 1 memory = the change wins).",
+            "",
+            "| method | lever | change | speed | memory |",
+            "|---|---|---|---|---|",
+        ]
         for res in report["results"]:
             for row in res["levers"]:
                 mem = row.get("memory_ratio_variant_over_default")
@@ -297,27 +352,48 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-seq-len", type=int, default=512)
-    p.add_argument("--batches-per-window", type=int, default=2,
-                   help="our batches per round; the reference trains on the same samples")
+    p.add_argument(
+        "--batches-per-window",
+        type=int,
+        default=2,
+        help="our batches per round; the reference trains on the same samples",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds")
     p.add_argument("--mem-rounds", type=int, default=1, help="timed rounds in memory workers")
     p.add_argument("--data", choices=["packed", "grouped", "padded"], default="packed")
-    p.add_argument("--compile", action="store_true",
-                   help="our side runs with the recipes' compile: true (each decoder layer compiled)")
-    p.add_argument("--ac", choices=["none", "full", "selective"], default=None,
-                   help="our side's enable_activation_checkpointing (False / True / selective); "
-                   "default: none")
-    p.add_argument("--optim", choices=["loop", "foreach", "fused"], default=None,
-                   help="our side's AdamW implementation; default: fused for full, foreach for LoRA")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="our side runs with the recipes' compile: true (each decoder layer compiled)",
+    )
+    p.add_argument(
+        "--ac",
+        choices=["none", "full", "selective"],
+        default=None,
+        help="our side's enable_activation_checkpointing (False / True / selective); default: none",
+    )
+    p.add_argument(
+        "--optim",
+        choices=["loop", "foreach", "fused"],
+        default=None,
+        help="our side's AdamW implementation; default: fused for full, foreach for LoRA",
+    )
     p.add_argument("--levers", nargs="*", default=[], help=f"'all' or some of {list(LEVERS)}")
-    p.add_argument("--cpu-heap", choices=["retain", "default"], default="retain",
-                   help="this process's malloc: retain freed memory as the recipes do on CPU "
-                   "(both sides run under it), or glibc's defaults")
+    p.add_argument(
+        "--cpu-heap",
+        choices=["retain", "default"],
+        default="retain",
+        help="this process's malloc: retain freed memory as the recipes do on CPU "
+        "(both sides run under it), or glibc's defaults",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--isolate", action="store_true",
-                   help="time each side in its own process (for models too big to hold twice)")
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="time each side in its own process (for models too big to hold twice)",
+    )
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-lever-memory", action="store_true")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
@@ -340,7 +416,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     apply_cpu_heap(args.cpu_heap, device)
-    dtype = DTYPES[args.dtype]
     machine = M.machine_info(device)
     print(f"machine: {machine}", flush=True)
     worker_args = argparse.Namespace(**args_dict)
@@ -349,8 +424,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         res = compare(method, worker_args, device)
         print(json.dumps({k: res[k] for k in ("method", "peak_flops", "ratios")}), flush=True)
         results.append(res)
-    report = {"machine": machine, "args": args_dict, "results": results,
-              "command": "python -m benchmarks.finetune " + " ".join(sys.argv[1:] if argv is None else argv)}  # fmt: skip
+    report = {
+        "machine": machine,
+        "args": args_dict,
+        "results": results,
+        "command": "python -m benchmarks.finetune "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+    }
     md = markdown(report)
     print(md)
     if args.out:

@@ -20,6 +20,7 @@ and torch version, since float rounding depends on both):
   tasks in its own layouts but not yet follow the Alpaca prompt nor stop after answering:
   that is what the LoRA fine-tune of the quickstart teaches it.
 """
+
 import argparse
 import io
 import json
@@ -137,7 +138,11 @@ def to_sentence(p: Problem, rng: random.Random) -> str:
     if task == "convert":
         src, dst, factor = UNITS[p[1]]
         return rng.choice(
-            [f"{p[2]} {src} is {c}.", f"{p[2]} {src} equals {c}.", f"in {dst}, {p[2]} {src} is {c}."]
+            [
+                f"{p[2]} {src} is {c}.",
+                f"{p[2]} {src} equals {c}.",
+                f"in {dst}, {p[2]} {src} is {c}.",
+            ]
         )
     if task == "reverse":
         words = " ".join(p[1])
@@ -145,8 +150,11 @@ def to_sentence(p: Problem, rng: random.Random) -> str:
     a, b = p[1], p[2]
     phrasings = {
         "add": [f"{a} plus {b} is {c}.", f"the sum of {a} and {b} is {c}.", f"{a} + {b} = {c}"],
-        "subtract": [f"{a} minus {b} is {c}.", f"the difference of {a} and {b} is {c}.",
-                     f"{a} - {b} = {c}"],
+        "subtract": [
+            f"{a} minus {b} is {c}.",
+            f"the difference of {a} and {b} is {c}.",
+            f"{a} - {b} = {c}",
+        ],
         "larger": [f"the larger of {a} and {b} is {c}.", f"of {a} and {b}, {c} is larger."],
     }
     return rng.choice(phrasings[task])
@@ -338,8 +346,12 @@ def pretrain(tokenizer_path: Path, steps: int, seed: int = SEED, log_every: int 
         sched.step()
         opt.zero_grad()
         if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"pretrain step {step}/{steps} loss {loss.item():.4f} "
-                  f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+            print(
+                f"pretrain step {step}/{steps} loss {loss.item():.4f} "
+                f"({time.perf_counter() - t0:.0f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
     return model.eval()
 
 
@@ -348,15 +360,21 @@ def write_model(out_dir: Path, seed: int = SEED, steps: Optional[int] = None) ->
 
     Needs ``tokenizer.model`` in ``out_dir`` (made by :func:`write_tokenizer`).
     """
-    model = pretrain(out_dir / "tokenizer.model", PRETRAIN["steps"] if steps is None else steps, seed)
+    model = pretrain(
+        out_dir / "tokenizer.model", PRETRAIN["steps"] if steps is None else steps, seed
+    )
     model.save_pretrained(out_dir / "model")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--only", nargs="+", choices=["data", "tokenizer", "model"],
-                        default=["data", "tokenizer", "model"])
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["data", "tokenizer", "model"],
+        default=["data", "tokenizer", "model"],
+    )
     args = parser.parse_args(argv)
     for part in args.only:
         t0 = time.perf_counter()

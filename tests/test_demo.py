@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """python -m torchtune.demo: its pieces (fast) and the whole quickstart (slow)."""
+
 import json
 import subprocess
 import sys
@@ -83,8 +84,14 @@ def test_answer_matches_a_plain_greedy_loop():
 
 def test_commands_run_the_shipped_configs(tmp_path):
     cmd = demo.finetune_command(tmp_path, max_steps=3)
-    assert cmd[:6] == [sys.executable, "-m", "torchtune._cli.tune", "lora_finetune_single_device",
-                       "--config", "tiny/lora"]
+    assert cmd[:6] == [
+        sys.executable,
+        "-m",
+        "torchtune._cli.tune",
+        "lora_finetune_single_device",
+        "--config",
+        "tiny/lora",
+    ]
     assert cmd[6:] == [f"output_dir={tmp_path}", "max_steps_per_epoch=3"]
     assert demo.finetune_command(tmp_path)[6:] == [f"output_dir={tmp_path}"]
     ev = demo.eval_command(tmp_path / "ckpt", tmp_path / "task", tmp_path / "out")
@@ -94,10 +101,14 @@ def test_commands_run_the_shipped_configs(tmp_path):
 
 def test_generate_command_quotes_values_the_override_parser_would_split():
     """An instruction with ': ' must reach the recipe as a string, not a YAML mapping."""
-    from torchtune.config import load_config
     from torchtune._recipe_registry import get_config
+    from torchtune.config import load_config
 
-    row = {"instruction": "Reverse the order of the words: cat sun", "input": 'say "hi"', "output": ""}
+    row = {
+        "instruction": "Reverse the order of the words: cat sun",
+        "input": 'say "hi"',
+        "output": "",
+    }
     cmd = demo.generate_command(Path("/ckpt"), row)
     assert cmd[3:6] == ["generate", "--config", "tiny/generate"]
     cfg = load_config(get_config("tiny/generate").file_path, cmd[6:])
@@ -115,9 +126,13 @@ def test_eval_recipe_path_scores_like_the_plain_loop(tmp_path):
 
     paths = demo.asset_paths()
     rows = demo.load_rows(paths["heldout"])[::50][:4]
-    plain = demo.answer(demo.load_model(paths["model_dir"]), llama2_tokenizer(paths["tokenizer"]), rows)
+    plain = demo.answer(
+        demo.load_model(paths["model_dir"]), llama2_tokenizer(paths["tokenizer"]), rows
+    )
     assert all(plain), plain
-    targets = [dict(r, output=a if i % 2 == 0 else a + " x") for i, (r, a) in enumerate(zip(rows, plain))]
+    targets = [
+        dict(r, output=a if i % 2 == 0 else a + " x") for i, (r, a) in enumerate(zip(rows, plain))
+    ]
     assert demo.accuracy(plain, targets) == 0.5
     assert demo.evaluate(paths["model_dir"], targets, tmp_path / "eval") == 0.5
 
@@ -134,7 +149,9 @@ def test_read_eval_accuracy(tmp_path):
 
 def test_read_losses_and_plot(tmp_path):
     log = tmp_path / "log_1_2.jsonl"
-    log.write_text("\n".join(json.dumps({"step": s, "loss": 3.0 / s, "lr": 1e-3}) for s in (1, 2, 3)))
+    log.write_text(
+        "\n".join(json.dumps({"step": s, "loss": 3.0 / s, "lr": 1e-3}) for s in (1, 2, 3))
+    )
     points = demo.read_losses(tmp_path)
     assert points == [(1, 3.0), (2, 1.5), (3, 1.0)]
     pytest.importorskip("matplotlib")
@@ -168,11 +185,13 @@ def test_output_dir_is_only_ever_cleared_if_the_demo_made_it(tmp_path):
 def test_demo_end_to_end_learns_and_is_reproducible(tmp_path):
     """The README's first command, twice: accuracy rises clearly and the numbers repeat."""
     summaries = []
-    for run in range(2):
+    for _ in range(2):
         out = tmp_path / "demo"
         proc = subprocess.run(
             [sys.executable, "-m", "torchtune.demo", "--output-dir", str(out)],
-            capture_output=True, text=True, timeout=900,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "held-out accuracy" in proc.stdout
@@ -191,7 +210,9 @@ def test_without_lm_eval_the_plain_loop_scores(tmp_path, monkeypatch):
 
     paths = demo.asset_paths()
     rows = demo.load_rows(paths["heldout"])[:2]
-    plain = demo.answer(demo.load_model(paths["model_dir"]), llama2_tokenizer(paths["tokenizer"]), rows)
+    plain = demo.answer(
+        demo.load_model(paths["model_dir"]), llama2_tokenizer(paths["tokenizer"]), rows
+    )
     targets = [dict(rows[0], output=plain[0]), dict(rows[1], output=plain[1] + " x")]
     monkeypatch.setattr(demo, "lm_eval_available", lambda: False)
     monkeypatch.setattr(demo.subprocess, "run", None)  # any subprocess call would fail

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """The bundled tiny assets: reproducible from scripts/make_tiny_assets.py, correct, loadable."""
+
 import importlib.util
 import json
 import re
@@ -13,7 +14,9 @@ ASSETS = REPO / "torchtune" / "assets" / "tiny"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("make_tiny_assets", REPO / "scripts" / "make_tiny_assets.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_tiny_assets", REPO / "scripts" / "make_tiny_assets.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -42,8 +45,12 @@ def _solve(row):
         src, dst = re.fullmatch(r"Convert (\w+) to (\w+)\.", instruction).groups()
         n, unit = inp.split()
         assert unit == src
-        factor = {("kilometers", "meters"): 1000, ("kilograms", "grams"): 1000,
-                  ("meters", "centimeters"): 100, ("liters", "milliliters"): 1000}[(src, dst)]
+        factor = {
+            ("kilometers", "meters"): 1000,
+            ("kilograms", "grams"): 1000,
+            ("meters", "centimeters"): 100,
+            ("liters", "milliliters"): 1000,
+        }[(src, dst)]
         return f"{int(n) * factor} {dst}"
     a, b = map(int, re.fullmatch(r"(\d+) and (\d+)", inp).groups())
     if "sum" in instruction or instruction.startswith("Add"):
@@ -57,7 +64,10 @@ def _solve(row):
 @pytest.mark.parametrize("split", ["train", "heldout"])
 def test_rows_are_alpaca_and_answers_are_right(split):
     rows = _rows(split)
-    assert len(rows) == {"train": 5 * mta.N_TRAIN_PER_TASK, "heldout": 5 * mta.N_HELDOUT_PER_TASK}[split]
+    assert (
+        len(rows)
+        == {"train": 5 * mta.N_TRAIN_PER_TASK, "heldout": 5 * mta.N_HELDOUT_PER_TASK}[split]
+    )
     for i, row in enumerate(rows):
         assert list(row) == ["instruction", "input", "output"], (split, i)
         assert row["output"] == _solve(row), (split, i, row)
@@ -90,8 +100,14 @@ def test_heldout_problems_are_unseen():
     for p in heldout_problems:
         if p[0] == "add":
             c = p[1] + p[2]
-            assert not {f"{p[1]} plus {p[2]} is {c}.", f"the sum of {p[1]} and {p[2]} is {c}.",
-                        f"{p[1]} + {p[2]} = {c}"} & seen, p
+            assert (
+                not {
+                    f"{p[1]} plus {p[2]} is {c}.",
+                    f"the sum of {p[1]} and {p[2]} is {c}.",
+                    f"{p[1]} + {p[2]} = {c}",
+                }
+                & seen
+            ), p
         if p[0] == "reverse":
             words, rev = " ".join(p[1]), " ".join(reversed(p[1]))
             assert not {f"{words} reversed is {rev}.", f"backwards, {words} reads {rev}."} & seen, p
@@ -117,7 +133,9 @@ def test_model_matches_transformers():
     transformers = pytest.importorskip("transformers")
     from torchtune.demo import load_model
 
-    hf = transformers.LlamaForCausalLM.from_pretrained(ASSETS / "model", attn_implementation="eager").eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(
+        ASSETS / "model", attn_implementation="eager"
+    ).eval()
     ours = load_model(ASSETS / "model")
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
     tokens = torch.randint(3, mta.VOCAB_SIZE, (2, 37), generator=torch.Generator().manual_seed(0))
@@ -126,7 +144,10 @@ def test_model_matches_transformers():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=5e-5, rtol=1e-5)
     config = json.loads((ASSETS / "model" / "config.json").read_text())
     assert (config["vocab_size"], config["hidden_size"], config["num_hidden_layers"]) == (
-        mta.MODEL["vocab_size"], mta.MODEL["embed_dim"], mta.MODEL["num_layers"])
+        mta.MODEL["vocab_size"],
+        mta.MODEL["embed_dim"],
+        mta.MODEL["num_layers"],
+    )
 
 
 def test_pretraining_is_deterministic(tmp_path):

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Builders for the tiny assets tests need: made locally, never downloaded."""
+
 import json
 import random
 from pathlib import Path
@@ -26,7 +27,10 @@ def sample_corpus(n_lines: int = 400, seed: int = 0) -> List[str]:
 
 
 def train_sentencepiece(
-    model_prefix: Path, vocab_size: int = 400, seed: int = 0, normalization_rule_name: str = "nmt_nfkc"
+    model_prefix: Path,
+    vocab_size: int = 400,
+    seed: int = 0,
+    normalization_rule_name: str = "nmt_nfkc",
 ) -> Path:
     """Train a Llama-style BPE SentencePiece model (unk=0, bos=1, eos=2, no pad).
 
@@ -113,7 +117,11 @@ def write_alpaca_json(path: Path, n: int = 20, seed: int = 0) -> Path:
         a, b = rng.randint(0, 99), rng.randint(0, 99)
         if i % 2:
             records.append(
-                {"instruction": "Add the two numbers.", "input": f"{a} and {b}", "output": f"{a + b}"}
+                {
+                    "instruction": "Add the two numbers.",
+                    "input": f"{a} and {b}",
+                    "output": f"{a + b}",
+                }
             )
         else:
             word = rng.choice(_WORDS)

@@ -5,6 +5,7 @@
 A recipe ``name`` lives at ``torchtune/recipes/<name>.py`` and a config ``name`` at
 ``torchtune/recipes/configs/<name>.yaml`` (config names may contain ``/``).
 """
+
 import difflib
 from dataclasses import dataclass
 from pathlib import Path

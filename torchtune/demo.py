@@ -17,6 +17,7 @@ Each step runs the product's own command, shown as it runs:
 Everything is seeded: the same command on the same machine prints the same numbers.
 The assets and how they were made: ``torchtune/assets/tiny/README.md``.
 """
+
 import argparse
 import importlib.util
 import json
@@ -31,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
 # A file the demo leaves in the folders it creates, so that a rerun only ever deletes its own.
 _MARKER = ".torchtune_demo"
+
 
 def asset_paths(assets: Path = ASSETS) -> Dict[str, Path]:
     """Paths of the bundled tiny assets.
@@ -96,7 +98,8 @@ def load_model(checkpoint_dir: Path):
             intermediate_dim=cfg["intermediate_size"],
             norm_eps=cfg["rms_norm_eps"],
             # transformers >= 5 nests rope_theta in rope_parameters
-            rope_base=cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+            rope_base=cfg.get("rope_theta")
+            or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0),
         )
     # output_dir is never written: this checkpointer only loads.
     ckpt = FullModelHFCheckpointer(
@@ -115,8 +118,9 @@ def format_prompt(row: Dict[str, str]) -> str:
     return AlpacaInstructTemplate.format(row)
 
 
-def answer(model, tokenizer, rows: Sequence[Dict[str, str]], max_new_tokens: int = 16,
-           batch_size: int = 50) -> List[str]:
+def answer(
+    model, tokenizer, rows: Sequence[Dict[str, str]], max_new_tokens: int = 16, batch_size: int = 50
+) -> List[str]:
     """Greedy one-line answers to Alpaca rows, prompted exactly as the training data is tokenized."""
     from torchtune.utils import generate
 
@@ -214,7 +218,9 @@ metric_list:
 def eval_command(checkpoint_dir: Path, task_dir: Path, output_dir: Path) -> List[str]:
     """``tune eleuther_eval --config tiny/eval`` on the local held-out task."""
     return _tune(
-        "eleuther_eval", "--config", "tiny/eval",
+        "eleuther_eval",
+        "--config",
+        "tiny/eval",
         f"checkpointer.checkpoint_dir={checkpoint_dir}",
         f"tasks=[{EVAL_TASK}]",
         f"include_path={task_dir}",
@@ -222,7 +228,7 @@ def eval_command(checkpoint_dir: Path, task_dir: Path, output_dir: Path) -> List
         "limit=null",
         "batch_size=50",
         f"output_dir={output_dir}",
-    )  # fmt: skip
+    )
 
 
 def read_eval_accuracy(output_dir: Path) -> float:
@@ -240,13 +246,15 @@ def read_eval_accuracy(output_dir: Path) -> float:
 def generate_command(checkpoint_dir: Path, row: Dict[str, str]) -> List[str]:
     """``tune generate --config tiny/generate``: a greedy answer to one Alpaca row."""
     return _tune(
-        "generate", "--config", "tiny/generate",
+        "generate",
+        "--config",
+        "tiny/generate",
         f"checkpointer.checkpoint_dir={checkpoint_dir}",
         _override("prompt", row["instruction"]),
         _override("instruct_input", row["input"]),
         "temperature=0",
         "max_new_tokens=24",
-    )  # fmt: skip
+    )
 
 
 def _child_env(work_dir: Path) -> Dict[str, str]:
@@ -281,9 +289,12 @@ def evaluate(checkpoint_dir: Path, rows: Sequence[Dict[str, str]], work_dir: Pat
 def generate_answer(checkpoint_dir: Path, row: Dict[str, str], work_dir: Path) -> str:
     """What ``tune generate`` prints for ``row`` (its text, without the speed line)."""
     proc = subprocess.run(
-        generate_command(checkpoint_dir, row), check=True, capture_output=True, text=True,
+        generate_command(checkpoint_dir, row),
+        check=True,
+        capture_output=True,
+        text=True,
         env=_child_env(work_dir),
-    )  # fmt: skip
+    )
     return proc.stdout.rsplit("\n\n[", 1)[0].strip()
 
 
@@ -344,21 +355,38 @@ def _pick_example(rows: Sequence[Dict[str, str]]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m torchtune.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m torchtune.demo", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("torchtune_demo_output"))
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="cap the LoRA training steps per epoch (default: tiny/lora's)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="evaluate on only the first N held-out rows (default: all)")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="cap the LoRA training steps per epoch (default: tiny/lora's)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="evaluate on only the first N held-out rows (default: all)",
+    )
     args = parser.parse_args(argv)
 
     t_start = time.perf_counter()
     paths = asset_paths()
     out = _fresh_dir(args.output_dir.resolve())
     heldout = load_rows(paths["heldout"])[: args.limit]
-    how = "tune eleuther_eval" if lm_eval_available() else "a plain loop (pip install -e '.[eval]' for lm-eval)"
+    how = (
+        "tune eleuther_eval"
+        if lm_eval_available()
+        else "a plain loop (pip install -e '.[eval]' for lm-eval)"
+    )
 
-    print(f"[1/4] Held-out accuracy of the base model ({len(heldout)} instructions, {how}) ...", flush=True)
+    print(
+        f"[1/4] Held-out accuracy of the base model ({len(heldout)} instructions, {how}) ...",
+        flush=True,
+    )
     acc_before = evaluate(paths["model_dir"], heldout, out / "eval_base")
     print(f"      base model: {acc_before:.1%}", flush=True)
 
@@ -374,7 +402,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     acc_after = evaluate(ckpt_dir, heldout, out / "eval_finetuned")
     print(f"      fine-tuned model: {acc_after:.1%}", flush=True)
 
-    print("[4/4] One held-out instruction, answered by tune generate --config tiny/generate:", flush=True)
+    print(
+        "[4/4] One held-out instruction, answered by tune generate --config tiny/generate:",
+        flush=True,
+    )
     example = heldout[_pick_example(heldout)]
     print("      " + format_prompt(example).replace("\n", "\n      "))
     before = generate_answer(paths["model_dir"], example, out)
@@ -401,10 +432,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\nSummary")
-    print(f"  training loss        {summary['loss_first']:.4f} (step 1) -> "
-          f"{summary['loss_last']:.4f} (step {summary['steps']})")
-    print(f"  held-out accuracy    {acc_before:.1%} before -> {acc_after:.1%} after "
-          f"({len(heldout)} instructions, exact match)")
+    print(
+        f"  training loss        {summary['loss_first']:.4f} (step 1) -> "
+        f"{summary['loss_last']:.4f} (step {summary['steps']})"
+    )
+    print(
+        f"  held-out accuracy    {acc_before:.1%} before -> {acc_after:.1%} after "
+        f"({len(heldout)} instructions, exact match)"
+    )
     print(f"  fine-tuned model     {ckpt_dir}")
     print(f"  training log         {run_dir}")
     if plot:

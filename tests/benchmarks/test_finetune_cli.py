@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """The benchmark script end to end on the tiny shape (numbers meaningless, plumbing real)."""
+
 import json
 import subprocess
 import sys
@@ -13,8 +14,23 @@ _ROOT = Path(__file__).parents[2]
 @pytest.mark.slow
 def test_finetune_benchmark_writes_report_with_process_lever(tmp_path):
     out = tmp_path / "tiny"
-    cmd = [sys.executable, "-m", "benchmarks.finetune", "--shape", "tiny", "--methods", "full",
-           "--rounds", "1", "--batches-per-window", "1", "--levers", "cpu_heap", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.finetune",
+        "--shape",
+        "tiny",
+        "--methods",
+        "full",
+        "--rounds",
+        "1",
+        "--batches-per-window",
+        "1",
+        "--levers",
+        "cpu_heap",
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, cwd=_ROOT, check=True, capture_output=True, timeout=600)
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["args"]["cpu_heap"] == "retain"
@@ -33,9 +49,25 @@ def test_finetune_benchmark_bf16_isolated_sides(tmp_path):
     # The GPU command's path (bf16, each side in its own process) run on CPU at `tiny`, so a
     # GPU lease is not spent finding plumbing bugs.
     out = tmp_path / "tiny_bf16"
-    cmd = [sys.executable, "-m", "benchmarks.finetune", "--shape", "tiny", "--methods", "lora",
-           "--dtype", "bf16", "--isolate", "--rounds", "1", "--batches-per-window", "1",
-           "--skip-memory", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.finetune",
+        "--shape",
+        "tiny",
+        "--methods",
+        "lora",
+        "--dtype",
+        "bf16",
+        "--isolate",
+        "--rounds",
+        "1",
+        "--batches-per-window",
+        "1",
+        "--skip-memory",
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, cwd=_ROOT, check=True, capture_output=True, timeout=600)
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["args"]["dtype"] == "bf16" and report["args"]["isolate"]

@@ -36,7 +36,7 @@ def test_windows_pack_into_exact_rows(rows):
     windows = M.packed_windows(ds.lengths, 512, rows)
     assert len(windows) >= 3
     assert windows[0][0] == 0
-    for (a, b), (c, _) in zip(windows, windows[1:]):
+    for (_, b), (c, _) in zip(windows, windows[1:]):
         assert b == c  # contiguous: no sample skipped between windows
     for a, b in windows:
         assert len(PackedDataset([ds[i] for i in range(a, b)], max_seq_len=512)) == rows
@@ -45,7 +45,7 @@ def test_windows_pack_into_exact_rows(rows):
 @pytest.mark.parametrize("data", ["packed", "grouped", "padded"])
 def test_both_sides_see_the_same_tokens(data):
     ds = AlpacaLikeDataset(60, vocab_size=50, max_seq_len=128, seed=2)
-    (a, b), = M.packed_windows(ds.lengths, 128, 8)[:1]
+    ((a, b),) = M.packed_windows(ds.lengths, 128, 8)[:1]
     window = [ds[i] for i in range(a, b)]
     ours = make_batches(window, data, 4, 128)
     ref = make_batches(window, "hf", 4, 128)

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """The benchmark's two sides train the same model on the same tokens, with every lever on."""
+
 import pytest
 import torch
 
@@ -37,7 +38,9 @@ def test_ours_matches_hf_step_by_step(method, drop_unscored):
     levers = Levers(data="padded", drop_unscored=drop_unscored)
     ours = build_ours("tiny", method, levers, weights, adapter, CPU, F32)
     hf = build_hf("tiny", method, weights, adapter, CPU, F32)
-    for b_ours, b_hf in zip(make_batches(window, "padded", 4, 128), make_batches(window, "hf", 4, 128)):
+    for b_ours, b_hf in zip(
+        make_batches(window, "padded", 4, 128), make_batches(window, "hf", 4, 128)
+    ):
         torch.testing.assert_close(ours(b_ours), hf(b_hf), rtol=1e-5, atol=1e-5)
 
 
@@ -55,7 +58,9 @@ def test_packed_step_scores_the_same_tokens_as_hf(method):
     total, count = 0.0, 0
     with torch.no_grad():
         for b in make_batches(window, "hf", 4, 128):
-            out = hf.model(input_ids=b["tokens"], attention_mask=b["attention_mask"], labels=b["labels"])
+            out = hf.model(
+                input_ids=b["tokens"], attention_mask=b["attention_mask"], labels=b["labels"]
+            )
             n = int((b["labels"][:, 1:] != -100).sum())
             total, count = total + float(out.loss) * n, count + n
     torch.testing.assert_close(ours(packed), total / count, rtol=1e-5, atol=1e-5)

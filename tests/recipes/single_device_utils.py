@@ -1,6 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Shared pieces of the single-device recipe tests: tiny assets, the CLI runner, reference
 loops over Hugging Face / PEFT models."""
+
 import json
 import subprocess
 import sys
@@ -108,12 +109,15 @@ def hf_reference_losses(
             step_loss = 0.0
             for mb in micro:
                 logits = model(input_ids=mb["tokens"]).logits.float()
-                loss = F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]),
-                    mb["labels"][:, 1:].reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
-                ) / n_tokens
+                loss = (
+                    F.cross_entropy(
+                        logits[:, :-1].reshape(-1, logits.shape[-1]),
+                        mb["labels"][:, 1:].reshape(-1),
+                        ignore_index=-100,
+                        reduction="sum",
+                    )
+                    / n_tokens
+                )
                 loss.backward()
                 step_loss += loss.item()
             if cfg.clip_grad_norm is not None:

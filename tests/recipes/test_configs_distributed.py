@@ -1,6 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """The distributed configs validate with the contract keys and mirror their single-device
 twins; the distributed recipes do not drift from the single-device ones or each other."""
+
 import inspect
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 
 from tests.recipes.test_single_device_configs import assert_training_keys
 from torchtune import config
-from torchtune._recipe_registry import get_config, RECIPES
+from torchtune._recipe_registry import RECIPES, get_config
 from torchtune.recipes.full_finetune_distributed import FullFinetuneRecipeDistributed
 from torchtune.recipes.full_finetune_single_device import FullFinetuneRecipeSingleDevice
 from torchtune.recipes.lora_finetune_distributed import LoRAFinetuneRecipeDistributed
@@ -59,12 +60,18 @@ def test_readme_configs_equal_their_llama2_7b_twins(readme_name, model_name):
     [
         ("tiny/full_distributed", "tiny/full", {"batch_size", "output_dir"}),
         ("tiny/lora_distributed", "tiny/lora", {"batch_size", "output_dir"}),
-        ("llama2/7B_full", "llama2/7B_full_single_device",
-         {"gradient_accumulation_steps", "output_dir"}),
-        ("llama2/7B_lora", "llama2/7B_lora_single_device",
-         {"gradient_accumulation_steps", "output_dir"}),
+        (
+            "llama2/7B_full",
+            "llama2/7B_full_single_device",
+            {"gradient_accumulation_steps", "output_dir"},
+        ),
+        (
+            "llama2/7B_lora",
+            "llama2/7B_lora_single_device",
+            {"gradient_accumulation_steps", "output_dir"},
+        ),
     ],
-)  # fmt: skip
+)
 def test_distributed_configs_differ_from_their_single_device_twins_only_in_scale(
     dist, single, differ
 ):
@@ -78,12 +85,23 @@ def test_distributed_configs_differ_from_their_single_device_twins_only_in_scale
 
 # Methods the distributed recipes take over unchanged from the single-device ones.
 SHARED_WITH_SINGLE_DEVICE = [
-    "_check_recipe_state", "_count_steps_per_epoch", "_setup_lr_scheduler", "_loss_sum",
-]  # fmt: skip
+    "_check_recipe_state",
+    "_count_steps_per_epoch",
+    "_setup_lr_scheduler",
+    "_loss_sum",
+]
 SHARED_BY_DISTRIBUTED_SIBLINGS = [
-    "train", "_loss_sum", "_setup_data", "_count_steps_per_epoch", "_setup_lr_scheduler",
-    "_recipe_state", "_check_recipe_state", "_load_checkpoint", "cleanup", "_setup_optimizer",
-]  # fmt: skip
+    "train",
+    "_loss_sum",
+    "_setup_data",
+    "_count_steps_per_epoch",
+    "_setup_lr_scheduler",
+    "_recipe_state",
+    "_check_recipe_state",
+    "_load_checkpoint",
+    "cleanup",
+    "_setup_optimizer",
+]
 
 
 def _src(cls, method):
@@ -118,9 +136,17 @@ def test_distributed_siblings_share_their_common_parts(method):
 def test_without_torchrun_the_recipe_says_how_to_launch(tmp_path):
     tune = Path(sys.executable).parent / "tune"
     proc = subprocess.run(
-        [str(tune), "full_finetune_distributed", "--config", "tiny/full_distributed",
-         f"output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            str(tune),
+            "full_finetune_distributed",
+            "--config",
+            "tiny/full_distributed",
+            f"output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0
     assert "--nproc_per_node" in proc.stderr and "'RANK'" in proc.stderr, proc.stderr[-3000:]

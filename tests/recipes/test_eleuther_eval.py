@@ -12,6 +12,7 @@ makes ``add_special_tokens=True`` prepend BOS as Llama's tokenizer does.
 grouped continuations (e.g. ``("hello ", "world")`` next to ``("", "hello world")``), so with
 the cache on, HFLM itself is off for such pairs.
 """
+
 import importlib.util
 import json
 import os
@@ -35,9 +36,14 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "torchtune" / "recipes" / "eleuther_eval.py"
 VOCAB, DIM, LAYERS, HEADS, KV_HEADS, HIDDEN, MAX_SEQ = 400, 64, 3, 4, 2, 88, 256
 MODEL_KW = dict(
-    vocab_size=VOCAB, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, embed_dim=DIM,
-    max_seq_len=MAX_SEQ, intermediate_dim=HIDDEN,
-)  # fmt: skip
+    vocab_size=VOCAB,
+    num_layers=LAYERS,
+    num_heads=HEADS,
+    num_kv_heads=KV_HEADS,
+    embed_dim=DIM,
+    max_seq_len=MAX_SEQ,
+    intermediate_dim=HIDDEN,
+)
 LL_ATOL = 1e-4
 TUNE = str(Path(sys.executable).parent / "tune")
 
@@ -78,25 +84,38 @@ def _hf_tokenizer(sp_path):
     from transformers import SentencePieceBackend
 
     return SentencePieceBackend(
-        vocab_file=str(sp_path), legacy=True, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        vocab_file=str(sp_path),
+        legacy=True,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
         special_tokens_pattern="bos",
-    )  # fmt: skip
+    )
 
 
 def _hflm(assets, add_bos, max_length):
     from lm_eval.models.huggingface import HFLM
 
     return HFLM(
-        pretrained=assets["hf"], tokenizer=_hf_tokenizer(assets["sp"]), batch_size=3,
-        max_length=max_length, add_bos_token=add_bos, device="cpu", logits_cache=False,
-    )  # fmt: skip
+        pretrained=assets["hf"],
+        tokenizer=_hf_tokenizer(assets["sp"]),
+        batch_size=3,
+        max_length=max_length,
+        add_bos_token=add_bos,
+        device="cpu",
+        logits_cache=False,
+    )
 
 
 def _ours(ee, assets, add_bos, max_length, batch_size=2):
     return ee.TorchTuneLM(
-        assets["ours"], llama2_tokenizer(assets["sp"]), device=torch.device("cpu"),
-        max_seq_length=max_length, batch_size=batch_size, add_bos=add_bos,
-    )  # fmt: skip
+        assets["ours"],
+        llama2_tokenizer(assets["sp"]),
+        device=torch.device("cpu"),
+        max_seq_length=max_length,
+        batch_size=batch_size,
+        add_bos=add_bos,
+    )
 
 
 LL_PAIRS = [
@@ -122,7 +141,11 @@ def test_loglikelihood_matches_hflm(ee, assets, add_bos):
 
 @pytest.mark.parametrize("add_bos", [True, False])
 def test_loglikelihood_rolling_matches_hflm(ee, assets, add_bos):
-    texts = ["the quick brown fox jumps over lazy dog " * 6, "hello world", "add two numbers: 12 and 30."]
+    texts = [
+        "the quick brown fox jumps over lazy dog " * 6,
+        "hello world",
+        "add two numbers: 12 and 30.",
+    ]
     reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
     expected = _hflm(assets, add_bos, max_length=16).loglikelihood_rolling(reqs)
     got = _ours(ee, assets, add_bos, max_length=16).loglikelihood_rolling(reqs)
@@ -139,10 +162,18 @@ def test_generate_until_is_hf_greedy_cut_at_stop_strings(ee, assets):
     for prompt, answer in zip(prompts, got):
         ids = torch.tensor([tok.encode(prompt, add_eos=False)])
         with torch.no_grad():
-            out = assets["hf"].generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                max_new_tokens=12, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-            )[0, ids.shape[1]:].tolist()  # fmt: skip
+            out = (
+                assets["hf"]
+                .generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=12,
+                    eos_token_id=tok.eos_id,
+                    pad_token_id=tok.pad_id,
+                )[0, ids.shape[1] :]
+                .tolist()
+            )
         out = out[: out.index(tok.eos_id)] if tok.eos_id in out else out
         text = tok.decode(out)
         for stop in gen_kwargs["until"]:
@@ -155,21 +186,37 @@ def _lora_config(assets, adapter_path, out_dir):
         {
             "model": {
                 "_component_": "torchtune.models.llama2.lora_llama2",
-                "lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": True,
-                "lora_rank": 4, "lora_alpha": 8.0, **MODEL_KW,
-            },  # fmt: skip
+                "lora_attn_modules": ["q_proj", "v_proj"],
+                "apply_lora_to_mlp": True,
+                "lora_rank": 4,
+                "lora_alpha": 8.0,
+                **MODEL_KW,
+            },
             "tokenizer": {
-                "_component_": "torchtune.models.llama2.llama2_tokenizer", "path": str(assets["sp"]),
-            },  # fmt: skip
+                "_component_": "torchtune.models.llama2.llama2_tokenizer",
+                "path": str(assets["sp"]),
+            },
             "checkpointer": {
                 "_component_": "torchtune.utils.FullModelHFCheckpointer",
-                "checkpoint_dir": str(assets["hf_dir"]), "checkpoint_files": ["model.safetensors"],
-                "adapter_checkpoint": str(adapter_path), "model_type": "LLAMA2", "output_dir": str(out_dir),
-            },  # fmt: skip
-            "tasks": ["x"], "limit": None, "num_fewshot": None, "batch_size": 2, "max_seq_length": 64,
-            "add_bos": True, "include_path": None, "include_default_tasks": False,
-            "seed": 0, "device": "cpu", "dtype": "fp32", "output_dir": str(out_dir),
-        }  # fmt: skip
+                "checkpoint_dir": str(assets["hf_dir"]),
+                "checkpoint_files": ["model.safetensors"],
+                "adapter_checkpoint": str(adapter_path),
+                "model_type": "LLAMA2",
+                "output_dir": str(out_dir),
+            },
+            "tasks": ["x"],
+            "limit": None,
+            "num_fewshot": None,
+            "batch_size": 2,
+            "max_seq_length": 64,
+            "add_bos": True,
+            "include_path": None,
+            "include_default_tasks": False,
+            "seed": 0,
+            "device": "cpu",
+            "dtype": "fp32",
+            "output_dir": str(out_dir),
+        }
     )
 
 
@@ -214,10 +261,18 @@ def _hf_greedy_answer(assets, prompt: str) -> str:
     tok = llama2_tokenizer(assets["sp"])
     ids = torch.tensor([tok.encode(prompt, add_eos=False)])
     with torch.no_grad():
-        out = assets["hf"].generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-            max_new_tokens=GEN_MAX, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-        )[0, ids.shape[1]:].tolist()  # fmt: skip
+        out = (
+            assets["hf"]
+            .generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=GEN_MAX,
+                eos_token_id=tok.eos_id,
+                pad_token_id=tok.pad_id,
+            )[0, ids.shape[1] :]
+            .tolist()
+        )
     out = out[: out.index(tok.eos_id)] if tok.eos_id in out else out
     return tok.decode(out).split(GEN_STOP)[0]
 
@@ -279,7 +334,10 @@ def test_tune_eleuther_eval_custom_tasks_offline(ee, assets, tmp_path):
     # The first generation doc's target is the reference answer, the second's cannot match.
     gen_docs = [
         {"question": GEN_PROMPTS[0], "answer": _hf_greedy_answer(assets, GEN_PROMPTS[0])},
-        {"question": GEN_PROMPTS[1], "answer": _hf_greedy_answer(assets, GEN_PROMPTS[1]) + " not it"},
+        {
+            "question": GEN_PROMPTS[1],
+            "answer": _hf_greedy_answer(assets, GEN_PROMPTS[1]) + " not it",
+        },
     ]
     tasks = _write_tasks(tmp_path, gen_docs)
     out = tmp_path / "out"
@@ -300,8 +358,12 @@ def test_tune_eleuther_eval_custom_tasks_offline(ee, assets, tmp_path):
     env["HF_DATASETS_CACHE"] = str(tmp_path / "hf_datasets")
     proc = subprocess.run(
         [TUNE, "eleuther_eval", "--config", "tiny/eval", *overrides],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     print(proc.stdout)
     assert "|tiny_mc " in proc.stdout and "|tiny_gen" in proc.stdout, proc.stdout
@@ -330,8 +392,12 @@ def test_missing_lm_eval_says_how_to_install(tmp_path):
         "sys.exit(main(['eleuther_eval', '--config', 'tiny/eval']))\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=_offline_env(),
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=_offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert 'pip install -e ".[eval]"' in proc.stderr, proc.stderr

@@ -1,6 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """``tune --nproc_per_node 2 full_finetune_distributed`` on CPU (gloo) against the single-device
 recipe with the same global batch; resume, a two-node launch and a failing rank."""
+
 import os
 import socket
 import subprocess
@@ -218,9 +219,11 @@ def test_resumes_a_single_device_run(dist_run, single_run, tmp_path):
     _, overrides, _ = dist_run
     resumed = tmp_path / "resumed"
     run_tune_distributed(
-        RECIPE, "tiny/full_distributed", overrides + resume_overrides(single_run, resumed),
+        RECIPE,
+        "tiny/full_distributed",
+        overrides + resume_overrides(single_run, resumed),
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     expected = logged_losses(single_run)[5:]
     torch.testing.assert_close(logged_losses(resumed), expected, rtol=0, atol=1e-4)
     name = "epoch_1/model.safetensors"
@@ -234,16 +237,28 @@ def test_two_node_launch_on_one_machine(dist_run, tmp_path):
     out, overrides, _ = dist_run
     node_out = tmp_path / "two_nodes"
     launcher = [
-        "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-        "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "tt_two_nodes",
-    ]  # fmt: skip
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--rdzv_id",
+        "tt_two_nodes",
+    ]
     overrides = overrides + [f"output_dir={node_out}", "epochs=1"]
     cmd = tune_cmd(launcher, RECIPE, "tiny/full_distributed", overrides)
     procs = [
         subprocess.Popen(
-            cmd, cwd=tmp_path, env=tune_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cmd,
+            cwd=tmp_path,
+            env=tune_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for _ in range(2)
     ]
     results = [p.communicate(timeout=600) for p in procs]
@@ -255,17 +270,23 @@ def test_two_node_launch_on_one_machine(dist_run, tmp_path):
 
 @pytest.mark.slow
 def test_a_failing_rank_ends_the_job_quickly(assets, tmp_path):
-    overrides = tiny_overrides(assets, tmp_path) + COMMON + [
-        f"batch_size={PER_RANK_BATCH}",
-        f"dataset._component_={__name__}.alpaca_failing_on_rank",
-        "dataset.fail_rank=1",
-        "dataset.fail_after=6",  # in the second step: rank 0 is then waiting in a collective
-        f"dataset.mark_file={tmp_path / 'failed_at'}",
-    ]
+    overrides = (
+        tiny_overrides(assets, tmp_path)
+        + COMMON
+        + [
+            f"batch_size={PER_RANK_BATCH}",
+            f"dataset._component_={__name__}.alpaca_failing_on_rank",
+            "dataset.fail_rank=1",
+            "dataset.fail_after=6",  # in the second step: rank 0 is then waiting in a collective
+            f"dataset.mark_file={tmp_path / 'failed_at'}",
+        ]
+    )
     cmd = tune_cmd(
         ["--nnodes", "1", "--nproc_per_node", "2", "--master_port", str(free_port())],
-        RECIPE, "tiny/full_distributed", overrides,
-    )  # fmt: skip
+        RECIPE,
+        "tiny/full_distributed",
+        overrides,
+    )
     t0 = time.perf_counter()
     proc = subprocess.run(
         cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=tune_env()
@@ -288,16 +309,19 @@ def test_activation_checkpointing_and_bf16(dist_run, tmp_path):
     out, overrides, _ = dist_run
     one_epoch = overrides + ["epochs=1"]
     run_tune_distributed(
-        RECIPE, "tiny/full_distributed",
+        RECIPE,
+        "tiny/full_distributed",
         one_epoch + ["enable_activation_checkpointing=True", f"output_dir={tmp_path / 'ac'}"],
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     ac = logged_losses(tmp_path / "ac")
     torch.testing.assert_close(ac, logged_losses(out)[:5], rtol=0, atol=1e-6)
     run_tune_distributed(
-        RECIPE, "tiny/full_distributed",
-        one_epoch + ["dtype=bf16", f"output_dir={tmp_path / 'bf16'}"], cwd=tmp_path,
-    )  # fmt: skip
+        RECIPE,
+        "tiny/full_distributed",
+        one_epoch + ["dtype=bf16", f"output_dir={tmp_path / 'bf16'}"],
+        cwd=tmp_path,
+    )
     bf16, fp32 = logged_losses(tmp_path / "bf16"), logged_losses(out)[:5]
     assert torch.isfinite(bf16).all()
     torch.testing.assert_close(bf16[0], fp32[0], rtol=2e-2, atol=0)
@@ -307,14 +331,24 @@ def test_activation_checkpointing_and_bf16(dist_run, tmp_path):
 
 @pytest.mark.gpu
 def test_nccl_bf16_on_one_gpu(assets, tmp_path):
-    overrides = tiny_overrides(assets, tmp_path) + COMMON + [
-        "batch_size=4", "epochs=1", "device=cuda", "dtype=bf16",
-        "enable_activation_checkpointing=True",
-    ]  # fmt: skip
+    overrides = (
+        tiny_overrides(assets, tmp_path)
+        + COMMON
+        + [
+            "batch_size=4",
+            "epochs=1",
+            "device=cuda",
+            "dtype=bf16",
+            "enable_activation_checkpointing=True",
+        ]
+    )
     run_tune_distributed(
-        RECIPE, "tiny/full_distributed", overrides, cwd=tmp_path,
+        RECIPE,
+        "tiny/full_distributed",
+        overrides,
+        cwd=tmp_path,
         launcher=["--nnodes", "1", "--nproc_per_node", "1"],
-    )  # fmt: skip
+    )
     losses = logged_losses(tmp_path)
     assert len(losses) == 5 and torch.isfinite(losses).all()
     assert losses[-1] < losses[0]
@@ -331,10 +365,14 @@ def test_nccl_bf16_on_one_gpu(assets, tmp_path):
     "recipe, config_name, single_recipe, single_config",
     [
         (RECIPE, "tiny/full_distributed", "full_finetune_single_device", "tiny/full"),
-        ("lora_finetune_distributed", "tiny/lora_distributed", "lora_finetune_single_device",
-         "tiny/lora"),
+        (
+            "lora_finetune_distributed",
+            "tiny/lora_distributed",
+            "lora_finetune_single_device",
+            "tiny/lora",
+        ),
     ],
-)  # fmt: skip
+)
 def test_tiny_configs_as_shipped_give_the_single_device_numbers(
     recipe, config_name, single_recipe, single_config, tmp_path
 ):

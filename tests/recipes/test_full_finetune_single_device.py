@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """End-to-end tests of ``tune full_finetune_single_device`` on a tiny model, on CPU."""
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -147,9 +148,13 @@ def test_packed_batches_score_like_their_samples_alone(assets, tmp_path):
     from torchtune.recipes.full_finetune_single_device import FullFinetuneRecipeSingleDevice
 
     overrides = tiny_overrides(assets, tmp_path) + [
-        "shuffle=False", "batch_size=2", "dataset.packed=True", "dataset.train_on_input=True",
-        "dataset.max_seq_len=512", "model.max_seq_len=512",
-    ]  # fmt: skip
+        "shuffle=False",
+        "batch_size=2",
+        "dataset.packed=True",
+        "dataset.train_on_input=True",
+        "dataset.max_seq_len=512",
+        "model.max_seq_len=512",
+    ]
     cfg = config.load_config(get_config("tiny/full").file_path, overrides)
     recipe = FullFinetuneRecipeSingleDevice(cfg)
     recipe.setup(cfg)
@@ -183,9 +188,13 @@ def test_gradient_accumulation_equals_the_big_batch(assets, tmp_path):
     from torchtune.recipes.full_finetune_single_device import FullFinetuneRecipeSingleDevice
 
     overrides = tiny_overrides(assets, tmp_path) + [
-        "shuffle=False", "batch_size=2", "optimizer._component_=torch.optim.SGD",
-        "optimizer.lr=0.5", "optimizer.weight_decay=0.0", "dataset.max_seq_len=256",
-    ]  # fmt: skip
+        "shuffle=False",
+        "batch_size=2",
+        "optimizer._component_=torch.optim.SGD",
+        "optimizer.lr=0.5",
+        "optimizer.weight_decay=0.0",
+        "dataset.max_seq_len=256",
+    ]
     cfg = config.load_config(get_config("tiny/full").file_path, overrides)
     small, big = FullFinetuneRecipeSingleDevice(cfg), FullFinetuneRecipeSingleDevice(cfg)
     small.setup(cfg)
@@ -223,10 +232,15 @@ def test_bf16_on_cuda_with_activation_checkpointing(full_run, tmp_path):
         RECIPE,
         "tiny/full",
         overrides
-        + ["device=cuda", "dtype=bf16", "enable_activation_checkpointing=True", "epochs=1",
-           f"output_dir={tmp_path}"],
+        + [
+            "device=cuda",
+            "dtype=bf16",
+            "enable_activation_checkpointing=True",
+            "epochs=1",
+            f"output_dir={tmp_path}",
+        ],
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     fp32_cpu = logged_losses(full_run[0])[:5]
     rows = read_disk_log(tmp_path)
     losses = torch.tensor([r["loss"] for r in rows], dtype=torch.float64)
@@ -241,5 +255,9 @@ def test_compile_gives_the_same_losses(full_run, tmp_path):
     """`compile=True` (torch.compile of each decoder layer) trains the same model: the 10
     logged losses agree with the eager run's within 1e-5 (fused kernels reorder float sums)."""
     _, overrides = full_run
-    run_tune(RECIPE, "tiny/full", overrides + ["compile=True", f"output_dir={tmp_path}"], cwd=tmp_path)
-    torch.testing.assert_close(logged_losses(tmp_path), logged_losses(full_run[0]), rtol=0, atol=1e-5)
+    run_tune(
+        RECIPE, "tiny/full", overrides + ["compile=True", f"output_dir={tmp_path}"], cwd=tmp_path
+    )
+    torch.testing.assert_close(
+        logged_losses(tmp_path), logged_losses(full_run[0]), rtol=0, atol=1e-5
+    )

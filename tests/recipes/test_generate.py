@@ -1,6 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """The generate recipe: greedy text equals HF's greedy ``generate`` on the same checkpoint, the
 Alpaca template, stop strings, seeded sampling, and ``tune generate`` end to end."""
+
 import importlib.util
 import os
 import subprocess
@@ -20,9 +21,14 @@ RECIPE = REPO / "torchtune" / "recipes" / "generate.py"
 TUNE = str(Path(sys.executable).parent / "tune")
 VOCAB, MAX_SEQ = 400, 256
 MODEL_KW = dict(
-    vocab_size=VOCAB, num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=64,
-    max_seq_len=MAX_SEQ, intermediate_dim=88,
-)  # fmt: skip
+    vocab_size=VOCAB,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    embed_dim=64,
+    max_seq_len=MAX_SEQ,
+    intermediate_dim=88,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -66,10 +72,18 @@ def _hf_greedy_text(assets, prompt, max_new_tokens):
     tok = llama2_tokenizer(assets["sp"])
     ids = torch.tensor([tok.encode(prompt, add_bos=True, add_eos=False)])
     with torch.no_grad():
-        out = assets["hf"].generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-            max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-        )[0, ids.shape[1]:].tolist()  # fmt: skip
+        out = (
+            assets["hf"]
+            .generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tok.eos_id,
+                pad_token_id=tok.pad_id,
+            )[0, ids.shape[1] :]
+            .tolist()
+        )
     return tok.decode(out[: out.index(tok.eos_id)] if tok.eos_id in out else out)
 
 
@@ -80,8 +94,14 @@ def _run(gen, cfg):
 
 
 def test_greedy_text_matches_hf(gen, assets, capsys):
-    cfg = _cfg(assets, prompt="the quick brown fox", instruct_template=None, temperature=0.0,
-               max_new_tokens=15, stop_strings=[])  # fmt: skip
+    cfg = _cfg(
+        assets,
+        prompt="the quick brown fox",
+        instruct_template=None,
+        temperature=0.0,
+        max_new_tokens=15,
+        stop_strings=[],
+    )
     text = _run(gen, cfg)
     assert text == _hf_greedy_text(assets, "the quick brown fox", 15)
     out = capsys.readouterr().out
@@ -92,8 +112,14 @@ def test_alpaca_template_and_stop_strings(gen, assets):
     instruction, input_ = "Add the two numbers.", "12 and 30"
     formatted = AlpacaInstructTemplate.format({"instruction": instruction, "input": input_})
     expected = _hf_greedy_text(assets, formatted, 20)
-    cfg = _cfg(assets, prompt=instruction, instruct_input=input_, temperature=0.0, max_new_tokens=20,
-               stop_strings=[])  # fmt: skip
+    cfg = _cfg(
+        assets,
+        prompt=instruction,
+        instruct_input=input_,
+        temperature=0.0,
+        max_new_tokens=20,
+        stop_strings=[],
+    )
     assert _run(gen, cfg) == expected
     stop = expected[len(expected) // 2 : len(expected) // 2 + 2]  # text the model really produces
     assert stop.strip(), expected
@@ -115,18 +141,28 @@ def test_base_plus_lora_adapter_is_merged_on_load(gen, assets, tmp_path):
     from torchtune.models.llama2 import hf_to_tune, lora_llama2
 
     torch.manual_seed(5)
-    lora = lora_llama2(["q_proj", "k_proj", "output_proj"], apply_lora_to_output=True, lora_rank=2,
-                       lora_alpha=6.0, **MODEL_KW).eval()  # fmt: skip
+    lora = lora_llama2(
+        ["q_proj", "k_proj", "output_proj"],
+        apply_lora_to_output=True,
+        lora_rank=2,
+        lora_alpha=6.0,
+        **MODEL_KW,
+    ).eval()
     base = hf_to_tune(assets["hf"].state_dict(), MODEL_KW["num_heads"], MODEL_KW["num_kv_heads"])
     adapter = {k: torch.randn_like(v) * 0.1 for k, v in lora.state_dict().items() if "lora_" in k}
     lora.load_state_dict({**base, **adapter})
     save_file(adapter, tmp_path / "adapter.safetensors")
     cfg = _cfg(assets, temperature=0.0)
-    cfg.model = OmegaConf.create({
-        "_component_": "torchtune.models.llama2.lora_llama2",
-        "lora_attn_modules": ["q_proj", "k_proj", "output_proj"],
-        "apply_lora_to_output": True, "lora_rank": 2, "lora_alpha": 6.0, **MODEL_KW,
-    })  # fmt: skip
+    cfg.model = OmegaConf.create(
+        {
+            "_component_": "torchtune.models.llama2.lora_llama2",
+            "lora_attn_modules": ["q_proj", "k_proj", "output_proj"],
+            "apply_lora_to_output": True,
+            "lora_rank": 2,
+            "lora_alpha": 6.0,
+            **MODEL_KW,
+        }
+    )
     cfg.checkpointer.adapter_checkpoint = str(tmp_path / "adapter.safetensors")
     recipe = gen.GenerateRecipe(cfg)
     recipe.setup(cfg)
@@ -165,8 +201,12 @@ def test_tune_generate_cli(assets, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [TUNE, "generate", "--config", "tiny/generate", *overrides],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith(_hf_greedy_text(assets, "hello world", 10) + "\n"), proc.stdout
     assert "tokens/s" in proc.stdout

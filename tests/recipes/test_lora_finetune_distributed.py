@@ -1,23 +1,24 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """``tune --nproc_per_node 2 lora_finetune_distributed`` on CPU (gloo) against the single-device
 LoRA recipe with the same global batch and the same starting adapter; fresh adapters; resume."""
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from tests.recipes.single_device_utils import (
+    VOCAB_SIZE,
     build_tiny_assets,
     logged_losses,
     read_disk_log,
     run_tune,
     tiny_overrides,
-    VOCAB_SIZE,
 )
 from tests.recipes.test_full_finetune_distributed import (
-    assert_same_weights,
     PER_RANK_BATCH,
-    run_tune_distributed,
     WORLD_SIZE,
+    assert_same_weights,
+    run_tune_distributed,
 )
 from torchtune.models.llama2 import lora_llama2
 from torchtune.modules.peft import get_adapter_params
@@ -51,10 +52,17 @@ def assets(tmp_path_factory):
     # A starting adapter with nonzero B, so loading it (not only A) shows in the losses.
     torch.manual_seed(11)
     model = lora_llama2(
-        ["q_proj", "k_proj", "v_proj"], vocab_size=VOCAB_SIZE, num_layers=3, num_heads=4,
-        num_kv_heads=2, embed_dim=64, intermediate_dim=88, max_seq_len=256, lora_rank=4,
+        ["q_proj", "k_proj", "v_proj"],
+        vocab_size=VOCAB_SIZE,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=64,
+        intermediate_dim=88,
+        max_seq_len=256,
+        lora_rank=4,
         lora_alpha=8,
-    )  # fmt: skip
+    )
     adapter = {k: torch.randn_like(v) * 0.02 for k, v in get_adapter_params(model).items()}
     save_file(adapter, root / "start_adapter.safetensors")
     assets.adapter = root / "start_adapter.safetensors"
@@ -107,18 +115,24 @@ def test_fresh_adapters_start_from_the_base_model(assets, tmp_path):
     The fresh draw does not depend on the number of ranks: 1 rank x 4 = 2 ranks x 2."""
     three_steps = ["epochs=1", "max_steps_per_epoch=3"]
     run_tune_distributed(
-        RECIPE, "tiny/lora_distributed",
-        _overrides(assets, tmp_path / "d2", True, adapter=False) + three_steps, cwd=tmp_path,
-    )  # fmt: skip
+        RECIPE,
+        "tiny/lora_distributed",
+        _overrides(assets, tmp_path / "d2", True, adapter=False) + three_steps,
+        cwd=tmp_path,
+    )
     run_tune_distributed(
-        RECIPE, "tiny/lora_distributed",
-        _overrides(assets, tmp_path / "d1", False, adapter=False) + three_steps, cwd=tmp_path,
+        RECIPE,
+        "tiny/lora_distributed",
+        _overrides(assets, tmp_path / "d1", False, adapter=False) + three_steps,
+        cwd=tmp_path,
         launcher=["--nnodes", "1", "--nproc_per_node", "1"],
-    )  # fmt: skip
+    )
     run_tune(
-        "lora_finetune_single_device", "tiny/lora",
-        _overrides(assets, tmp_path / "s", False, adapter=False) + ONE_STEP, cwd=tmp_path,
-    )  # fmt: skip
+        "lora_finetune_single_device",
+        "tiny/lora",
+        _overrides(assets, tmp_path / "s", False, adapter=False) + ONE_STEP,
+        cwd=tmp_path,
+    )
     two_ranks, one_rank = logged_losses(tmp_path / "d2"), logged_losses(tmp_path / "d1")
     torch.testing.assert_close(two_ranks, one_rank, rtol=0, atol=1e-4)
     torch.testing.assert_close(two_ranks[:1], logged_losses(tmp_path / "s"), rtol=0, atol=1e-5)
@@ -156,12 +170,18 @@ def test_resume_gives_identical_second_epoch(dist_run, tmp_path):
 @pytest.mark.gpu
 def test_nccl_bf16_on_one_gpu(assets, tmp_path):
     overrides = _overrides(assets, tmp_path, True) + [
-        "epochs=1", "device=cuda", "dtype=bf16", "enable_activation_checkpointing=True",
-    ]  # fmt: skip
+        "epochs=1",
+        "device=cuda",
+        "dtype=bf16",
+        "enable_activation_checkpointing=True",
+    ]
     run_tune_distributed(
-        RECIPE, "tiny/lora_distributed", overrides, cwd=tmp_path,
+        RECIPE,
+        "tiny/lora_distributed",
+        overrides,
+        cwd=tmp_path,
         launcher=["--nnodes", "1", "--nproc_per_node", "1"],
-    )  # fmt: skip
+    )
     losses = logged_losses(tmp_path)
     assert len(losses) == 5 and torch.isfinite(losses).all()
     saved = load_file(tmp_path / "epoch_0" / "adapter.safetensors")

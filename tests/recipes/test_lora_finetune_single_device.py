@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """End-to-end tests of ``tune lora_finetune_single_device`` on a tiny model, on CPU."""
+
 import json
 from pathlib import Path
 
@@ -157,8 +158,10 @@ def test_exports_load_in_peft_and_transformers(lora_run, assets):
     adapter = load_file(epoch_dir / "adapter.safetensors")
     assert set(adapter) == {
         f"layers.{i}.attn.{p}.lora_{ab}.weight"
-        for i in range(3) for p in ("q_proj", "k_proj", "v_proj") for ab in "ab"
-    }  # fmt: skip
+        for i in range(3)
+        for p in ("q_proj", "k_proj", "v_proj")
+        for ab in "ab"
+    }
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_b" in k)  # trained
     ours = _our_lora_model(_cfg(overrides), adapter)
     tokens = torch.randint(0, 400, (2, 23), generator=torch.Generator().manual_seed(0))
@@ -217,10 +220,17 @@ def test_tiny_config_runs_on_bundled_assets(tmp_path):
 def test_mlp_and_output_adapters_export_to_peft(assets, tmp_path):
     from peft import PeftModel
 
-    overrides = tiny_overrides(assets, tmp_path) + RUN_OVERRIDES + [
-        "epochs=1", "max_steps_per_epoch=2", "model.lora_attn_modules=[output_proj]",
-        "model.apply_lora_to_mlp=True", "model.apply_lora_to_output=True",
-    ]  # fmt: skip
+    overrides = (
+        tiny_overrides(assets, tmp_path)
+        + RUN_OVERRIDES
+        + [
+            "epochs=1",
+            "max_steps_per_epoch=2",
+            "model.lora_attn_modules=[output_proj]",
+            "model.apply_lora_to_mlp=True",
+            "model.apply_lora_to_output=True",
+        ]
+    )
     run_tune(RECIPE, "tiny/lora", overrides, cwd=tmp_path)
     adapter_dir = tmp_path / "epoch_0" / "adapter"
     peft_config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -242,5 +252,7 @@ def test_compile_gives_the_same_losses(lora_run, tmp_path):
     """`compile=True` (torch.compile of each decoder layer, LoRA layers inside) trains the same
     adapters: the 10 logged losses agree with the eager run's within 1e-5."""
     out, overrides = lora_run
-    run_tune(RECIPE, "tiny/lora", overrides + ["compile=True", f"output_dir={tmp_path}"], cwd=tmp_path)
+    run_tune(
+        RECIPE, "tiny/lora", overrides + ["compile=True", f"output_dir={tmp_path}"], cwd=tmp_path
+    )
     torch.testing.assert_close(logged_losses(tmp_path), logged_losses(out), rtol=0, atol=1e-5)

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """The single-device configs validate, share one key set, and the sibling recipes do not drift."""
+
 import inspect
 import subprocess
 import sys
@@ -14,12 +15,29 @@ from torchtune.recipes.full_finetune_single_device import FullFinetuneRecipeSing
 from torchtune.recipes.lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
 
 TRAINING_KEYS = {
-    "model", "tokenizer", "checkpointer", "resume_from_checkpoint", "dataset", "seed", "shuffle",
-    "batch_size", "optimizer", "lr_scheduler", "loss", "epochs", "max_steps_per_epoch",
-    "gradient_accumulation_steps", "clip_grad_norm", "device", "dtype",
-    "enable_activation_checkpointing", "compile", "metric_logger", "log_every_n_steps",
+    "model",
+    "tokenizer",
+    "checkpointer",
+    "resume_from_checkpoint",
+    "dataset",
+    "seed",
+    "shuffle",
+    "batch_size",
+    "optimizer",
+    "lr_scheduler",
+    "loss",
+    "epochs",
+    "max_steps_per_epoch",
+    "gradient_accumulation_steps",
+    "clip_grad_norm",
+    "device",
+    "dtype",
+    "enable_activation_checkpointing",
+    "compile",
+    "metric_logger",
+    "log_every_n_steps",
     "output_dir",
-}  # fmt: skip
+}
 
 
 def assert_training_keys(name, cfg):
@@ -60,8 +78,10 @@ def test_tune_validate_cli_on_7b_lora():
     tune = Path(sys.executable).parent / "tune"
     proc = subprocess.run(
         [str(tune), "validate", "--config", "llama2/7B_lora_single_device"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "config is valid" in proc.stdout
 
@@ -81,9 +101,18 @@ def test_readme_configs_equal_their_llama2_7b_twins(readme_name, model_name):
 
 @pytest.mark.parametrize(
     "method",
-    ["train", "_loss_sum", "_setup_data", "_count_steps_per_epoch", "_setup_lr_scheduler",
-     "_recipe_state", "_check_recipe_state", "_load_checkpoint", "cleanup"],
-)  # fmt: skip
+    [
+        "train",
+        "_loss_sum",
+        "_setup_data",
+        "_count_steps_per_epoch",
+        "_setup_lr_scheduler",
+        "_recipe_state",
+        "_check_recipe_state",
+        "_load_checkpoint",
+        "cleanup",
+    ],
+)
 def test_sibling_recipes_share_their_common_parts(method):
     full = inspect.getsource(getattr(FullFinetuneRecipeSingleDevice, method))
     lora = inspect.getsource(getattr(LoRAFinetuneRecipeSingleDevice, method))

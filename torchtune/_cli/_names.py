@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Turning the recipe and config names a user types into files."""
+
 import os
 from pathlib import Path
 
@@ -21,7 +22,9 @@ def _looks_like_path(name: str, suffixes) -> bool:
 def _unknown(kind: str, name: str, candidates) -> CLIError:
     matches = registry.close_matches(name, candidates)
     hint = f" Did you mean: {', '.join(matches)}?" if matches else ""
-    return CLIError(f"unknown {kind} '{name}'.{hint} Run 'tune ls' to see the packaged recipes and configs.")
+    return CLIError(
+        f"unknown {kind} '{name}'.{hint} Run 'tune ls' to see the packaged recipes and configs."
+    )
 
 
 def _packaged(kind: str, name: str, path: Path) -> Path:
@@ -71,5 +74,7 @@ def resolve_config(name: str) -> Path:
     if name.endswith((".yaml", ".yml")):
         matches = registry.close_matches(name, registry.config_names())
         hint = f" Packaged configs with a similar name: {', '.join(matches)}." if matches else ""
-        raise CLIError(f"config file not found: {name}.{hint} Run 'tune ls' to see the packaged configs.")
+        raise CLIError(
+            f"config file not found: {name}.{hint} Run 'tune ls' to see the packaged configs."
+        )
     raise _unknown("config", name, registry.config_names())

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """``tune cp``: copy a packaged recipe or config somewhere to edit it."""
+
 import argparse
 import os
 import shutil
@@ -57,7 +58,9 @@ def _source(name: str, destination: str) -> Path:
             )
     found = recipe or config
     if found is None:
-        candidates = [f"{r}.py" for r in registry.recipe_names()] + [f"{c}.yaml" for c in registry.config_names()]
+        candidates = [f"{r}.py" for r in registry.recipe_names()] + [
+            f"{c}.yaml" for c in registry.config_names()
+        ]
         matches = registry.close_matches(name, candidates) or registry.close_matches(
             stem, registry.recipe_names() + registry.config_names()
         )

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """``tune download``: fetch a model repository from the Hugging Face Hub."""
+
 import argparse
 import os
 import sys
@@ -26,10 +27,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--ignore-patterns '*.safetensors'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("repo_id", nargs="?", default=None, metavar="repo-id", help="e.g. meta-llama/Llama-2-7b-hf")
-    parser.add_argument("--repo-id", dest="repo_id_option", default=None, metavar="REPO_ID", help="same as the positional repo-id")
-    parser.add_argument("--output-dir", required=True, type=Path, help="folder to download into (created if missing)")
-    parser.add_argument("--hf-token", default=None, metavar="TOKEN", help="Hugging Face token (default: $HF_TOKEN)")
+    parser.add_argument(
+        "repo_id", nargs="?", default=None, metavar="repo-id", help="e.g. meta-llama/Llama-2-7b-hf"
+    )
+    parser.add_argument(
+        "--repo-id",
+        dest="repo_id_option",
+        default=None,
+        metavar="REPO_ID",
+        help="same as the positional repo-id",
+    )
+    parser.add_argument(
+        "--output-dir",
+        required=True,
+        type=Path,
+        help="folder to download into (created if missing)",
+    )
+    parser.add_argument(
+        "--hf-token", default=None, metavar="TOKEN", help="Hugging Face token (default: $HF_TOKEN)"
+    )
     parser.add_argument(
         "--ignore-patterns",
         action="append",
@@ -48,8 +64,11 @@ def _network_errors() -> Tuple[Type[BaseException], ...]:
         TimeoutError,
     ]
     # The Hub client's HTTP library differs between huggingface_hub versions.
-    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
-                          ("requests.exceptions", ("ConnectionError", "Timeout"))):
+    for module, names in (
+        ("httpx2", ("TransportError",)),
+        ("httpx", ("TransportError",)),
+        ("requests.exceptions", ("ConnectionError", "Timeout")),
+    ):
         try:
             mod = __import__(module, fromlist=list(names))
         except ImportError:
@@ -59,7 +78,9 @@ def _network_errors() -> Tuple[Type[BaseException], ...]:
 
 
 def _explain(error: BaseException, repo_id: str, output_dir: Path, has_token: bool) -> str:
-    token_state = "a token was given" if has_token else "no token was given (no --hf-token and no HF_TOKEN)"
+    token_state = (
+        "a token was given" if has_token else "no token was given (no --hf-token and no HF_TOKEN)"
+    )
     if isinstance(error, hf_errors.GatedRepoError):
         return (
             f"'{repo_id}' is a gated repository and {token_state}, or that token's account has "
@@ -107,10 +128,14 @@ def main(argv: List[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.repo_id and args.repo_id_option and args.repo_id != args.repo_id_option:
-        parser.error("give the repo id once: positionally or with --repo-id, not two different ones")
+        parser.error(
+            "give the repo id once: positionally or with --repo-id, not two different ones"
+        )
     repo_id = args.repo_id or args.repo_id_option
     if not repo_id:
-        parser.error("the following arguments are required: repo-id (positionally or with --repo-id)")
+        parser.error(
+            "the following arguments are required: repo-id (positionally or with --repo-id)"
+        )
     token = args.hf_token or os.environ.get("HF_TOKEN") or None
     try:
         path = huggingface_hub.snapshot_download(
@@ -120,6 +145,8 @@ def main(argv: List[str]) -> int:
             ignore_patterns=args.ignore_patterns,
         )
     except Exception as e:  # noqa: BLE001 - every failure becomes one paragraph, no traceback
-        raise CLIError(_scrub(_explain(e, repo_id, args.output_dir, token is not None), token), code=1) from None
+        raise CLIError(
+            _scrub(_explain(e, repo_id, args.output_dir, token is not None), token), code=1
+        ) from None
     print(f"Downloaded {repo_id} to {path}", file=sys.stdout)
     return 0

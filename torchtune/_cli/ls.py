@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """``tune ls``: the packaged recipes and the configs that go with each."""
+
 import argparse
 from typing import List
 

@@ -5,6 +5,7 @@ torchrun's own argument parser splits the command line: what comes before the re
 is a torchrun option, what comes after belongs to the recipe. With no torchrun option
 the recipe runs in this process; with any, it launches through ``torch.distributed.run``.
 """
+
 import argparse
 import os
 import runpy
@@ -40,7 +41,7 @@ def _resolve_config_arg(recipe_args: List[str]) -> List[str]:
             out[i + 1] = str(resolve_config(out[i + 1]))
             break
         if arg.startswith("--config="):
-            out[i] = "--config=" + str(resolve_config(arg[len("--config="):]))
+            out[i] = "--config=" + str(resolve_config(arg[len("--config=") :]))
             break
     return out
 
@@ -93,7 +94,7 @@ def _check_config(recipe_args: List[str]) -> int:
             config, i = recipe_args[i + 1], i + 2
             continue
         if arg.startswith("--config="):
-            config = arg[len("--config="):]
+            config = arg[len("--config=") :]
         elif not arg.startswith("-"):
             overrides.append(arg)
         i += 1

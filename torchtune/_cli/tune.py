@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """The ``tune`` command: run recipes, list/copy them, download models, validate configs."""
+
 import sys
 from typing import Callable, Dict, List, Optional
 

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """``tune validate``: check a config without running anything."""
+
 import argparse
 import sys
 from typing import List
@@ -20,8 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         allow_abbrev=False,
     )
-    parser.add_argument("--config", required=True, help="a packaged config name or a path to a .yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides to check along with the config")
+    parser.add_argument(
+        "--config", required=True, help="a packaged config name or a path to a .yaml"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="overrides to check along with the config"
+    )
     return parser
 
 

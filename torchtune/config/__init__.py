@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """YAML configs: ``_component_`` instantiation, command-line overrides, validation."""
+
 from torchtune.config._errors import ConfigError, ConfigProblem, InstantiationError
 from torchtune.config._instantiate import instantiate
 from torchtune.config._overrides import apply_overrides, load_config

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Importing ``_component_`` paths and checking argument names against signatures."""
+
 import importlib
 import inspect
 from typing import Any, Callable, List, Optional
@@ -42,9 +43,7 @@ def import_component(path: Any) -> Callable:
                 continue
             raise ComponentImportError(f"importing '{name}' failed: {e}") from e
         except Exception as e:  # noqa: BLE001 - any failure inside the module is reported
-            raise ComponentImportError(
-                f"importing '{name}' failed: {type(e).__name__}: {e}"
-            ) from e
+            raise ComponentImportError(f"importing '{name}' failed: {type(e).__name__}: {e}") from e
     if module is None:
         raise ComponentImportError(f"cannot import '{path}': no module named '{parts[0]}'")
     obj: Any = module

@@ -6,19 +6,21 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from torchtune.config._component import (
-    check_argument,
+    RESERVED_KEYS,
     ComponentImportError,
+    check_argument,
     import_component,
     is_component,
     join_key,
     key_path,
-    RESERVED_KEYS,
     signature,
 )
 from torchtune.config._errors import ConfigProblem, InstantiationError
 
 
-def instantiate(config: Optional[Union[DictConfig, Dict[str, Any]]], *args: Any, **kwargs: Any) -> Any:
+def instantiate(
+    config: Optional[Union[DictConfig, Dict[str, Any]]], *args: Any, **kwargs: Any
+) -> Any:
     """Build the object described by a ``_component_`` config node.
 
     The node's other keys become keyword arguments. Values that are themselves
@@ -47,7 +49,12 @@ def instantiate(config: Optional[Union[DictConfig, Dict[str, Any]]], *args: Any,
         config = OmegaConf.create(config)
     if not isinstance(config, DictConfig):
         raise InstantiationError(
-            [ConfigProblem("", f"instantiate expects a config node with '_component_', got {type(config).__name__}")]
+            [
+                ConfigProblem(
+                    "",
+                    f"instantiate expects a config node with '_component_', got {type(config).__name__}",
+                )
+            ]
         )
     return _build_component(config, key_path(config), args, kwargs)
 
@@ -56,7 +63,9 @@ def _fail(key: str, message: str) -> InstantiationError:
     return InstantiationError([ConfigProblem(key or "<root>", message)])
 
 
-def _build_component(node: DictConfig, path: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+def _build_component(
+    node: DictConfig, path: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+) -> Any:
     if "_component_" not in node:
         keys = ", ".join(str(k) for k in node.keys())
         raise _fail(path, f"has no '_component_' key to instantiate (keys: {keys or 'none'})")
@@ -73,7 +82,9 @@ def _build_component(node: DictConfig, path: str, args: Tuple[Any, ...], kwargs:
     names = [k for k in node.keys() if k not in RESERVED_KEYS]
     for name in names:
         if isinstance(name, str) and name.startswith("_") and name.endswith("_"):
-            raise _fail(join_key(path, name), f"unknown reserved key; allowed: {', '.join(RESERVED_KEYS)}")
+            raise _fail(
+                join_key(path, name), f"unknown reserved key; allowed: {', '.join(RESERVED_KEYS)}"
+            )
         if name in kwargs:
             continue
         why = check_argument(fn, component, name)
@@ -81,7 +92,9 @@ def _build_component(node: DictConfig, path: str, args: Tuple[Any, ...], kwargs:
             raise _fail(join_key(path, name), why)
 
     # Build nested components only once this node's own argument names are known to be good.
-    call_kwargs = {name: _build_value(node, name, join_key(path, name)) for name in names if name not in kwargs}
+    call_kwargs = {
+        name: _build_value(node, name, join_key(path, name)) for name in names if name not in kwargs
+    }
     call_kwargs.update(kwargs)
 
     sig = signature(fn)

@@ -9,6 +9,7 @@ Override forms:
     ``+key.sub=value``  add a key that is neither (no check).
     ``~key.sub``        delete a key.
 """
+
 import re
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -18,10 +19,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from torchtune.config._component import (
-    check_argument,
-    ComponentImportError,
-    import_component,
     RESERVED_KEYS,
+    ComponentImportError,
+    check_argument,
+    import_component,
 )
 from torchtune.config._errors import ConfigError, ConfigProblem, did_you_mean
 
@@ -43,11 +44,15 @@ def load_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> DictCo
     except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
         raise ConfigError([ConfigProblem("", f"{path} is not valid YAML: {e}")]) from e
     if not isinstance(cfg, DictConfig):
-        raise ConfigError([ConfigProblem("", f"{path} must hold a mapping of keys at the top level")])
+        raise ConfigError(
+            [ConfigProblem("", f"{path} must hold a mapping of keys at the top level")]
+        )
     return apply_overrides(cfg, overrides, source=str(path))
 
 
-def apply_overrides(cfg: DictConfig, overrides: Sequence[str], source: Optional[str] = None) -> DictConfig:
+def apply_overrides(
+    cfg: DictConfig, overrides: Sequence[str], source: Optional[str] = None
+) -> DictConfig:
     """Return ``cfg`` with ``overrides`` applied in order; each is checked against the
     config as it stands after the ones before it.
 
@@ -122,7 +127,9 @@ def _check_key(cfg: DictConfig, key: str, raw: str) -> Optional[ConfigProblem]:
         parent = ".".join(parts[:i])
         prefix = parent + "." if parent else ""
         if isinstance(node, ListConfig):
-            return ConfigProblem(parent, f"is a list; set the whole list instead: {parent}=[...] (override '{raw}')")
+            return ConfigProblem(
+                parent, f"is a list; set the whole list instead: {parent}=[...] (override '{raw}')"
+            )
         if part in node:
             if i == len(parts) - 1:
                 return None
@@ -133,7 +140,10 @@ def _check_key(cfg: DictConfig, key: str, raw: str) -> Optional[ConfigProblem]:
             if node is None:
                 return None  # filling an empty section, e.g. lr_scheduler._component_=...
             if not isinstance(node, (DictConfig, ListConfig)):
-                return ConfigProblem(here, f"is a value ({node!r}), not a section; set it with {here}=... (override '{raw}')")
+                return ConfigProblem(
+                    here,
+                    f"is a value ({node!r}), not a section; set it with {here}=... (override '{raw}')",
+                )
             continue
         keys = [str(k) for k in node.keys() if k not in RESERVED_KEYS]
         if "_component_" in node:

@@ -48,7 +48,9 @@ def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[..., Any]:
             description=(recipe_main.__doc__ or "").strip() or None,
             allow_abbrev=False,
         )
-        parser.add_argument("--config", required=True, help="YAML config: a path or a packaged config name")
+        parser.add_argument(
+            "--config", required=True, help="YAML config: a path or a packaged config name"
+        )
         namespace, overrides = parser.parse_known_args(args)
         unknown = [a for a in overrides if a.startswith("-")]
         if unknown:

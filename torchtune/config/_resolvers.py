@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Custom ``${...}`` interpolations available in every torchtune config."""
+
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -17,7 +18,9 @@ def package_path(relative: str) -> str:
     """
     rel = Path(str(relative))
     if not str(relative) or rel.is_absolute() or ".." in rel.parts:
-        raise ValueError(f"${{pkg:...}} takes a path relative to the torchtune package, got {relative!r}")
+        raise ValueError(
+            f"${{pkg:...}} takes a path relative to the torchtune package, got {relative!r}"
+        )
     return str(PACKAGE_DIR / rel)
 
 

@@ -5,11 +5,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from torchtune.config._component import (
-    check_argument,
+    RESERVED_KEYS,
     ComponentImportError,
+    check_argument,
     import_component,
     join_key,
-    RESERVED_KEYS,
 )
 from torchtune.config._errors import ConfigError, ConfigProblem
 
@@ -50,7 +50,9 @@ def _walk(node: Union[DictConfig, ListConfig], path: str, problems: List[ConfigP
             problems.append(ConfigProblem(child_path, f"cannot resolve value: {e}"))
             continue
         # An interpolation pointing at a section is checked where that section lives.
-        if isinstance(value, (DictConfig, ListConfig)) and not OmegaConf.is_interpolation(node, key):
+        if isinstance(value, (DictConfig, ListConfig)) and not OmegaConf.is_interpolation(
+            node, key
+        ):
             _walk(value, child_path, problems)
 
 
@@ -65,10 +67,16 @@ def _check_component(node: DictConfig, path: str, problems: List[ConfigProblem])
         key_name = join_key(path, key)
         if key in RESERVED_KEYS:
             if key == "_partial_" and not isinstance(node.get(key), bool):
-                problems.append(ConfigProblem(key_name, f"must be true or false, got {node.get(key)!r}"))
+                problems.append(
+                    ConfigProblem(key_name, f"must be true or false, got {node.get(key)!r}")
+                )
             continue
         if isinstance(key, str) and key.startswith("_") and key.endswith("_"):
-            problems.append(ConfigProblem(key_name, f"unknown reserved key; allowed: {', '.join(RESERVED_KEYS)}"))
+            problems.append(
+                ConfigProblem(
+                    key_name, f"unknown reserved key; allowed: {', '.join(RESERVED_KEYS)}"
+                )
+            )
             continue
         why = check_argument(fn, component, str(key))
         if why is not None:

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Batch samples into padded tensors."""
+
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch

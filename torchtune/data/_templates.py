@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Prompt templates: turn one dataset row into the prompt text the model sees."""
+
 from typing import Any, ClassVar, Mapping, Optional, Tuple
 
 
@@ -21,7 +22,9 @@ class InstructTemplate:
         return (column_map or {}).get(field, field)
 
     @classmethod
-    def format(cls, sample: Mapping[str, Any], column_map: Optional[Mapping[str, str]] = None) -> str:
+    def format(
+        cls, sample: Mapping[str, Any], column_map: Optional[Mapping[str, str]] = None
+    ) -> str:
         """Format one row into the prompt.
 
         Args:
@@ -54,11 +57,12 @@ class AlpacaInstructTemplate(InstructTemplate):
     )
 
     @classmethod
-    def format(cls, sample: Mapping[str, Any], column_map: Optional[Mapping[str, str]] = None) -> str:
+    def format(
+        cls, sample: Mapping[str, Any], column_map: Optional[Mapping[str, str]] = None
+    ) -> str:
         instruction = sample[cls.column("instruction", column_map)]
         # CSV readers turn an empty cell into None, so None means "no input" here.
         input_ = sample.get(cls.column("input", column_map)) or ""
         if input_:
             return cls.template_with_input.format(instruction=instruction, input=input_)
         return cls.template_no_input.format(instruction=instruction)
-

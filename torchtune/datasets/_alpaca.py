@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """The Stanford Alpaca instruction dataset."""
+
 from typing import Any, Optional, Union
 
 from torchtune.data import AlpacaInstructTemplate

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Instruction-tuning datasets: a prompt template plus a response column."""
+
 import inspect
 from typing import Any, Dict, List, Mapping, Optional, Type, Union
 
@@ -87,7 +88,9 @@ class InstructDataset(Dataset):
     def _tokenize(self, row: Mapping[str, Any]) -> Dict[str, List[int]]:
         prompt = self.template.format(row, self._column_map)
         prompt_tokens = self._tokenizer.encode(prompt, add_bos=True, add_eos=False)
-        response_tokens = self._tokenizer.encode(row[self._output_column], add_bos=False, add_eos=True)
+        response_tokens = self._tokenizer.encode(
+            row[self._output_column], add_bos=False, add_eos=True
+        )
         tokens = prompt_tokens + response_tokens
         if self.train_on_input:
             labels = list(tokens)

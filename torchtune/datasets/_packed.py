@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Pack variable-length samples into fixed-length rows."""
+
 import logging
 from typing import Dict, List, Sequence, Union
 
@@ -14,7 +15,9 @@ logger = logging.getLogger(__name__)
 STRATEGIES = ("best_fit", "greedy")
 
 
-def pack_plan(lengths: Sequence[int], max_seq_len: int, strategy: str = "best_fit") -> List[List[int]]:
+def pack_plan(
+    lengths: Sequence[int], max_seq_len: int, strategy: str = "best_fit"
+) -> List[List[int]]:
     """Which samples go into which row.
 
     ``best_fit`` is best-fit decreasing over the whole dataset: samples, longest first (ties by
@@ -140,12 +143,17 @@ class PackedDataset(Dataset):
             self._close(both[0].tolist(), both[1].tolist(), [p.shape[1] for p in parts])
         if num_truncated:
             logger.warning(
-                "PackedDataset: truncated %d samples longer than %d tokens", num_truncated, max_seq_len
+                "PackedDataset: truncated %d samples longer than %d tokens",
+                num_truncated,
+                max_seq_len,
             )
         logger.info(
             "PackedDataset: packed %d samples into %d rows of %d tokens (%s)",
-            len(ds), len(self._packs), max_seq_len, strategy,
-        )  # fmt: skip
+            len(ds),
+            len(self._packs),
+            max_seq_len,
+            strategy,
+        )
 
     def _close(self, tokens: List[int], labels: List[int], seq_lens: List[int]) -> None:
         pad = self.max_seq_len - len(tokens)

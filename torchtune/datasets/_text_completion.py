@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Raw text for continued pre-training."""
+
 from typing import Any, Dict, List, Optional, Union
 
 from torch.utils.data import Dataset

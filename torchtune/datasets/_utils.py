@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Loading and validating Hugging Face datasets."""
+
 import importlib
 import logging
 from typing import Any, Dict, List, Optional
@@ -85,7 +86,10 @@ def validate_columns(
         raise ValueError(f"{source}: all {len(ds)} rows are bad (columns {list(columns)})")
     logger.warning(
         "%s: skipped %d of %d rows with missing, non-string or empty values (first: row %d)",
-        source, len(bad_rows), len(ds), min(bad_rows),
+        source,
+        len(bad_rows),
+        len(ds),
+        min(bad_rows),
     )
     return [i for i in range(len(ds)) if i not in bad_rows]
 

@@ -84,8 +84,10 @@ class RotaryPositionalEmbeddings(nn.Module):
         # [pos, h_d/2] complex cos + i*sin: one vectorised complex multiply, forward and
         # backward, instead of strided pair arithmetic and a stack (~8x faster on CPU).
         freqs = torch.view_as_complex(self.cache)
-        freqs = freqs[:s].view(1, s, 1, h_d // 2) if input_pos is None else (
-            freqs[input_pos].view(b, s, 1, h_d // 2)
+        freqs = (
+            freqs[:s].view(1, s, 1, h_d // 2)
+            if input_pos is None
+            else (freqs[input_pos].view(b, s, 1, h_d // 2))
         )
         x_c = torch.view_as_complex(x.float().reshape(b, s, n_h, h_d // 2, 2))
         return torch.view_as_real(x_c * freqs).flatten(3).type_as(x)

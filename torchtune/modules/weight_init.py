@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Weight init for training a decoder from scratch (fine-tuning loads a checkpoint instead)."""
+
 import math
 from typing import Optional
 

@@ -13,6 +13,7 @@ harness's results table goes to stdout and its results JSON to ``output_dir``.
 
 lm-eval is the optional extra ``eval``: ``pip install -e ".[eval]"`` (or ``pip install lm-eval``).
 """
+
 import json
 import logging
 import sys
@@ -123,7 +124,9 @@ class TorchTuneLM(TemplateLM):
     def device(self) -> torch.device:
         return self._device
 
-    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> List[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: Optional[bool] = None, **kwargs
+    ) -> List[int]:
         add_bos = self._add_bos if add_special_tokens is None else add_special_tokens
         return self._tokenizer.encode(string, add_bos=add_bos, add_eos=False)
 
@@ -200,7 +203,7 @@ class TorchTuneLM(TemplateLM):
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         out: List[Optional[str]] = [None] * len(requests)
-        for key, idx in groups.items():
+        for idx in groups.values():
             until, max_gen, sampling = self._parse_gen_kwargs(requests[idx[0]].args[1])
             max_ctx = self.max_length - max_gen
             if max_ctx < 1:
@@ -211,7 +214,7 @@ class TorchTuneLM(TemplateLM):
             prompts = {i: self.tok_encode(requests[i].args[0])[-max_ctx:] for i in idx}
             idx = sorted(idx, key=lambda i: -len(prompts[i]))
 
-            def stop_fn(toks: List[int]) -> bool:
+            def stop_fn(toks: List[int], until=until) -> bool:
                 text = self.tok_decode(toks)
                 return any(s in text for s in until)
 
@@ -234,7 +237,9 @@ class TorchTuneLM(TemplateLM):
                     out[i] = text
         return out
 
-    def _parse_gen_kwargs(self, gen_kwargs: Dict[str, Any]) -> Tuple[List[str], int, Dict[str, Any]]:
+    def _parse_gen_kwargs(
+        self, gen_kwargs: Dict[str, Any]
+    ) -> Tuple[List[str], int, Dict[str, Any]]:
         kwargs = dict(gen_kwargs)
         until = kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
@@ -262,9 +267,12 @@ def merge_lora_in_place(model: nn.Module) -> nn.Module:
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 linear = nn.Linear(
-                    child.in_dim, child.out_dim, bias=child.bias is not None,
-                    device=child.weight.device, dtype=child.weight.dtype,
-                )  # fmt: skip
+                    child.in_dim,
+                    child.out_dim,
+                    bias=child.bias is not None,
+                    device=child.weight.device,
+                    dtype=child.weight.dtype,
+                )
                 setattr(module, child_name, linear)
     model.load_state_dict(merged)
     return model
@@ -308,7 +316,9 @@ class EleutherEvalRecipe:
         if isinstance(tasks, str):
             tasks = [tasks]
         if not isinstance(tasks, (list, ListConfig)) or not tasks:
-            raise ValueError(f"Config key 'tasks' must be a non-empty list of task names, got {tasks!r}")
+            raise ValueError(
+                f"Config key 'tasks' must be a non-empty list of task names, got {tasks!r}"
+            )
         self._tasks = [str(t) for t in tasks]
         if cfg.limit is not None and float(cfg.limit) <= 0:
             raise ValueError(f"Config key 'limit' must be > 0 or null, got {cfg.limit}")
@@ -375,7 +385,9 @@ class EleutherEvalRecipe:
         include = self._include_path
         if include is not None and not isinstance(include, str):
             include = [str(p) for p in include]
-        task_manager = TaskManager(include_path=include, include_defaults=self._include_default_tasks)
+        task_manager = TaskManager(
+            include_path=include, include_defaults=self._include_default_tasks
+        )
         tracker = EvaluationTracker(output_path=str(self._output_dir / "eval_results.json"))
         t0 = time.perf_counter()
         results = simple_evaluate(

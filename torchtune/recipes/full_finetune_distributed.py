@@ -27,6 +27,7 @@ epoch_N checkpointer.recipe_checkpoint=recipe_state.pt resume_from_checkpoint=Tr
 A rank that raises logs and re-raises ``rank N: <error>``; torchrun then stops the others.
 Collectives give up after 10 minutes (``utils.init_distributed``'s timeout).
 """
+
 import logging
 import os
 import sys
@@ -165,8 +166,11 @@ class FullFinetuneRecipeDistributed:
         n_params = sum(p.numel() for p in model.parameters())  # DTensor numel is the full size
         log.info(
             "Model: %.1fM parameters, sharded over %d ranks, computing in %s on %s",
-            n_params / 1e6, self._world_size, self._dtype, self._device.type,
-        )  # fmt: skip
+            n_params / 1e6,
+            self._world_size,
+            self._dtype,
+            self._device.type,
+        )
         return model
 
     def _setup_optimizer(
@@ -194,8 +198,11 @@ class FullFinetuneRecipeDistributed:
         loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate)
         log.info(
             "Dataset: %d samples, %d batches of %d per rank, %d ranks",
-            len(ds), len(loader), batch_size, self._world_size,
-        )  # fmt: skip
+            len(ds),
+            len(loader),
+            batch_size,
+            self._world_size,
+        )
         return sampler, loader
 
     def _count_steps_per_epoch(self) -> int:

@@ -14,6 +14,7 @@ plus, except after the last epoch, ``recipe_state.pt`` (optimizer, epoch, seed, 
 resume, point the checkpointer at that folder: ``checkpointer.checkpoint_dir=<output_dir>/epoch_N
 checkpointer.recipe_checkpoint=recipe_state.pt resume_from_checkpoint=True``.
 """
+
 import logging
 import sys
 import time

@@ -11,6 +11,7 @@ of that template. Decoding is greedy with ``temperature: 0`` and samples otherwi
 ``top_p``, reproducible through ``seed``). It stops at EOS, at any of ``stop_strings`` or after
 ``max_new_tokens``. The generated text goes to stdout, followed by the speed in tokens/s.
 """
+
 import logging
 import sys
 import time
@@ -31,15 +32,24 @@ def _merge_lora_in_place(model: nn.Module) -> nn.Module:
     lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
     ranks, alphas = {m.rank for m in lora}, {m.alpha for m in lora}
     if len(ranks) != 1 or len(alphas) != 1:
-        raise ValueError(f"LoRA layers must share one rank and alpha to merge, got {ranks}, {alphas}")
+        raise ValueError(
+            f"LoRA layers must share one rank and alpha to merge, got {ranks}, {alphas}"
+        )
     merged = get_merged_lora_ckpt(model.state_dict(), ranks.pop(), alphas.pop())
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
-                setattr(module, name, nn.Linear(
-                    child.in_dim, child.out_dim, bias=child.bias is not None,
-                    device=child.weight.device, dtype=child.weight.dtype,
-                ))  # fmt: skip
+                setattr(
+                    module,
+                    name,
+                    nn.Linear(
+                        child.in_dim,
+                        child.out_dim,
+                        bias=child.bias is not None,
+                        device=child.weight.device,
+                        dtype=child.weight.dtype,
+                    ),
+                )
     model.load_state_dict(merged)
     return model
 
@@ -67,7 +77,9 @@ class GenerateRecipe:
         if self._max_new_tokens < 1:
             raise ValueError(f"Config key 'max_new_tokens' must be >= 1, got {cfg.max_new_tokens}")
         if self._temperature < 0:
-            raise ValueError(f"Config key 'temperature' must be >= 0 (0 = greedy), got {cfg.temperature}")
+            raise ValueError(
+                f"Config key 'temperature' must be >= 0 (0 = greedy), got {cfg.temperature}"
+            )
         if self._top_k is not None and self._top_k < 1:
             raise ValueError(f"Config key 'top_k' must be >= 1 or null, got {cfg.top_k}")
         if self._top_p is not None and not 0 < self._top_p <= 1:
@@ -96,7 +108,9 @@ class GenerateRecipe:
                 f"checkpointer.adapter_checkpoint is {'not ' if adapter_sd is None else ''}set; a LoRA "
                 "model needs its adapter file, a base model builder needs none"
             )
-        missing, unexpected = model.load_state_dict({**model_sd, **(adapter_sd or {})}, strict=False)
+        missing, unexpected = model.load_state_dict(
+            {**model_sd, **(adapter_sd or {})}, strict=False
+        )
         if missing or unexpected:
             raise ValueError(
                 f"Checkpoint does not fit model '{cfg_model._component_}': missing {sorted(missing)}, "

@@ -23,6 +23,7 @@ after the base model's own (discarded) initialisation, so the two start from dif
 ``lora_a`` (the first step's loss is the same: ``lora_b`` is zero); start both from the same
 ``adapter_checkpoint`` for identical runs.
 """
+
 import logging
 import math
 import os
@@ -187,8 +188,12 @@ class LoRAFinetuneRecipeDistributed:
         log.info(
             "Model: %.1fM parameters (%.2fM trainable), sharded over %d ranks, computing in "
             "%s on %s",
-            n_params / 1e6, n_train / 1e6, self._world_size, self._dtype, self._device.type,
-        )  # fmt: skip
+            n_params / 1e6,
+            n_train / 1e6,
+            self._world_size,
+            self._dtype,
+            self._device.type,
+        )
         return model
 
     def _fresh_adapters(self, model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -228,8 +233,11 @@ class LoRAFinetuneRecipeDistributed:
         loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate)
         log.info(
             "Dataset: %d samples, %d batches of %d per rank, %d ranks",
-            len(ds), len(loader), batch_size, self._world_size,
-        )  # fmt: skip
+            len(ds),
+            len(loader),
+            batch_size,
+            self._world_size,
+        )
         return sampler, loader
 
     def _count_steps_per_epoch(self) -> int:

@@ -17,6 +17,7 @@ last epoch, ``recipe_state.pt``. To resume, keep the base checkpoint and add
 ``checkpointer.adapter_checkpoint=<output_dir>/epoch_N/adapter.safetensors
 checkpointer.recipe_checkpoint=<output_dir>/epoch_N/recipe_state.pt resume_from_checkpoint=True``.
 """
+
 import logging
 import sys
 import time
@@ -165,8 +166,11 @@ class LoRAFinetuneRecipeSingleDevice:
         n_train = sum(p.numel() for p in self._adapter_params.values())
         log.info(
             "Model: %.1fM parameters (%.2fM trainable) in %s on %s",
-            n_params / 1e6, n_train / 1e6, self._dtype, self._device,
-        )  # fmt: skip
+            n_params / 1e6,
+            n_train / 1e6,
+            self._dtype,
+            self._device,
+        )
         return model
 
     def _setup_optimizer(

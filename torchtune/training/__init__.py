@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Pieces the training recipes share: the loss, the next-token loss of a batch, the lr schedule."""
+
 from torchtune.training._linear_ce import LinearCrossEntropyLoss
 from torchtune.training._loss import ChunkedCrossEntropyLoss
 from torchtune.training._lr_schedulers import get_cosine_schedule_with_warmup

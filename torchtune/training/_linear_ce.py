@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Output projection and token cross-entropy in one pass over chunks: no full logits, ever."""
+
 from typing import List, Optional, Tuple
 
 import torch
@@ -63,9 +64,7 @@ def _linear_chunks(h_chunks, label_chunks, linear, ignore_index, grad_hidden, gr
             logits = torch.mm(h_chunk, weight.t(), out=out)
         else:  # one rounding, like F.linear
             logits = torch.addmm(bias, h_chunk, weight.t(), out=out)
-        loss, grad_logits = _chunk_loss_and_logit_grad(
-            logits, label_chunk, ignore_index, want_grad
-        )
+        loss, grad_logits = _chunk_loss_and_logit_grad(logits, label_chunk, ignore_index, want_grad)
         total += loss
         if grad_hidden is not None:
             torch.mm(grad_logits, weight, out=grad_hidden[start:end])
@@ -97,9 +96,7 @@ def _module_chunks(
         with torch.enable_grad():
             h_leaf = h_chunk.detach().requires_grad_(want_hidden)
             logits = projection(h_leaf)  # [c, vocab]
-        loss, grad_logits = _chunk_loss_and_logit_grad(
-            logits, label_chunk, ignore_index, want_grad
-        )
+        loss, grad_logits = _chunk_loss_and_logit_grad(logits, label_chunk, ignore_index, want_grad)
         total += loss
         if want_grad:
             inputs = ([h_leaf] if want_hidden else []) + list(params)

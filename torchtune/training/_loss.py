@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Token cross-entropy that never holds a whole batch's fp32 logits at once."""
+
 from typing import Tuple
 
 import torch

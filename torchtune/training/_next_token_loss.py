@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """The training recipes' loss of one micro-batch: logits at ``t`` predict ``labels[:, t + 1]``."""
+
 from typing import Dict, Optional, Tuple
 
 import torch

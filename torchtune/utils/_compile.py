@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Opt-in ``torch.compile`` of the decoder layers (the recipes' ``compile: true``)."""
+
 from typing import Tuple, Type
 
 from torch import nn

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Pick the device and the training dtype, refusing combinations the hardware cannot run."""
+
 import contextlib
 from typing import Iterator, Optional, Union
 

@@ -7,6 +7,7 @@ as *full* state dicts only on rank 0 (read from, or written to, the checkpoint f
 broadcast or gathered one tensor at a time, so no rank holds more than one full copy of the
 model in CPU memory and none ever holds one on a GPU.
 """
+
 import functools
 import logging
 import os
@@ -114,9 +115,9 @@ def shard_model(
     from torch.distributed.device_mesh import init_device_mesh
 
     try:
-        from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
-        from torch.distributed._composable.fsdp import fully_shard, MixedPrecisionPolicy
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
     world_size, _ = get_world_size_and_rank()
     mesh = init_device_mesh(device.type, (world_size,))
@@ -148,7 +149,7 @@ def load_from_full_state_dict(
     Raises:
         ValueError: (on every rank) if rank 0's keys do not fit the model when ``strict``.
     """
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, StateDictOptions
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     _, rank = get_world_size_and_rank()
     problem = [None]
@@ -178,7 +179,7 @@ def gather_full_state_dict(
     Returns:
         ``{native key: CPU tensor}`` on rank 0, ``{}`` elsewhere.
     """
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = get_model_state_dict(model, options=options)
@@ -201,7 +202,7 @@ def gather_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimiz
     parameter's index over the groups), so single-device and distributed recipes resume from
     each other's ``recipe_state.pt``. Every rank must call this.
     """
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, StateDictOptions
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     by_name = get_optimizer_state_dict(model, optimizer, options=options)  # keyed by name
@@ -230,7 +231,7 @@ def load_optimizer_state_dict(
     Raises:
         ValueError: (on every rank) if the groups or parameter counts do not match.
     """
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     _, rank = get_world_size_and_rank()
     names = _optimizer_param_names(model, optimizer)

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Batched autoregressive generation with left padding and the KV cache."""
+
 from typing import Callable, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -94,7 +95,9 @@ def _as_rows(prompts: Union[torch.Tensor, Sequence[Sequence[int]]]) -> List[List
         if prompts.dim() == 1:
             prompts = prompts.unsqueeze(0)
         if prompts.dim() != 2:
-            raise ValueError(f"prompts tensor must be [s] or [b, s], got shape {tuple(prompts.shape)}")
+            raise ValueError(
+                f"prompts tensor must be [s] or [b, s], got shape {tuple(prompts.shape)}"
+            )
         return prompts.tolist()
     rows = [[int(t) for t in row] for row in prompts]
     if not rows:
@@ -195,7 +198,9 @@ def generate(
             model.setup_caches(batch_size=b, dtype=param.dtype, max_seq_len=need)
         cache_len = model.layers[0].attn.kv_cache.max_seq_len
     elif model.caches_are_enabled():
-        raise ValueError("use_cache=False needs a model without KV caches; call model.teardown_caches()")
+        raise ValueError(
+            "use_cache=False needs a model without KV caches; call model.teardown_caches()"
+        )
 
     try:
         if use_cache:
@@ -240,7 +245,9 @@ class _CachedStepper:
         self.visible = self.slots.unsqueeze(0) < (cache_len - pads).unsqueeze(1)  # [b, cache_len]
         col = torch.arange(tokens.size(1), device=tokens.device)
         real_pos = col.unsqueeze(0) - pads.unsqueeze(1)  # [b, w]
-        parked = cache_len - pads.unsqueeze(1) + col.unsqueeze(0)  # pad j of a row -> slot L - p + j
+        parked = (
+            cache_len - pads.unsqueeze(1) + col.unsqueeze(0)
+        )  # pad j of a row -> slot L - p + j
         self.prompt_pos = torch.where(is_pad, parked, real_pos)
 
     def _mask(self, pos: torch.Tensor) -> torch.Tensor:

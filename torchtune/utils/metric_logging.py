@@ -4,6 +4,7 @@
 Each has ``log_dict(payload, step)`` and ``close()``. A recipe logs one payload per optimizer
 step it reports (``loss``, ``lr``, ``tokens_per_second``, ``peak_memory_gib``).
 """
+
 import json
 import math
 import os

@@ -8,7 +8,9 @@ def test_copy_recipe_into_missing_parent_folders(fake_package, tmp_path, monkeyp
     recipes, _, _ = fake_package
     monkeypatch.chdir(tmp_path)
     # exactly as the README writes it
-    assert main(["cp", "full_finetune_distributed.py", "my_recipe/full_finetune_distributed.py"]) == 0
+    assert (
+        main(["cp", "full_finetune_distributed.py", "my_recipe/full_finetune_distributed.py"]) == 0
+    )
     copied = tmp_path / "my_recipe" / "full_finetune_distributed.py"
     assert copied.read_bytes() == (recipes / "full_finetune_distributed.py").read_bytes()
 
@@ -18,7 +20,9 @@ def test_copy_config_into_folder_and_without_suffix(fake_package, tmp_path):
     dest = tmp_path / "cfgs"
     dest.mkdir()
     assert main(["cp", "llama2/7B_lora.yaml", str(dest)]) == 0
-    assert (dest / "7B_lora.yaml").read_bytes() == (configs / "llama2" / "7B_lora.yaml").read_bytes()
+    assert (dest / "7B_lora.yaml").read_bytes() == (
+        configs / "llama2" / "7B_lora.yaml"
+    ).read_bytes()
     assert main(["cp", "tiny/lora", str(tmp_path / "new" / "mine")]) == 0
     assert (tmp_path / "new" / "mine.yaml").read_text().startswith("# tiny/lora")
     assert main(["cp", "tiny/full", str(tmp_path / "trailing") + "/", "--make-parents"]) == 0

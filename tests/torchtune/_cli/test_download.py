@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """``tune download``; only ``huggingface_hub.snapshot_download`` (the network edge) is mocked."""
+
 import httpx2
 import huggingface_hub
 import pytest
@@ -12,7 +13,9 @@ REPO = "meta-llama/Llama-2-7b-hf"
 
 
 def _response(status: int) -> httpx2.Response:
-    return httpx2.Response(status, request=httpx2.Request("GET", f"https://hub.invalid/api/models/{REPO}"))
+    return httpx2.Response(
+        status, request=httpx2.Request("GET", f"https://hub.invalid/api/models/{REPO}")
+    )
 
 
 @pytest.fixture
@@ -36,11 +39,27 @@ def hub(monkeypatch):
 
 def test_download_passes_arguments(hub, tmp_path, capsys):
     out = tmp_path / "model"
-    argv = ["download", "--repo-id", REPO, "--output-dir", str(out), "--hf-token", TOKEN,
-            "--ignore-patterns", "*.safetensors", "--ignore-patterns", "*.bin"]
+    argv = [
+        "download",
+        "--repo-id",
+        REPO,
+        "--output-dir",
+        str(out),
+        "--hf-token",
+        TOKEN,
+        "--ignore-patterns",
+        "*.safetensors",
+        "--ignore-patterns",
+        "*.bin",
+    ]
     assert main(argv) == 0
     (call,) = hub.calls
-    assert call == {"repo_id": REPO, "local_dir": str(out), "token": TOKEN, "ignore_patterns": ["*.safetensors", "*.bin"]}
+    assert call == {
+        "repo_id": REPO,
+        "local_dir": str(out),
+        "token": TOKEN,
+        "ignore_patterns": ["*.safetensors", "*.bin"],
+    }
     captured = capsys.readouterr()
     assert f"Downloaded {REPO} to {out}" in captured.out
     assert TOKEN not in captured.out + captured.err
@@ -72,28 +91,48 @@ def test_argument_errors(hub, argv, message, capsys):
 
 
 ERRORS = [
-    (lambda: hf_errors.GatedRepoError("Access to model is restricted.", response=_response(403)),
-     ["gated repository", "Request access", "HF_TOKEN"]),
-    (lambda: hf_errors.RepositoryNotFoundError("Repository Not Found", response=_response(404)),
-     ["was not found, or it is private", "--hf-token", "HF_TOKEN"]),
-    (lambda: hf_errors.HfHubHTTPError("Invalid credentials", response=_response(401)),
-     ["refused the request", "HTTP 401", "read token", "HF_TOKEN"]),
-    (lambda: hf_errors.LocalEntryNotFoundError("Cannot find the requested files in the disk cache"),
-     ["could not reach the Hugging Face Hub", "network"]),
-    (lambda: httpx2.ConnectError("[Errno -3] Temporary failure in name resolution"),
-     ["could not reach the Hugging Face Hub", "network"]),
-    (lambda: hf_errors.HfHubHTTPError("Server error", response=_response(503)),
-     ["answered HTTP 503", "try again later"]),
-    (lambda: OSError(28, "No space left on device"),
-     ["could not write", "No space left on device"]),
-    (lambda: RuntimeError(f"unexpected header Authorization: Bearer {TOKEN}"),
-     ["downloading 'meta-llama/Llama-2-7b-hf' failed: RuntimeError", "<hf-token>"]),
+    (
+        lambda: hf_errors.GatedRepoError("Access to model is restricted.", response=_response(403)),
+        ["gated repository", "Request access", "HF_TOKEN"],
+    ),
+    (
+        lambda: hf_errors.RepositoryNotFoundError("Repository Not Found", response=_response(404)),
+        ["was not found, or it is private", "--hf-token", "HF_TOKEN"],
+    ),
+    (
+        lambda: hf_errors.HfHubHTTPError("Invalid credentials", response=_response(401)),
+        ["refused the request", "HTTP 401", "read token", "HF_TOKEN"],
+    ),
+    (
+        lambda: hf_errors.LocalEntryNotFoundError(
+            "Cannot find the requested files in the disk cache"
+        ),
+        ["could not reach the Hugging Face Hub", "network"],
+    ),
+    (
+        lambda: httpx2.ConnectError("[Errno -3] Temporary failure in name resolution"),
+        ["could not reach the Hugging Face Hub", "network"],
+    ),
+    (
+        lambda: hf_errors.HfHubHTTPError("Server error", response=_response(503)),
+        ["answered HTTP 503", "try again later"],
+    ),
+    (
+        lambda: OSError(28, "No space left on device"),
+        ["could not write", "No space left on device"],
+    ),
+    (
+        lambda: RuntimeError(f"unexpected header Authorization: Bearer {TOKEN}"),
+        ["downloading 'meta-llama/Llama-2-7b-hf' failed: RuntimeError", "<hf-token>"],
+    ),
 ]
 
 
 @pytest.mark.parametrize("make_error, phrases", ERRORS)
 @pytest.mark.parametrize("token_source", ["flag", "env"])
-def test_failures_are_one_paragraph_without_traceback_or_token(hub, tmp_path, monkeypatch, capsys, make_error, phrases, token_source):
+def test_failures_are_one_paragraph_without_traceback_or_token(
+    hub, tmp_path, monkeypatch, capsys, make_error, phrases, token_source
+):
     hub.error = make_error()
     argv = ["download", "--repo-id", REPO, "--output-dir", str(tmp_path)]
     if token_source == "flag":

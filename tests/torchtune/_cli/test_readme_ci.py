@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """README's Quickstart, the CLI table and .ci/run agree with each other and with the registry."""
+
 import re
 from pathlib import Path
 
@@ -25,7 +26,11 @@ def test_quickstart_has_two_blocks_and_second_is_the_test_command():
 def test_ci_runs_exactly_the_readme_test_command():
     test_command = _quickstart_blocks()[1].strip()
     script = (ROOT / ".ci" / "run").read_text()
-    commands = [line.strip() for line in script.splitlines() if line.strip() and not line.strip().startswith("#")]
+    commands = [
+        line.strip()
+        for line in script.splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
     assert commands[-1] == test_command
     assert script.startswith("#!/usr/bin/env bash")
 

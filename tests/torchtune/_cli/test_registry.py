@@ -1,6 +1,5 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """The registry is the single list of what ships: it and the files on disk must agree."""
-from pathlib import Path
 
 import pytest
 
@@ -31,12 +30,18 @@ def test_lookup_accepts_suffixes():
 
 @pytest.mark.parametrize("recipe", registry.RECIPES, ids=lambda r: r.name)
 def test_registered_files_exist(recipe):
-    missing = [str(p) for p in [recipe.file_path, *(c.file_path for c in recipe.configs)] if not p.is_file()]
+    missing = [
+        str(p)
+        for p in [recipe.file_path, *(c.file_path for c in recipe.configs)]
+        if not p.is_file()
+    ]
     assert missing == []
 
 
 def test_every_shipped_file_is_registered():
-    registered = {r.file_path for r in registry.RECIPES} | {c.file_path for r in registry.RECIPES for c in r.configs}
+    registered = {r.file_path for r in registry.RECIPES} | {
+        c.file_path for r in registry.RECIPES for c in r.configs
+    }
     shipped = {p for p in registry.RECIPES_DIR.glob("*.py") if p.name != "__init__.py"}
     shipped |= set(registry.CONFIGS_DIR.rglob("*.yaml"))
     assert sorted(map(str, shipped - registered)) == []

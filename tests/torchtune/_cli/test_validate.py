@@ -22,7 +22,9 @@ def test_each_problem_printed_with_key_path(tmp_path, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == f"{path}: 3 problems"
     assert lines[1].startswith("  model._component_: cannot import 'torch.nn.Linearr'")
-    assert lines[2].startswith("  optimizer.lrr: 'lrr' is not an argument of torch.optim.SGD; did you mean 'lr'?")
+    assert lines[2].startswith(
+        "  optimizer.lrr: 'lrr' is not an argument of torch.optim.SGD; did you mean 'lr'?"
+    )
     assert lines[3].startswith("  out: cannot resolve value")
 
 
@@ -38,7 +40,11 @@ def test_overrides_are_checked(recipe_files, capsys):
     "argv, code, message",
     [
         (["validate"], 2, "required: --config"),
-        (["validate", "--config", "tiny/lroa"], 2, "unknown config 'tiny/lroa'. Did you mean: tiny/lora"),
+        (
+            ["validate", "--config", "tiny/lroa"],
+            2,
+            "unknown config 'tiny/lroa'. Did you mean: tiny/lora",
+        ),
         (["validate", "--config", "nowhere/c.yaml"], 2, "config file not found: nowhere/c.yaml"),
     ],
 )

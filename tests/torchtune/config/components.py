@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Small callables that the config tests refer to by dotted path."""
+
 from typing import Any, Dict, List, Optional
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from torchtune.config import instantiate, InstantiationError
 from tests.torchtune.config.components import Pair
+from torchtune.config import InstantiationError, instantiate
 
 C = "tests.torchtune.config.components"
 
@@ -17,7 +17,9 @@ def _cfg(yaml_text: str):
 
 
 def test_builds_module_same_as_direct_call():
-    cfg = _cfg("model: {_component_: torch.nn.Linear, in_features: 5, out_features: 3, bias: false}")
+    cfg = _cfg(
+        "model: {_component_: torch.nn.Linear, in_features: 5, out_features: 3, bias: false}"
+    )
     torch.manual_seed(0)
     built = instantiate(cfg.model)
     torch.manual_seed(0)
@@ -88,8 +90,14 @@ def test_missing_component_key_names_key_path():
 @pytest.mark.parametrize(
     "component, expected",
     [
-        ("torch.nn.Linearr", r"model\._component_: cannot import 'torch\.nn\.Linearr'.*did you mean 'torch\.nn\.Linear'"),
-        ("no_such_pkg_xyz.Thing", r"model\._component_: cannot import 'no_such_pkg_xyz\.Thing': no module named"),
+        (
+            "torch.nn.Linearr",
+            r"model\._component_: cannot import 'torch\.nn\.Linearr'.*did you mean 'torch\.nn\.Linear'",
+        ),
+        (
+            "no_such_pkg_xyz.Thing",
+            r"model\._component_: cannot import 'no_such_pkg_xyz\.Thing': no module named",
+        ),
         (f"{C}.NOT_CALLABLE", r"model\._component_: .*is not callable"),
         ("not a path", r"model\._component_: 'not a path' is not a dotted import path"),
     ],
@@ -104,20 +112,29 @@ def test_module_failing_inside_its_import_is_reported(tmp_path, monkeypatch):
     (tmp_path / "broken_mod_for_tt.py").write_text("import a_dependency_that_is_missing_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = OmegaConf.create({"x": {"_component_": "broken_mod_for_tt.Thing"}})
-    with pytest.raises(InstantiationError, match=r"x\._component_: importing 'broken_mod_for_tt.*' failed.*a_dependency_that_is_missing_xyz"):
+    with pytest.raises(
+        InstantiationError,
+        match=r"x\._component_: importing 'broken_mod_for_tt.*' failed.*a_dependency_that_is_missing_xyz",
+    ):
         instantiate(cfg.x)
     sys.modules.pop("broken_mod_for_tt", None)
 
 
 def test_unknown_argument_names_key_and_nearest():
     cfg = _cfg("optimizer: {_component_: torch.optim.SGD, lrr: 0.1}")
-    with pytest.raises(InstantiationError, match=r"optimizer\.lrr: 'lrr' is not an argument of torch\.optim\.SGD; did you mean 'lr'"):
+    with pytest.raises(
+        InstantiationError,
+        match=r"optimizer\.lrr: 'lrr' is not an argument of torch\.optim\.SGD; did you mean 'lr'",
+    ):
         instantiate(cfg.optimizer, [torch.nn.Parameter(torch.ones(1))])
 
 
 def test_missing_required_argument_names_key_path():
     cfg = _cfg("optimizer: {_component_: torch.optim.SGD, lr: 0.1}")
-    with pytest.raises(InstantiationError, match=r"optimizer: arguments do not bind to torch\.optim\.SGD: missing a required argument: 'params'"):
+    with pytest.raises(
+        InstantiationError,
+        match=r"optimizer: arguments do not bind to torch\.optim\.SGD: missing a required argument: 'params'",
+    ):
         instantiate(cfg.optimizer)
 
 
@@ -131,7 +148,10 @@ def test_nested_error_names_full_path_and_outer_is_not_built():
             - {{_component_: {C}.Pair, frist: 1}}
         """
     )
-    with pytest.raises(InstantiationError, match=r"outer\.items\[1\]\.frist: 'frist' is not an argument.*did you mean 'first'"):
+    with pytest.raises(
+        InstantiationError,
+        match=r"outer\.items\[1\]\.frist: 'frist' is not an argument.*did you mean 'first'",
+    ):
         instantiate(cfg.outer)
 
 

@@ -2,7 +2,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from torchtune.config import apply_overrides, ConfigError, load_config
+from torchtune.config import ConfigError, apply_overrides, load_config
 
 C = "tests.torchtune.config.components"
 
@@ -39,7 +39,13 @@ def _problems(cfg, overrides):
 def test_values_are_typed_by_yaml(cfg):
     out = apply_overrides(
         cfg,
-        ["optimizer.lr=1e-3", "seed=7", "dataset.files=[x.json,y.json]", "model.first=null", "dataset.opts.split=true"],
+        [
+            "optimizer.lr=1e-3",
+            "seed=7",
+            "dataset.files=[x.json,y.json]",
+            "model.first=null",
+            "dataset.opts.split=true",
+        ],
     )
     assert out.optimizer.lr == 1e-3 and isinstance(out.optimizer.lr, float)
     assert out.seed == 7
@@ -49,7 +55,9 @@ def test_values_are_typed_by_yaml(cfg):
 
 
 def test_text_with_a_colon_stays_text_and_braces_make_a_mapping(cfg):
-    out = apply_overrides(cfg, ["output_dir=Reverse the words: a b", "+prompt=Q: 1 and 2", "extra.a={x: 1}"])
+    out = apply_overrides(
+        cfg, ["output_dir=Reverse the words: a b", "+prompt=Q: 1 and 2", "extra.a={x: 1}"]
+    )
     assert out.output_dir == "Reverse the words: a b"
     assert out.prompt == "Q: 1 and 2"
     assert OmegaConf.to_container(out.extra.a) == {"x": 1}
@@ -57,7 +65,9 @@ def test_text_with_a_colon_stays_text_and_braces_make_a_mapping(cfg):
 
 
 def test_key_binding_to_component_signature_is_accepted(cfg):
-    out = apply_overrides(cfg, ["model.scale=0.5", "optimizer.weight_decay=0.1", "extra.anything=3"])
+    out = apply_overrides(
+        cfg, ["model.scale=0.5", "optimizer.weight_decay=0.1", "extra.anything=3"]
+    )
     assert out.model.scale == 0.5
     assert out.optimizer.weight_decay == 0.1
     assert out.extra.anything == 3  # takes **kwargs
@@ -83,7 +93,9 @@ def test_typo_under_plain_section_suggests_full_path(cfg):
 
 
 def test_every_problem_is_reported_and_nothing_half_applied(cfg):
-    problems = _problems(cfg, ["optimzer.lr=1", "seed.x=1", "dataset.files.x=a", "noequals", "~missing"])
+    problems = _problems(
+        cfg, ["optimzer.lr=1", "seed.x=1", "dataset.files.x=a", "noequals", "~missing"]
+    )
     keys = [p.key for p in problems]
     assert keys == ["optimzer", "seed", "dataset.files", "", "missing"]
     assert "is a value (1), not a section" in problems[1].message
@@ -109,7 +121,10 @@ def test_overrides_apply_in_order_against_the_current_config(cfg):
 
 
 def test_filling_an_empty_section(cfg):
-    out = apply_overrides(cfg, ["lr_scheduler._component_=torch.optim.lr_scheduler.StepLR", "lr_scheduler.step_size=2"])
+    out = apply_overrides(
+        cfg,
+        ["lr_scheduler._component_=torch.optim.lr_scheduler.StepLR", "lr_scheduler.step_size=2"],
+    )
     assert out.lr_scheduler.step_size == 2
 
 

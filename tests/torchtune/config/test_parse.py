@@ -65,12 +65,18 @@ def test_invalid_config_fails_before_recipe_body_runs(recipe, tmp_path, capsys):
     with pytest.raises(SystemExit):
         recipe_main(["--config", str(path)])
     assert calls == []
-    assert "optimizer.momentm: 'momentm' is not an argument of torch.optim.SGD; did you mean 'momentum'?" in capsys.readouterr().err
+    assert (
+        "optimizer.momentm: 'momentm' is not an argument of torch.optim.SGD; did you mean 'momentum'?"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(
     "argv, message",
-    [([], "the following arguments are required: --config"), (["--config", "x.yaml", "--lr", "1"], "unrecognized arguments: --lr")],
+    [
+        ([], "the following arguments are required: --config"),
+        (["--config", "x.yaml", "--lr", "1"], "unrecognized arguments: --lr"),
+    ],
 )
 def test_command_line_errors_exit_2(recipe, argv, message, capsys):
     recipe_main, calls = recipe

@@ -59,15 +59,18 @@ def test_every_problem_listed_with_key_path():
 
 
 def test_pkg_interpolation_points_into_the_installed_package():
-    import torchtune
     from pathlib import Path
 
+    import torchtune
     from torchtune.config import instantiate
 
     cfg = OmegaConf.create(
         {
             "tok": "${pkg:assets/tiny/tokenizer.model}",
-            "obj": {"_component_": "tests.torchtune.config.components.Pair", "first": "${pkg:recipes/configs}"},
+            "obj": {
+                "_component_": "tests.torchtune.config.components.Pair",
+                "first": "${pkg:recipes/configs}",
+            },
             "bad": "${pkg:../outside}",
         }
     )

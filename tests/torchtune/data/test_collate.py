@@ -36,7 +36,11 @@ def test_packed_samples():
     assert out["mask"].shape == (2, 3, 3) and out["mask"].dtype == torch.bool
     assert torch.equal(out["mask"][0], mask_a)
     # The padded position attends only to itself.
-    assert out["mask"][1].tolist() == [[True, False, False], [True, True, False], [False, False, True]]
+    assert out["mask"][1].tolist() == [
+        [True, False, False],
+        [True, True, False],
+        [False, False, True],
+    ]
     assert out["labels"].tolist() == [[-100, 2, -100], [-100, 5, -100]]
 
 
@@ -44,9 +48,15 @@ def test_errors():
     with pytest.raises(ValueError, match="empty batch"):
         padded_collate([])
     with pytest.raises(ValueError, match="mix of packed"):
-        padded_collate([{"tokens": [1], "labels": [1], "mask": torch.ones(1, 1, dtype=torch.bool)},
-                        {"tokens": [1], "labels": [1]}])
+        padded_collate(
+            [
+                {"tokens": [1], "labels": [1], "mask": torch.ones(1, 1, dtype=torch.bool)},
+                {"tokens": [1], "labels": [1]},
+            ]
+        )
     with pytest.raises(ValueError, match="sample 1 of the batch"):
         padded_collate([{"tokens": [1], "labels": [1]}, {"tokens": [1, 2], "labels": [1]}])
     with pytest.raises(ValueError, match="does not match 2 tokens"):
-        padded_collate([{"tokens": [1, 2], "labels": [1, 2], "mask": torch.ones(3, 3, dtype=torch.bool)}])
+        padded_collate(
+            [{"tokens": [1, 2], "labels": [1, 2], "mask": torch.ones(3, 3, dtype=torch.bool)}]
+        )

@@ -7,7 +7,9 @@ from tests.test_utils import train_sentencepiece
 @pytest.fixture(scope="session")
 def sp_model_path(tmp_path_factory):
     # Identity normalization, as in Llama2's tokenizer.model, so decoded text shows "\n" exactly.
-    return train_sentencepiece(tmp_path_factory.mktemp("sp") / "m", normalization_rule_name="identity")
+    return train_sentencepiece(
+        tmp_path_factory.mktemp("sp") / "m", normalization_rule_name="identity"
+    )
 
 
 @pytest.fixture

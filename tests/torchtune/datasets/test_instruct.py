@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Alpaca / instruct datasets, checked token by token against plain sentencepiece."""
+
 import json
 import logging
 
@@ -25,7 +26,9 @@ NO_INPUT = (
 
 
 def _prompt(r):
-    return WITH_INPUT.format(**r) if r.get("input") else NO_INPUT.format(instruction=r["instruction"])
+    return (
+        WITH_INPUT.format(**r) if r.get("input") else NO_INPUT.format(instruction=r["instruction"])
+    )
 
 
 @pytest.fixture
@@ -42,8 +45,12 @@ def test_alpaca_tokens_and_labels(sp_model_path, alpaca_file, hf_cache, train_on
     sp = spm.SentencePieceProcessor(model_file=str(sp_model_path))
     tok = SentencePieceTokenizer(sp_model_path)
     ds = alpaca_dataset(
-        tok, source="json", data_files=str(alpaca_file), train_on_input=train_on_input,
-        max_seq_len=None, cache_dir=hf_cache,
+        tok,
+        source="json",
+        data_files=str(alpaca_file),
+        train_on_input=train_on_input,
+        max_seq_len=None,
+        cache_dir=hf_cache,
     )
     records = _records(alpaca_file)
     assert len(ds) == len(records)
@@ -69,12 +76,18 @@ def test_alpaca_tokens_and_labels(sp_model_path, alpaca_file, hf_cache, train_on
 
 def test_truncation_keeps_the_head(sp_model_path, alpaca_file, hf_cache):
     tok = SentencePieceTokenizer(sp_model_path)
-    full = alpaca_dataset(tok, source="json", data_files=str(alpaca_file), max_seq_len=None, cache_dir=hf_cache)
+    full = alpaca_dataset(
+        tok, source="json", data_files=str(alpaca_file), max_seq_len=None, cache_dir=hf_cache
+    )
     lens = [len(s["tokens"]) for s in full]
     max_seq_len = sorted(lens)[len(lens) // 2]
     cut = alpaca_dataset(
-        tok, source="json", data_files=str(alpaca_file), max_seq_len=max_seq_len,
-        train_on_input=False, cache_dir=hf_cache,
+        tok,
+        source="json",
+        data_files=str(alpaca_file),
+        max_seq_len=max_seq_len,
+        train_on_input=False,
+        cache_dir=hf_cache,
     )
     for i, n in enumerate(lens):
         s = cut[i]
@@ -104,17 +117,25 @@ def test_file_formats_give_the_same_samples(sp_model_path, alpaca_file, hf_cache
 
 
 @pytest.mark.parametrize(
-    "template", ["torchtune.data.AlpacaInstructTemplate", AlpacaInstructTemplate, AlpacaInstructTemplate()]
+    "template",
+    ["torchtune.data.AlpacaInstructTemplate", AlpacaInstructTemplate, AlpacaInstructTemplate()],
 )
 def test_instruct_dataset_column_map(sp_model_path, alpaca_file, hf_cache, tmp_path, template):
     tok = SentencePieceTokenizer(sp_model_path)
-    renamed = [{"prompt": r["instruction"], "context": r["input"], "answer": r["output"]} for r in _records(alpaca_file)]
+    renamed = [
+        {"prompt": r["instruction"], "context": r["input"], "answer": r["output"]}
+        for r in _records(alpaca_file)
+    ]
     path = tmp_path / "renamed.json"
     path.write_text(json.dumps(renamed))
     ds = instruct_dataset(
-        tok, "json", template=template,
+        tok,
+        "json",
+        template=template,
         column_map={"instruction": "prompt", "input": "context", "output": "answer"},
-        max_seq_len=512, data_files=str(path), cache_dir=hf_cache,
+        max_seq_len=512,
+        data_files=str(path),
+        cache_dir=hf_cache,
     )
     ref = alpaca_dataset(
         tok, source="json", data_files=str(alpaca_file), train_on_input=False, cache_dir=hf_cache
@@ -141,8 +162,11 @@ def test_hub_id_goes_through_load_dataset(monkeypatch, sp_model_path, alpaca_fil
 
 def test_not_a_single_split_is_an_error(monkeypatch, sp_model_path, alpaca_file):
     monkeypatch.setattr(
-        datasets, "load_dataset",
-        lambda path, **kw: datasets.DatasetDict({"train": datasets.Dataset.from_list(_records(alpaca_file))}),
+        datasets,
+        "load_dataset",
+        lambda path, **kw: datasets.DatasetDict(
+            {"train": datasets.Dataset.from_list(_records(alpaca_file))}
+        ),
     )
     with pytest.raises(ValueError, match="single map-style split"):
         alpaca_dataset(SentencePieceTokenizer(sp_model_path), split=None)
@@ -162,10 +186,22 @@ GOOD = {"instruction": "Say hi.", "input": "", "output": "hi"}
     [
         ({"instruction": "Say hi.", "input": ""}, r"row 2, column 'output' is missing"),
         ({"instruction": "Say hi.", "input": "", "output": ""}, r"row 2, column 'output' is empty"),
-        ({"instruction": "Say hi.", "input": "", "output": "  \n"}, r"row 2, column 'output' is empty"),
-        ({"instruction": "Say hi.", "input": "", "output": 7}, r"row 2, column 'output' is of type int"),
-        ({"instruction": None, "input": "", "output": "x"}, r"row 2, column 'instruction' is missing"),
-        ({"instruction": "Say hi.", "input": ["a"], "output": "x"}, r"row 2, column 'input' is of type list"),
+        (
+            {"instruction": "Say hi.", "input": "", "output": "  \n"},
+            r"row 2, column 'output' is empty",
+        ),
+        (
+            {"instruction": "Say hi.", "input": "", "output": 7},
+            r"row 2, column 'output' is of type int",
+        ),
+        (
+            {"instruction": None, "input": "", "output": "x"},
+            r"row 2, column 'instruction' is missing",
+        ),
+        (
+            {"instruction": "Say hi.", "input": ["a"], "output": "x"},
+            r"row 2, column 'input' is of type list",
+        ),
     ],
 )
 def test_bad_rows_name_row_and_column(sp_model_path, tmp_path, hf_cache, bad_row, match):
@@ -181,40 +217,84 @@ def test_missing_column_names_it(sp_model_path, tmp_path, hf_cache):
     with pytest.raises(ValueError, match=r"\['output'\] missing from every row \(row 0"):
         alpaca_dataset(tok, source="json", data_files=path, cache_dir=hf_cache)
     with pytest.raises(ValueError, match="column_map keys"):
-        instruct_dataset(tok, "json", AlpacaInstructTemplate, column_map={"answer": "response"},
-                         data_files=path, cache_dir=hf_cache)
+        instruct_dataset(
+            tok,
+            "json",
+            AlpacaInstructTemplate,
+            column_map={"answer": "response"},
+            data_files=path,
+            cache_dir=hf_cache,
+        )
 
 
 def test_bad_template_is_an_error(sp_model_path, alpaca_file, hf_cache):
     tok = SentencePieceTokenizer(sp_model_path)
     with pytest.raises(ValueError, match="torchtune.data.NoSuchTemplate"):
-        instruct_dataset(tok, "json", "torchtune.data.NoSuchTemplate", data_files=str(alpaca_file), cache_dir=hf_cache)
+        instruct_dataset(
+            tok,
+            "json",
+            "torchtune.data.NoSuchTemplate",
+            data_files=str(alpaca_file),
+            cache_dir=hf_cache,
+        )
     with pytest.raises(ValueError, match="must be an InstructTemplate"):
-        instruct_dataset(tok, "json", "torchtune.data.padded_collate", data_files=str(alpaca_file), cache_dir=hf_cache)
+        instruct_dataset(
+            tok,
+            "json",
+            "torchtune.data.padded_collate",
+            data_files=str(alpaca_file),
+            cache_dir=hf_cache,
+        )
 
 
 def test_skip_bad_rows_reports_the_count(sp_model_path, tmp_path, hf_cache, caplog):
     tok = SentencePieceTokenizer(sp_model_path)
-    rows = [GOOD, {**GOOD, "output": ""}, {**GOOD, "instruction": "Say bye.", "output": "bye"},
-            {**GOOD, "output": 3}, {"instruction": "x", "input": ""}]
+    rows = [
+        GOOD,
+        {**GOOD, "output": ""},
+        {**GOOD, "instruction": "Say bye.", "output": "bye"},
+        {**GOOD, "output": 3},
+        {"instruction": "x", "input": ""},
+    ]
     path = _write(tmp_path, rows)
     with caplog.at_level(logging.WARNING):
-        ds = alpaca_dataset(tok, source="json", data_files=path, skip_bad_rows=True, cache_dir=hf_cache)
+        ds = alpaca_dataset(
+            tok, source="json", data_files=path, skip_bad_rows=True, cache_dir=hf_cache
+        )
     assert ds.num_skipped == 3 and len(ds) == 2
     assert "skipped 3 of 5 rows" in caplog.text
     assert tok.decode(ds[1]["tokens"]).endswith("Say bye.\n\n### Response:\n bye")
     all_bad = _write(tmp_path, [{**GOOD, "output": ""}])
     with pytest.raises(ValueError, match="all 1 rows are bad"):
-        alpaca_dataset(tok, source="json", data_files=all_bad, skip_bad_rows=True, cache_dir=hf_cache)
+        alpaca_dataset(
+            tok, source="json", data_files=all_bad, skip_bad_rows=True, cache_dir=hf_cache
+        )
 
 
 def test_index_errors(sp_model_path, alpaca_file, hf_cache):
-    ds = alpaca_dataset(SentencePieceTokenizer(sp_model_path), source="json", data_files=str(alpaca_file), cache_dir=hf_cache)
+    ds = alpaca_dataset(
+        SentencePieceTokenizer(sp_model_path),
+        source="json",
+        data_files=str(alpaca_file),
+        cache_dir=hf_cache,
+    )
     assert ds[-1] == ds[len(ds) - 1]
     with pytest.raises(IndexError):
         ds[len(ds)]
     with pytest.raises(ValueError, match="max_seq_len"):
-        alpaca_dataset(SentencePieceTokenizer(sp_model_path), source="json", data_files=str(alpaca_file), max_seq_len=0)
+        alpaca_dataset(
+            SentencePieceTokenizer(sp_model_path),
+            source="json",
+            data_files=str(alpaca_file),
+            max_seq_len=0,
+        )
     with pytest.raises(ValueError, match="packed=True needs a max_seq_len"):
-        instruct_dataset(SentencePieceTokenizer(sp_model_path), "json", AlpacaInstructTemplate,
-                         max_seq_len=None, packed=True, data_files=str(alpaca_file), cache_dir=hf_cache)
+        instruct_dataset(
+            SentencePieceTokenizer(sp_model_path),
+            "json",
+            AlpacaInstructTemplate,
+            max_seq_len=None,
+            packed=True,
+            data_files=str(alpaca_file),
+            cache_dir=hf_cache,
+        )

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Packing: exact layout on hand-made samples, and packed vs unpacked per-token losses of a model."""
+
 import math
 
 import pytest
@@ -32,7 +33,12 @@ def test_greedy_layout():
     assert len(ds) == 4
     expected = [
         ([10, 11, 12, 7, 7, 7], [-100, 1011, 1012, -100, -100, -100], [0, 1, 2, 0, 1, 2], [3, 3]),
-        ([20, 21, 22, 23, 30, 31], [-100, 1021, 1022, 1023, -100, 1031], [0, 1, 2, 3, 0, 1], [4, 2]),
+        (
+            [20, 21, 22, 23, 30, 31],
+            [-100, 1021, 1022, 1023, -100, 1031],
+            [0, 1, 2, 3, 0, 1],
+            [4, 2],
+        ),
         ([40, 41, 42, 43, 44, 7], [-100, 1041, 1042, 1043, 1044, -100], [0, 1, 2, 3, 4, 0], [5, 1]),
         ([50, 51, 52, 53, 54, 55], [-100, 1051, 1052, 1053, 1054, 1055], [0, 1, 2, 3, 4, 5], [6]),
     ]
@@ -48,15 +54,36 @@ def test_greedy_layout():
 def test_best_fit_layout():
     # Lengths 2, 5, 3, 1, 4, 3 into rows of 6. Longest first: 5 -> A, 4 -> B, 3 -> C, 3 -> C,
     # 2 -> B (room 2, the best fit), 1 -> A. Greedy would need 5 rows ([2], [5], [3, 1], [4], [3]).
-    samples = [_sample(10, 2), _sample(20, 5), _sample(30, 3), _sample(40, 1), _sample(50, 4),
-               _sample(60, 3)]  # fmt: skip
+    samples = [
+        _sample(10, 2),
+        _sample(20, 5),
+        _sample(30, 3),
+        _sample(40, 1),
+        _sample(50, 4),
+        _sample(60, 3),
+    ]
     ds = PackedDataset(samples, max_seq_len=6, padding_idx=7)
     assert pack_plan([2, 5, 3, 1, 4, 3], 6) == [[0, 4], [1, 3], [2, 5]]  # rows by first index
     assert len(PackedDataset(samples, max_seq_len=6, strategy="greedy")) == 5
     expected = [
-        ([10, 11, 50, 51, 52, 53], [-100, 1011, -100, 1051, 1052, 1053], [0, 1, 0, 1, 2, 3], [2, 4]),
-        ([20, 21, 22, 23, 24, 40], [-100, 1021, 1022, 1023, 1024, -100], [0, 1, 2, 3, 4, 0], [5, 1]),
-        ([30, 31, 32, 60, 61, 62], [-100, 1031, 1032, -100, 1061, 1062], [0, 1, 2, 0, 1, 2], [3, 3]),
+        (
+            [10, 11, 50, 51, 52, 53],
+            [-100, 1011, -100, 1051, 1052, 1053],
+            [0, 1, 0, 1, 2, 3],
+            [2, 4],
+        ),
+        (
+            [20, 21, 22, 23, 24, 40],
+            [-100, 1021, 1022, 1023, 1024, -100],
+            [0, 1, 2, 3, 4, 0],
+            [5, 1],
+        ),
+        (
+            [30, 31, 32, 60, 61, 62],
+            [-100, 1031, 1032, -100, 1061, 1062],
+            [0, 1, 2, 0, 1, 2],
+            [3, 3],
+        ),
     ]
     assert len(ds) == 3
     for row, (tokens, labels, input_pos, seq_lens) in zip(ds, expected):
@@ -78,7 +105,9 @@ def test_best_fit_packs_every_sample_once_and_fills_rows(seed):
     assert sorted(flat) == list(range(len(lengths)))  # every sample exactly once
     sizes = [sum(min(lengths[i], max_seq_len) for i in row) for row in rows]
     assert max(sizes) <= max_seq_len
-    assert all(row == sorted(row) for row in rows) and [r[0] for r in rows] == sorted(r[0] for r in rows)
+    assert all(row == sorted(row) for row in rows) and [r[0] for r in rows] == sorted(
+        r[0] for r in rows
+    )
     # Lower bound on rows: total tokens / row length. Best fit lands within 2% of it; greedy
     # (in order) needs about a third more rows.
     bound = math.ceil(sum(sizes) / max_seq_len)
@@ -116,26 +145,43 @@ def test_packed_losses_match_unpacked(sp_model_path, tmp_path, strategy):
     tok = SentencePieceTokenizer(sp_model_path)
     path = write_alpaca_json(tmp_path / "a.json", n=6)
     max_seq_len = 384
-    kwargs = dict(source="json", data_files=str(path), cache_dir=str(tmp_path / "c"), train_on_input=True)
+    kwargs = dict(
+        source="json", data_files=str(path), cache_dir=str(tmp_path / "c"), train_on_input=True
+    )
     unpacked = alpaca_dataset(tok, max_seq_len=max_seq_len, **kwargs)
     lens = [len(unpacked[i]["tokens"]) for i in range(len(unpacked))]
-    packed = PackedDataset(unpacked, max_seq_len=max_seq_len, padding_idx=tok.pad_id, strategy=strategy)
+    packed = PackedDataset(
+        unpacked, max_seq_len=max_seq_len, padding_idx=tok.pad_id, strategy=strategy
+    )
     if strategy == "best_fit":  # what packed=True builds
         packed_default = alpaca_dataset(tok, max_seq_len=max_seq_len, packed=True, **kwargs)
         assert [r["tokens"] for r in packed_default] == [r["tokens"] for r in packed]
-    assert max(lens) < max_seq_len and len(packed) < len(unpacked)  # rows really hold several samples
+    assert max(lens) < max_seq_len and len(packed) < len(
+        unpacked
+    )  # rows really hold several samples
 
     torch.manual_seed(0)
-    model = llama2(vocab_size=tok.vocab_size, num_layers=2, num_heads=4, num_kv_heads=2,
-                   embed_dim=64, max_seq_len=max_seq_len, intermediate_dim=88).eval()
+    model = llama2(
+        vocab_size=tok.vocab_size,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=64,
+        max_seq_len=max_seq_len,
+        intermediate_dim=88,
+    ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
-        ref = _per_token_losses(model, padded_collate([unpacked[i] for i in range(len(unpacked))], tok.pad_id))
+        ref = _per_token_losses(
+            model, padded_collate([unpacked[i] for i in range(len(unpacked))], tok.pad_id)
+        )
         packed_batch = padded_collate([packed[i] for i in range(len(packed))], tok.pad_id)
         got = _per_token_losses(model, packed_batch)
-        no_mask = _per_token_losses(model, {"tokens": packed_batch["tokens"], "labels": packed_batch["labels"]})
+        no_mask = _per_token_losses(
+            model, {"tokens": packed_batch["tokens"], "labels": packed_batch["labels"]}
+        )
 
     # Walk the packs: each sample's losses sit at its offset in its row.
     plan = pack_plan(lens, max_seq_len, strategy)
@@ -145,16 +191,20 @@ def test_packed_losses_match_unpacked(sp_model_path, tmp_path, strategy):
         off = 0
         for i in row:
             n = lens[i]
-            torch.testing.assert_close(got[r, off:off + n - 1], ref[i, : n - 1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                got[r, off : off + n - 1], ref[i, : n - 1], atol=1e-5, rtol=0
+            )
             if off > 0:
                 # The prediction across the boundary is ignored, not trained on.
                 assert got[r, off - 1] == 0
-                assert not torch.allclose(no_mask[r, off:off + n - 1], ref[i, : n - 1], atol=1e-3)
+                assert not torch.allclose(no_mask[r, off : off + n - 1], ref[i, : n - 1], atol=1e-3)
             off += n
             n_compared += 1
         assert (got[r, off:] == 0).all()  # padding adds no loss
     assert n_compared == len(lens)
     # Hence the batch mean loss is the same too.
     n_tokens = (packed_batch["labels"] != -100).sum()
-    assert n_tokens == sum((torch.tensor(unpacked[k]["labels"][1:]) != -100).sum() for k in range(len(lens)))
+    assert n_tokens == sum(
+        (torch.tensor(unpacked[k]["labels"][1:]) != -100).sum() for k in range(len(lens))
+    )
     torch.testing.assert_close(got.sum() / n_tokens, ref.sum() / n_tokens, atol=1e-6, rtol=0)

@@ -15,7 +15,9 @@ def text_file(tmp_path):
     lines = sample_corpus(n_lines=6, seed=3)
     lines[2] = "  two lines\nwith  spaces and 東京\n"
     path = tmp_path / "text.jsonl"
-    path.write_text("".join(json.dumps({"body": line, "id": i}) + "\n" for i, line in enumerate(lines)))
+    path.write_text(
+        "".join(json.dumps({"body": line, "id": i}) + "\n" for i, line in enumerate(lines))
+    )
     return path, lines
 
 
@@ -23,7 +25,9 @@ def test_tokens_match_sentencepiece(sp_model_path, text_file, hf_cache):
     path, lines = text_file
     sp = spm.SentencePieceProcessor(model_file=str(sp_model_path))
     tok = SentencePieceTokenizer(sp_model_path)
-    ds = text_completion_dataset(tok, "json", column="body", max_seq_len=None, data_files=str(path), cache_dir=hf_cache)
+    ds = text_completion_dataset(
+        tok, "json", column="body", max_seq_len=None, data_files=str(path), cache_dir=hf_cache
+    )
     assert isinstance(ds, TextCompletionDataset) and len(ds) == len(lines)
     for line, s in zip(lines, ds):
         assert s["tokens"] == sp.encode(line, add_bos=True, add_eos=True)
@@ -34,12 +38,23 @@ def test_tokens_match_sentencepiece(sp_model_path, text_file, hf_cache):
 def test_truncation_and_packing(sp_model_path, text_file, hf_cache):
     path, lines = text_file
     tok = SentencePieceTokenizer(sp_model_path)
-    full = text_completion_dataset(tok, "json", column="body", max_seq_len=None, data_files=str(path), cache_dir=hf_cache)
-    cut = text_completion_dataset(tok, "json", column="body", max_seq_len=8, data_files=str(path), cache_dir=hf_cache)
+    full = text_completion_dataset(
+        tok, "json", column="body", max_seq_len=None, data_files=str(path), cache_dir=hf_cache
+    )
+    cut = text_completion_dataset(
+        tok, "json", column="body", max_seq_len=8, data_files=str(path), cache_dir=hf_cache
+    )
     for i in range(len(full)):
         assert cut[i]["tokens"] == full[i]["tokens"][:8]
-    packed = text_completion_dataset(tok, "json", column="body", max_seq_len=64, packed=True,
-                                     data_files=str(path), cache_dir=hf_cache)
+    packed = text_completion_dataset(
+        tok,
+        "json",
+        column="body",
+        max_seq_len=64,
+        packed=True,
+        data_files=str(path),
+        cache_dir=hf_cache,
+    )
     assert isinstance(packed, PackedDataset)
     kept = [t for row in packed for t in row["tokens"]]
     # Every sample appears once (truncated to 64), in the rows pack_plan lays out, separated
@@ -59,9 +74,20 @@ def test_bad_text_rows(sp_model_path, tmp_path, hf_cache, caplog):
     with pytest.raises(ValueError, match=r"row 1, column 'text' is empty"):
         text_completion_dataset(tok, "json", data_files=str(path), cache_dir=hf_cache)
     with pytest.raises(ValueError, match=r"\['body'\] missing from every row"):
-        text_completion_dataset(tok, "json", column="body", data_files=str(path), cache_dir=hf_cache)
-    ds = text_completion_dataset(tok, "json", data_files=str(path), skip_bad_rows=True, cache_dir=hf_cache)
+        text_completion_dataset(
+            tok, "json", column="body", data_files=str(path), cache_dir=hf_cache
+        )
+    ds = text_completion_dataset(
+        tok, "json", data_files=str(path), skip_bad_rows=True, cache_dir=hf_cache
+    )
     assert len(ds) == 1 and ds.num_skipped == 2 and "skipped 2 of 3 rows" in caplog.text
     with pytest.raises(ValueError, match="packed=True needs a max_seq_len"):
-        text_completion_dataset(tok, "json", max_seq_len=None, packed=True, data_files=str(path),
-                                skip_bad_rows=True, cache_dir=hf_cache)
+        text_completion_dataset(
+            tok,
+            "json",
+            max_seq_len=None,
+            packed=True,
+            data_files=str(path),
+            skip_bad_rows=True,
+            cache_dir=hf_cache,
+        )

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Attention document by document (``DocumentMask``) against HF and our dense block-causal mask."""
+
 import pytest
 import torch
 
@@ -9,7 +10,6 @@ from torchtune.datasets import PackedDataset
 from torchtune.models.llama2 import llama2
 from torchtune.modules import attention as attention_module
 from torchtune.modules.attention import DocumentMask, document_mask_from
-
 
 ROWS = [[37, 50, 41], [64, 33, 31]]  # documents of 31-64 tokens, rows of 128
 
@@ -73,16 +73,24 @@ def test_attention_by_document_matches_hf_and_the_dense_mask(num_heads, num_kv_h
 
 def test_decoder_runs_packed_rows_by_document_with_the_same_logits(monkeypatch):
     torch.manual_seed(0)
-    model = llama2(vocab_size=97, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=40,
-                   intermediate_dim=60, max_seq_len=128)  # fmt: skip
+    model = llama2(
+        vocab_size=97,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=40,
+        intermediate_dim=60,
+        max_seq_len=128,
+    )
     mask, pos = _block_causal(ROWS)
     tokens = torch.randint(3, 97, (2, 128))
     calls = []
     real = attention_module._attention_by_document
     monkeypatch.setattr(
-        attention_module, "_attention_by_document",
+        attention_module,
+        "_attention_by_document",
         lambda *a, **k: calls.append(a[3].lengths) or real(*a, **k),
-    )  # fmt: skip
+    )
     packed = model(tokens, mask=mask, input_pos=pos)
     assert calls == [(37, 50, 41, 64, 33, 31)] * 2  # once per layer
     # Each document alone, plain causal attention: what packing must reproduce.
@@ -109,8 +117,15 @@ def test_document_attention_under_activation_checkpointing(setting):
     # The DocumentMask is a plain argument of each checkpointed layer; recompute must see it.
     from torchtune.utils import apply_activation_checkpointing
 
-    shape = dict(vocab_size=97, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=40,
-                 intermediate_dim=60, max_seq_len=128)  # fmt: skip
+    shape = dict(
+        vocab_size=97,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=40,
+        intermediate_dim=60,
+        max_seq_len=128,
+    )
     mask, pos = _block_causal(ROWS)
     tokens = torch.randint(3, 97, (2, 128), generator=torch.Generator().manual_seed(1))
     grads = []
@@ -127,8 +142,15 @@ def test_document_attention_under_activation_checkpointing(setting):
 @pytest.mark.slow
 def test_compiled_layer_runs_documents_eagerly_without_recompiling():
     # The per-document loop is excluded from compilation, so new lengths reuse the graphs.
-    shape = dict(vocab_size=97, num_layers=1, num_heads=4, num_kv_heads=2, embed_dim=64,
-                 intermediate_dim=96, max_seq_len=128)  # fmt: skip
+    shape = dict(
+        vocab_size=97,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=64,
+        intermediate_dim=96,
+        max_seq_len=128,
+    )
     torch.manual_seed(0)
     eager = llama2(**shape).layers[0]
     compiled = llama2(**shape).layers[0]

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Incremental decoding with the KV cache must reproduce one full forward."""
+
 import pytest
 import torch
 
@@ -14,9 +15,14 @@ VOCAB, MAX_SEQ = 97, 48
 def model():
     torch.manual_seed(0)
     m = llama2(
-        vocab_size=VOCAB, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
-        max_seq_len=MAX_SEQ, intermediate_dim=88,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=64,
+        max_seq_len=MAX_SEQ,
+        intermediate_dim=88,
+    )
     with torch.no_grad():  # non-trivial norms so every piece matters
         for name, p in m.named_parameters():
             if "scale" in name:
@@ -37,7 +43,9 @@ def test_kv_cache_update_writes_rows_at_positions():
     torch.testing.assert_close(k_out, expected_k, atol=0, rtol=0)
     torch.testing.assert_close(v_out, expected_v, atol=0, rtol=0)
     with pytest.raises(ValueError, match="batch_size=3"):
-        cache.update(torch.zeros(4, 1, dtype=torch.long), torch.randn(4, 2, 1, 4), torch.randn(4, 2, 1, 4))
+        cache.update(
+            torch.zeros(4, 1, dtype=torch.long), torch.randn(4, 2, 1, 4), torch.randn(4, 2, 1, 4)
+        )
 
 
 def test_token_by_token_matches_full_forward(model):
@@ -82,7 +90,9 @@ def test_left_padded_batch_with_user_mask(model):
     seqs = [torch.randint(0, VOCAB, (n,), generator=g) for n in (10, 6)]
     width, new = 10, 5
     pads = [width - len(s) for s in seqs]
-    prompt = torch.stack([torch.cat([torch.zeros(p, dtype=torch.long), s]) for p, s in zip(pads, seqs)])
+    prompt = torch.stack(
+        [torch.cat([torch.zeros(p, dtype=torch.long), s]) for p, s in zip(pads, seqs)]
+    )
     slots = torch.arange(MAX_SEQ)
     not_pad = torch.stack([slots >= p for p in pads])  # [b, max_seq_len]
 

@@ -1,12 +1,12 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Per-module parity against Hugging Face's Llama pieces on the same weights and inputs."""
+
 import pytest
 import torch
 from transformers.models.llama import modeling_llama as hf_llama
 
 from tests.test_utils import tiny_hf_llama_config
 from torchtune.models.llama2._convert_weights import _unpermute
-from torchtune.modules.rms_norm import _RMSNormFunction
 from torchtune.modules import (
     CausalSelfAttention,
     FeedForward,
@@ -14,6 +14,7 @@ from torchtune.modules import (
     RotaryPositionalEmbeddings,
     TransformerDecoderLayer,
 )
+from torchtune.modules.rms_norm import _RMSNormFunction
 
 ATOL, RTOL = 1e-5, 1e-5
 
@@ -172,9 +173,11 @@ def test_feed_forward_keeps_two_hidden_tensors_for_backward():
 
 def _attention_pair(num_heads, num_kv_heads, dim=64, max_seq_len=64):
     cfg = tiny_hf_llama_config(
-        hidden_size=dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        hidden_size=dim,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
         max_position_embeddings=max_seq_len,
-    )  # fmt: skip
+    )
     cfg._attn_implementation = "eager"
     ref = hf_llama.LlamaAttention(cfg, layer_idx=0).eval()
     head_dim = dim // num_heads
@@ -240,7 +243,9 @@ def test_attention_matches_hf_with_mask_and_positions():
     mask, pos = _block_causal([[5, 7], [3, 4, 5]])
     with torch.no_grad():
         expected, _ = ref(x, position_embeddings=rope_ref(x, pos), attention_mask=_additive(mask))
-        torch.testing.assert_close(ours(x, mask=mask, input_pos=pos), expected, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(
+            ours(x, mask=mask, input_pos=pos), expected, atol=ATOL, rtol=RTOL
+        )
 
 
 def test_attention_bad_heads_raise():
@@ -284,7 +289,10 @@ def test_decoder_layer_matches_hf():
     causal = torch.ones(s, s, dtype=torch.bool).tril().expand(b, s, s)
     with torch.no_grad():
         expected = ref(
-            x, attention_mask=_additive(causal), position_ids=pos, position_embeddings=rope_ref(x, pos)
+            x,
+            attention_mask=_additive(causal),
+            position_ids=pos,
+            position_embeddings=rope_ref(x, pos),
         )
         torch.testing.assert_close(ours(x), expected, atol=ATOL, rtol=RTOL)
 

@@ -1,17 +1,25 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """``TransformerDecoder(output_mask=...)``: logits only where labels are, same loss and grads."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from torchtune.datasets import PackedDataset
 from torchtune.data import padded_collate
+from torchtune.datasets import PackedDataset
 from torchtune.models.llama2 import llama2, lora_llama2
 from torchtune.training import ChunkedCrossEntropyLoss, LinearCrossEntropyLoss, next_token_loss_sum
 
 IGNORE = -100
-SHAPE = dict(vocab_size=97, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=40,
-             intermediate_dim=60, max_seq_len=64)  # fmt: skip
+SHAPE = dict(
+    vocab_size=97,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    embed_dim=40,
+    intermediate_dim=60,
+    max_seq_len=64,
+)
 
 
 def _packed_batch():
@@ -41,8 +49,9 @@ def _output_mask_path(model, batch, loss_fn):
     labels = batch["labels"]
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)
     scored = targets != IGNORE
-    logits = model(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"],
-                   output_mask=scored)  # fmt: skip
+    logits = model(
+        batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"], output_mask=scored
+    )
     assert logits.shape == (int(scored.sum()), SHAPE["vocab_size"])
     return loss_fn(logits.unsqueeze(0), targets[scored].unsqueeze(0))
 
@@ -61,8 +70,9 @@ def _model(lora: bool, lora_output: bool = False):
     torch.manual_seed(0)
     if not lora:
         return llama2(**SHAPE)
-    model = lora_llama2(["q_proj", "v_proj"], apply_lora_to_output=lora_output, **SHAPE,
-                        lora_rank=4, lora_alpha=8.0)  # fmt: skip
+    model = lora_llama2(
+        ["q_proj", "v_proj"], apply_lora_to_output=lora_output, **SHAPE, lora_rank=4, lora_alpha=8.0
+    )
     for n, p in model.named_parameters():
         if "lora_b" in n:
             torch.nn.init.normal_(p, std=0.1)  # not the zero init: the adapter matters
@@ -90,8 +100,13 @@ def test_output_mask_gives_the_full_paths_loss_and_grads(lora, loss):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert set(got_grads) == set(want_grads) and want_grads
     for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-5,
-                                   msg=lambda m: f"{name}: {m}")  # fmt: skip
+        torch.testing.assert_close(
+            got_grads[name],
+            want_grads[name],
+            rtol=1e-5,
+            atol=1e-5,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
 
 
 def test_output_mask_selects_the_full_logits():
@@ -101,7 +116,9 @@ def test_output_mask_selects_the_full_logits():
     keep = torch.rand(3, 10) > 0.5
     with torch.no_grad():
         full = model(tokens)
-        torch.testing.assert_close(model(tokens, output_mask=keep), full[keep], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            model(tokens, output_mask=keep), full[keep], rtol=1e-6, atol=1e-6
+        )
         none = model(tokens, output_mask=torch.zeros(3, 10, dtype=torch.bool))
         hidden = model(tokens, output_mask=keep, return_hidden=True)
     assert none.shape == (0, 97)

@@ -13,9 +13,14 @@ VOCAB, LAYERS = 321, 4
 
 def _model():
     return llama2(
-        vocab_size=VOCAB, num_layers=LAYERS, num_heads=4, num_kv_heads=2, embed_dim=64,
-        max_seq_len=64, intermediate_dim=176,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        num_layers=LAYERS,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=64,
+        max_seq_len=64,
+        intermediate_dim=176,
+    )
 
 
 def test_init_statistics():
@@ -48,9 +53,16 @@ def test_init_gives_uniform_predictions_at_start():
 def test_init_lora_and_errors():
     torch.manual_seed(0)
     model = lora_llama2(
-        ["q_proj", "output_proj"], vocab_size=VOCAB, num_layers=2, num_heads=4, num_kv_heads=4,
-        embed_dim=64, max_seq_len=16, lora_rank=4, lora_alpha=8.0,
-    )  # fmt: skip
+        ["q_proj", "output_proj"],
+        vocab_size=VOCAB,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        embed_dim=64,
+        max_seq_len=16,
+        lora_rank=4,
+        lora_alpha=8.0,
+    )
     init_weights_(model)
     for i in range(2):
         attn = model.layers[i].attn

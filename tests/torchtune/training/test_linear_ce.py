@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """LinearCrossEntropyLoss against plain autograd: F.cross_entropy(projection(hidden))."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,7 +120,9 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="num_chunks"):
         LinearCrossEntropyLoss(num_chunks=0)
     with pytest.raises(ValueError, match="feature dim"):
-        LinearCrossEntropyLoss()(torch.randn(4, 3), nn.Linear(3, 5), torch.zeros(5, dtype=torch.long))
+        LinearCrossEntropyLoss()(
+            torch.randn(4, 3), nn.Linear(3, 5), torch.zeros(5, dtype=torch.long)
+        )
 
 
 @pytest.mark.parametrize("n", [0, 3])

@@ -89,7 +89,10 @@ def test_chunked_ce_keeps_no_full_fp32_logits_for_backward():
     logits = torch.randn(b, s, v).to(torch.bfloat16).requires_grad_()
     labels = torch.randint(0, v, (b, s))
     loss = ChunkedCrossEntropyLoss(num_chunks=8)
-    plain = lambda: F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+
+    def plain():
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+
     # The probe sees the plain loss's fp32 log-softmax of the whole batch...
     assert _largest_saved_fp32(plain) == b * s * v
     # ...and nothing of that size (not even one chunk's) from the chunked loss.

@@ -1,6 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """``next_token_loss_sum`` drops the unscored tail of every document: same loss and grads as
 scoring the full logits of the batch as it came, with less work."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +14,15 @@ from torchtune.training import ChunkedCrossEntropyLoss, LinearCrossEntropyLoss, 
 from torchtune.training._next_token_loss import drop_unscored_tails
 
 IGNORE = -100
-SHAPE = dict(vocab_size=97, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=40,
-             intermediate_dim=60, max_seq_len=64)  # fmt: skip
+SHAPE = dict(
+    vocab_size=97,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    embed_dim=40,
+    intermediate_dim=60,
+    max_seq_len=64,
+)
 # (length, prompt length): documents long enough for per-document attention (mean >= 32);
 # one is all prompt, so nothing of it is scored.
 SAMPLES = [(40, 3), (35, 10), (50, 50), (45, 5), (33, 2), (38, 38), (44, 20)]
@@ -55,8 +63,9 @@ def _reference(model, batch):
     # Full logits of the batch as it came, scored at logits[:, :-1] against labels[:, 1:].
     logits = model(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
     flat = logits[:, :-1].reshape(-1, logits.shape[-1])
-    return F.cross_entropy(flat, batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")  # fmt: skip
+    return F.cross_entropy(
+        flat, batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 def _grads(model):
@@ -69,8 +78,11 @@ def _grads(model):
 def test_dropping_unscored_tails_keeps_loss_and_grads(data, lora, loss):
     model = _model(lora)
     batch = _packed_batch() if data == "packed" else _padded_batch()
-    loss_fn = (LinearCrossEntropyLoss(num_chunks=3, ignore_index=IGNORE) if loss == "linear"
-               else ChunkedCrossEntropyLoss(num_chunks=3, ignore_index=IGNORE))  # fmt: skip
+    loss_fn = (
+        LinearCrossEntropyLoss(num_chunks=3, ignore_index=IGNORE)
+        if loss == "linear"
+        else ChunkedCrossEntropyLoss(num_chunks=3, ignore_index=IGNORE)
+    )
 
     want = _reference(model, batch)
     want.backward()
@@ -90,8 +102,13 @@ def test_dropping_unscored_tails_keeps_loss_and_grads(data, lora, loss):
     got_grads = _grads(model)
     assert set(got_grads) == set(want_grads) and want_grads
     for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"{name}: {m}")  # fmt: skip
+        torch.testing.assert_close(
+            got_grads[name],
+            want_grads[name],
+            rtol=1e-5,
+            atol=1e-6,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
 
 
 def test_drop_unscored_tails_cuts_each_document_after_its_last_scored_position():
@@ -102,8 +119,11 @@ def test_drop_unscored_tails_cuts_each_document_after_its_last_scored_position()
     mask[0, 34:, 34:] = torch.ones(6, 6).tril().bool()
     mask[1] = torch.ones(40, 40).tril().bool()
     pos = torch.cat([torch.arange(34), torch.arange(6)]).unsqueeze(0)
-    batch = {"tokens": torch.arange(80).view(2, 40), "mask": mask,
-             "input_pos": torch.cat([pos, torch.arange(40).unsqueeze(0)])}  # fmt: skip
+    batch = {
+        "tokens": torch.arange(80).view(2, 40),
+        "mask": mask,
+        "input_pos": torch.cat([pos, torch.arange(40).unsqueeze(0)]),
+    }
     scored = torch.zeros(2, 40, dtype=torch.bool)
     scored[0, 2:31] = True
     scored[1, :36] = True
@@ -139,8 +159,11 @@ def test_decoder_takes_a_document_mask_for_a_flattened_batch():
     tokens = torch.randint(0, 97, (2, 50))
     with torch.no_grad():
         rows = model(tokens)  # [2, 50, vocab]: each row one causal document
-        flat = model(tokens.view(1, 100), mask=DocumentMask((50, 50)),
-                     input_pos=torch.arange(50).repeat(2).unsqueeze(0))  # fmt: skip
+        flat = model(
+            tokens.view(1, 100),
+            mask=DocumentMask((50, 50)),
+            input_pos=torch.arange(50).repeat(2).unsqueeze(0),
+        )
     # Longer than max_seq_len (64) as one row; each document fits.
     torch.testing.assert_close(flat.view(2, 50, -1), rows, rtol=1e-5, atol=1e-5)
 

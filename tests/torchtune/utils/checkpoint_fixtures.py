@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Write tiny HF / Meta checkpoints to disk for the checkpointer tests."""
+
 import json
 from pathlib import Path
 from typing import Dict, List
@@ -7,9 +8,8 @@ from typing import Dict, List
 import torch
 from safetensors.torch import save_file
 
-from torchtune.models.llama2 import hf_to_tune, llama2, tune_to_meta
-
 from tests.test_utils import tiny_hf_llama
+from torchtune.models.llama2 import hf_to_tune, llama2, tune_to_meta
 
 
 def hf_state_dict(model) -> Dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Activation checkpointing must not change the loss or any gradient."""
+
 import copy
 
 import pytest
@@ -16,16 +17,24 @@ def _loss_and_grads(model, tokens, mask=None):
     logits = model(tokens, mask=mask)
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("selective", [False, True])
 def test_checkpointing_keeps_loss_and_grads(selective):
     torch.manual_seed(0)
     model = llama2(
-        vocab_size=61, num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=32,
-        max_seq_len=32, intermediate_dim=40, attn_dropout=0.0,
-    )  # fmt: skip
+        vocab_size=61,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=32,
+        max_seq_len=32,
+        intermediate_dim=40,
+        attn_dropout=0.0,
+    )
     ckpt = copy.deepcopy(model)
     assert set_activation_checkpointing(ckpt, selective=selective) == 3
     assert set_activation_checkpointing(ckpt, selective=selective) == 0  # idempotent
@@ -45,15 +54,22 @@ def test_checkpointing_recomputes_and_deepcopies():
     """The layer's forward really runs twice (once in backward), also on a deep copy."""
     torch.manual_seed(0)
     model = lora_llama2(
-        ["q_proj", "v_proj"], vocab_size=61, num_layers=1, num_heads=4, num_kv_heads=4,
-        embed_dim=32, max_seq_len=32, lora_rank=2, lora_alpha=4.0,
-    )  # fmt: skip
+        ["q_proj", "v_proj"],
+        vocab_size=61,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=4,
+        embed_dim=32,
+        max_seq_len=32,
+        lora_rank=2,
+        lora_alpha=4.0,
+    )
     set_trainable_params(model, get_adapter_params(model))
     set_activation_checkpointing(model)
     copied = copy.deepcopy(model)
     for m in (model, copied):
         calls = []
-        m.layers[0].attn.register_forward_pre_hook(lambda *_: calls.append(1))
+        m.layers[0].attn.register_forward_pre_hook(lambda *_, c=calls: c.append(1))
         m(torch.randint(0, 61, (1, 5))).sum().backward()
         assert len(calls) == 2
     assert copied.layers[0].forward.__self__ is copied.layers[0]
@@ -79,15 +95,24 @@ def _ops_in_backward(model, tokens):
 
 def test_selective_checkpointing_keeps_matmuls_and_recomputes_the_rest():
     torch.manual_seed(0)
-    shape = dict(vocab_size=61, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=32,
-                 max_seq_len=32, intermediate_dim=96)  # fmt: skip
+    shape = dict(
+        vocab_size=61,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        embed_dim=32,
+        max_seq_len=32,
+        intermediate_dim=96,
+    )
     plain = llama2(**shape)
     selective, whole = copy.deepcopy(plain), copy.deepcopy(plain)
     set_activation_checkpointing(selective, selective=True)
     set_activation_checkpointing(whole)
     tokens = torch.randint(0, 61, (2, 17))
-    ops = {name: _ops_in_backward(m, tokens) for name, m in
-           [("plain", plain), ("selective", selective), ("whole", whole)]}  # fmt: skip
+    ops = {
+        name: _ops_in_backward(m, tokens)
+        for name, m in [("plain", plain), ("selective", selective), ("whole", whole)]
+    }
 
     def count(name, *packets):
         return sum(op.overloadpacket in packets for op in ops[name])
@@ -100,12 +125,21 @@ def test_selective_checkpointing_keeps_matmuls_and_recomputes_the_rest():
     assert count("whole", aten.mm, aten.addmm) >= count("plain", aten.mm, aten.addmm) + 2 * 6
     # Both rerun the forward's SiLU of each layer (plain backward runs it once per layer too:
     # SwiGLU's backward recomputes it).
-    assert count("selective", aten.silu) == count("whole", aten.silu) == count("plain", aten.silu) + 2
+    assert (
+        count("selective", aten.silu) == count("whole", aten.silu) == count("plain", aten.silu) + 2
+    )
 
 
 def test_apply_activation_checkpointing_reads_the_config_value():
-    shape = dict(vocab_size=61, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=32,
-                 max_seq_len=32, intermediate_dim=40)  # fmt: skip
+    shape = dict(
+        vocab_size=61,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        embed_dim=32,
+        max_seq_len=32,
+        intermediate_dim=40,
+    )
     assert apply_activation_checkpointing(llama2(**shape), False) == 0
     assert apply_activation_checkpointing(llama2(**shape), None) == 0
     assert apply_activation_checkpointing(llama2(**shape), True) == 2

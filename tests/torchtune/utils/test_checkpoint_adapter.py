@@ -1,11 +1,18 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """LoRA adapter outputs: our adapter.safetensors, and PEFT's files that PeftModel loads."""
+
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.torchtune.utils.checkpoint_fixtures import (
+    ours_like,
+    tiny_hf,
+    write_hf_checkpoint,
+    write_meta_checkpoint,
+)
 from torchtune.models.llama2 import lora_llama2
 from torchtune.models.llama2._convert_adapter import (
     peft_to_tune_adapter_weights,
@@ -19,13 +26,6 @@ from torchtune.utils import (
     FullModelTorchTuneCheckpointer,
 )
 
-from tests.torchtune.utils.checkpoint_fixtures import (
-    ours_like,
-    tiny_hf,
-    write_hf_checkpoint,
-    write_meta_checkpoint,
-)
-
 TOKENS = torch.tensor([[1, 17, 250, 3, 99, 320, 42, 7], [5, 0, 64, 128, 200, 11, 2, 300]])
 RANK, ALPHA = 4, 8.0
 
@@ -33,11 +33,19 @@ RANK, ALPHA = 4, 8.0
 def _lora_model(hf, base_sd, attn, mlp, output):
     c = hf.config
     model = lora_llama2(
-        attn, apply_lora_to_mlp=mlp, apply_lora_to_output=output,
-        vocab_size=c.vocab_size, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
-        num_kv_heads=c.num_key_value_heads, embed_dim=c.hidden_size,
-        max_seq_len=c.max_position_embeddings, intermediate_dim=c.intermediate_size,
-        norm_eps=c.rms_norm_eps, lora_rank=RANK, lora_alpha=ALPHA,
+        attn,
+        apply_lora_to_mlp=mlp,
+        apply_lora_to_output=output,
+        vocab_size=c.vocab_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        num_kv_heads=c.num_key_value_heads,
+        embed_dim=c.hidden_size,
+        max_seq_len=c.max_position_embeddings,
+        intermediate_dim=c.intermediate_size,
+        norm_eps=c.rms_norm_eps,
+        lora_rank=RANK,
+        lora_alpha=ALPHA,
     ).eval()
     missing, unexpected = model.load_state_dict(base_sd, strict=False)
     assert not unexpected and all("lora_" in k for k in missing)
@@ -120,13 +128,15 @@ def test_adapter_key_and_config_maps():
         "output.lora_b.weight": torch.randn(321, 4),
     }
     peft = tune_to_peft_adapter_weights(adapter, num_heads=4, num_kv_heads=2)
-    assert sorted(peft) == sorted([
-        "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight",
-        "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight",
-        "base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight",
-        "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight",
-        "base_model.model.lm_head.lora_B.weight",
-    ])
+    assert sorted(peft) == sorted(
+        [
+            "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight",
+            "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight",
+            "base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight",
+            "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight",
+            "base_model.model.lm_head.lora_B.weight",
+        ]
+    )
     # q/k lora_b rows follow HF's permutation; the rest is untouched.
     k_b = peft["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"]
     assert not torch.equal(k_b, adapter["layers.1.attn.k_proj.lora_b.weight"])
@@ -159,7 +169,12 @@ def test_meta_and_native_write_adapter_files(tmp_path):
     with torch.no_grad():
         ours = model(TOKENS)
     out, adapter, _ = _save_lora(meta, model, ["q_proj", "k_proj"])
-    assert {p.name for p in out.iterdir()} == {name, "params.json", "adapter.safetensors", "adapter"}
+    assert {p.name for p in out.iterdir()} == {
+        name,
+        "params.json",
+        "adapter.safetensors",
+        "adapter",
+    }
     peft_files = {p.name for p in (out / "adapter").iterdir()}
     assert peft_files == {"adapter_model.safetensors", "adapter_config.json"}
     with torch.no_grad():
@@ -216,7 +231,10 @@ def test_adapter_saved_by_peft_loads_into_our_lora_model(tmp_path, num_kv_heads)
         theirs = peft_model(TOKENS).logits
     peft_model.save_pretrained(tmp_path / "peft")
     ckpt = FullModelHFCheckpointer(
-        tmp_path / "base", names, "LLAMA2", tmp_path / "out",
+        tmp_path / "base",
+        names,
+        "LLAMA2",
+        tmp_path / "out",
         adapter_checkpoint=tmp_path / "peft" / "adapter_model.safetensors",
     ).load_checkpoint()
     model = _lora_model(hf, ckpt["model"], ["q_proj", "k_proj", "output_proj"], True, False)

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Checkpointers: bit-exact round trips, parity of logits with HF, resume state, errors."""
+
 import json
 import os
 import random
@@ -8,14 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from torchtune.utils import (
-    FullModelHFCheckpointer,
-    FullModelMetaCheckpointer,
-    FullModelTorchTuneCheckpointer,
-    safe_torch_load,
-    validate_state_dict_shapes,
-)
-
 from tests.test_utils import tiny_hf_llama
 from tests.torchtune.utils.checkpoint_fixtures import (
     hf_state_dict,
@@ -23,6 +16,13 @@ from tests.torchtune.utils.checkpoint_fixtures import (
     tiny_hf,
     write_hf_checkpoint,
     write_meta_checkpoint,
+)
+from torchtune.utils import (
+    FullModelHFCheckpointer,
+    FullModelMetaCheckpointer,
+    FullModelTorchTuneCheckpointer,
+    safe_torch_load,
+    validate_state_dict_shapes,
 )
 
 TOKENS = torch.tensor([[1, 17, 250, 3, 99, 320, 42, 7], [5, 0, 64, 128, 200, 11, 2, 300]])
@@ -106,7 +106,11 @@ def test_torchtune_round_trip(tmp_path, suffix):
     validate_state_dict_shapes(ours.state_dict(), loaded)
     out = ckpt.save_checkpoint({"model": loaded}, epoch=1)
     _assert_same_files(tmp_path / "in", out, files)
-    index = "model.safetensors.index.json" if suffix == ".safetensors" else "pytorch_model.pt.index.json"
+    index = (
+        "model.safetensors.index.json"
+        if suffix == ".safetensors"
+        else "pytorch_model.pt.index.json"
+    )
     assert json.loads((out / index).read_text())["weight_map"][keys[0]] == files[0]
 
 
@@ -178,8 +182,12 @@ def test_recipe_state_round_trip_on_resume(tmp_path):
     assert (out / "recipe_state.pt").is_file()
     # Resume from the intermediate checkpoint: the epoch folder is itself an HF checkpoint.
     resumed = FullModelHFCheckpointer(
-        out, names, "LLAMA2", tmp_path / "out2",
-        recipe_checkpoint="recipe_state.pt", resume_from_checkpoint=True,
+        out,
+        names,
+        "LLAMA2",
+        tmp_path / "out2",
+        recipe_checkpoint="recipe_state.pt",
+        resume_from_checkpoint=True,
     ).load_checkpoint()
     assert set(resumed) == set(state)
     for k in sd:
@@ -203,7 +211,10 @@ class _RunsCode:
 
 @pytest.mark.parametrize(
     "checkpointer,name",
-    [(FullModelMetaCheckpointer, "consolidated.00.pth"), (FullModelHFCheckpointer, "pytorch_model.bin")],
+    [
+        (FullModelMetaCheckpointer, "consolidated.00.pth"),
+        (FullModelHFCheckpointer, "pytorch_model.bin"),
+    ],
 )
 def test_pickle_with_code_is_refused(tmp_path, checkpointer, name):
     hf = tiny_hf()
@@ -317,9 +328,17 @@ def test_interrupted_save_leaves_last_checkpoint_whole(tmp_path, monkeypatch, ho
     def crash(epoch):
         if how == "killed":
             proc = subprocess.run(
-                [sys.executable, "-c", _CRASH_SCRIPT, str(tmp_path / "in"), str(tmp_path / "out"),
-                 str(epoch)],
-                capture_output=True, text=True, timeout=120,
+                [
+                    sys.executable,
+                    "-c",
+                    _CRASH_SCRIPT,
+                    str(tmp_path / "in"),
+                    str(tmp_path / "out"),
+                    str(epoch),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
             assert proc.returncode == 17, proc.stderr
             return
@@ -362,13 +381,15 @@ def test_transformers_save_pretrained_layout_round_trips_in_bf16(tmp_path):
     index = json.loads((tmp_path / "in" / "model.safetensors.index.json").read_text())
     names = sorted(set(index["weight_map"].values()))
     assert len(names) > 1
-    cfg = OmegaConf.create({
-        "_component_": "torchtune.utils.FullModelHFCheckpointer",
-        "checkpoint_dir": str(tmp_path / "in"),
-        "checkpoint_files": ["model.safetensors.index.json"],
-        "model_type": "LLAMA2",
-        "output_dir": str(tmp_path / "out"),
-    })
+    cfg = OmegaConf.create(
+        {
+            "_component_": "torchtune.utils.FullModelHFCheckpointer",
+            "checkpoint_dir": str(tmp_path / "in"),
+            "checkpoint_files": ["model.safetensors.index.json"],
+            "model_type": "LLAMA2",
+            "output_dir": str(tmp_path / "out"),
+        }
+    )
     ckpt = config.instantiate(cfg)
     sd = ckpt.load_checkpoint()["model"]
     assert all(v.dtype == torch.bfloat16 for v in sd.values())
@@ -416,7 +437,9 @@ def test_tied_embeddings_load_and_save_back_in_the_input_format(tmp_path):
     hf.save_pretrained(tmp_path / "in", safe_serialization=True)
     assert "lm_head.weight" not in load_file(str(tmp_path / "in" / "model.safetensors"))
 
-    ckpt = FullModelHFCheckpointer(tmp_path / "in", ["model.safetensors"], "LLAMA2", tmp_path / "out")
+    ckpt = FullModelHFCheckpointer(
+        tmp_path / "in", ["model.safetensors"], "LLAMA2", tmp_path / "out"
+    )
     model = ours_like(hf)
     model.load_state_dict(ckpt.load_checkpoint()["model"])
     with torch.no_grad():

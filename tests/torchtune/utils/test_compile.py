@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """``utils.compile_layers`` marks exactly the decoder layers for torch.compile, keys unchanged."""
+
 from omegaconf import OmegaConf
 
 from torchtune import utils
@@ -17,7 +18,9 @@ def test_compile_layers_compiles_each_decoder_layer_only():
     keys = list(model.state_dict())
     assert utils.compile_layers(model) == 3
     assert all(_compiled(layer) for layer in model.layers)
-    assert not _compiled(model) and not _compiled(model.output) and not _compiled(model.layers[0].attn)
+    assert (
+        not _compiled(model) and not _compiled(model.output) and not _compiled(model.layers[0].attn)
+    )
     assert list(model.state_dict()) == keys
 
 

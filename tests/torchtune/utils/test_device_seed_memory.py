@@ -102,8 +102,13 @@ print(before - rss_kib())
 def test_retain_freed_cpu_memory_keeps_freed_blocks_mapped():
     # Each setting in a fresh process: it is process-wide and cannot be undone.
     def rss_drop_kib(mode):
-        out = subprocess.run([sys.executable, "-c", _FREE_SCRIPT, mode], capture_output=True,
-                             text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        out = subprocess.run(
+            [sys.executable, "-c", _FREE_SCRIPT, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         return int(out.stdout.split()[-1])
 
     block_kib = 64 * 1024

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """torchtune.utils._distributed on 2 CPU processes (gloo), against the unsharded model."""
+
 import os
 import socket
 
@@ -25,9 +26,17 @@ def _free_port() -> int:
 def _tiny_lora(device: str = "cpu") -> torch.nn.Module:
     with torch.device(device):
         return lora_llama2(
-            ["q_proj", "v_proj"], vocab_size=101, num_layers=2, num_heads=4, num_kv_heads=2,
-            embed_dim=32, max_seq_len=64, intermediate_dim=40, lora_rank=4, lora_alpha=8,
-        )  # fmt: skip
+            ["q_proj", "v_proj"],
+            vocab_size=101,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            embed_dim=32,
+            max_seq_len=64,
+            intermediate_dim=40,
+            lora_rank=4,
+            lora_alpha=8,
+        )
 
 
 def _sharded(param_dtype=None) -> torch.nn.Module:
@@ -41,9 +50,12 @@ def _sharded(param_dtype=None) -> torch.nn.Module:
 def _rank_env(rank: int, port: int) -> None:
     """What torchrun would set for ``rank`` of a local gloo group on ``port``; one thread."""
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD_SIZE),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
 
 
@@ -136,7 +148,7 @@ def _worker(rank: int, port: int, ref_path: str) -> None:
 def test_sharded_load_gather_gradients_and_optimizer_state_on_two_processes(tmp_path):
     torch.manual_seed(0)
     ref = _tiny_lora()
-    for name, p in get_adapter_params(ref).items():  # nonzero B: LoRA gradients are nonzero
+    for p in get_adapter_params(ref).values():  # nonzero B: LoRA gradients are nonzero
         torch.nn.init.normal_(p, std=0.1)
     ref_sd = {k: v.clone() for k, v in ref.state_dict().items()}
     tokens = torch.randint(0, 101, (4, 9))
@@ -145,8 +157,10 @@ def test_sharded_load_gather_gradients_and_optimizer_state_on_two_processes(tmp_
     (ref(tokens).pow(2).sum() / tokens.numel()).backward()
     ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
     ref_grads["tok_embeddings.weight"] = torch.func.grad(
-        lambda w: torch.func.functional_call(ref, {"tok_embeddings.weight": w}, (tokens,))
-        .pow(2).sum() / tokens.numel()
+        lambda w: (
+            torch.func.functional_call(ref, {"tok_embeddings.weight": w}, (tokens,)).pow(2).sum()
+            / tokens.numel()
+        )
     )(ref.tok_embeddings.weight.detach())
     opt = torch.optim.AdamW(adapters.values(), lr=1e-2)
     opt.step()
@@ -202,9 +216,14 @@ def _memory_worker(rank: int, port: int, out_dir: str) -> None:
     utils.init_distributed(torch.device("cpu"))
     layers = 16
     build = dict(
-        vocab_size=256, num_layers=layers, num_heads=8, num_kv_heads=8, embed_dim=512,
-        max_seq_len=16, intermediate_dim=1536,
-    )  # fmt: skip
+        vocab_size=256,
+        num_layers=layers,
+        num_heads=8,
+        num_kv_heads=8,
+        embed_dim=512,
+        max_seq_len=16,
+        intermediate_dim=1536,
+    )
     from torchtune.models.llama2 import llama2
 
     with torch.device("meta"):
@@ -244,8 +263,10 @@ def test_no_rank_holds_a_second_full_copy(tmp_path):
     )
     full_mib, load1, gather1 = map(float, (tmp_path / "rank1.txt").read_text().split())
     _, load0, gather0 = map(float, (tmp_path / "rank0.txt").read_text().split())
-    print(f"model {full_mib:.0f} MiB; peak growth MiB: load r0 {load0:.0f} r1 {load1:.0f}, "
-          f"gather r0 {gather0:.0f} r1 {gather1:.0f}")  # fmt: skip
+    print(
+        f"model {full_mib:.0f} MiB; peak growth MiB: load r0 {load0:.0f} r1 {load1:.0f}, "
+        f"gather r0 {gather0:.0f} r1 {gather1:.0f}"
+    )
     assert full_mib > 150
     for load in (load0, load1):  # rank 0's full state dict existed before
         assert 0.4 * full_mib < load < 0.75 * full_mib

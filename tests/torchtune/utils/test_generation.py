@@ -5,6 +5,7 @@ Greedy decoding is compared token for token with HF's ``generate(do_sample=False
 weights, for single prompts and for a left-padded batch of different lengths. Sampling filters
 are compared with HF's logits warpers on the same logits.
 """
+
 import pytest
 import torch
 
@@ -29,9 +30,14 @@ def _one_thread():
 def models():
     hf = tiny_hf_llama(0, num_kv_heads=KV_HEADS, max_position_embeddings=MAX_SEQ)
     ours = llama2(
-        vocab_size=VOCAB, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS,
-        embed_dim=DIM, max_seq_len=MAX_SEQ, intermediate_dim=HIDDEN,
-    ).eval()  # fmt: skip
+        vocab_size=VOCAB,
+        num_layers=LAYERS,
+        num_heads=HEADS,
+        num_kv_heads=KV_HEADS,
+        embed_dim=DIM,
+        max_seq_len=MAX_SEQ,
+        intermediate_dim=HIDDEN,
+    ).eval()
     ours.load_state_dict(hf_to_tune(hf.state_dict(), HEADS, KV_HEADS))
     return hf, ours
 
@@ -49,9 +55,13 @@ def _hf_greedy(hf, prompts, max_new_tokens):
     attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
         out = hf.generate(
-            input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=max_new_tokens,
-            eos_token_id=EOS, pad_token_id=PAD,
-        )  # fmt: skip
+            input_ids=ids,
+            attention_mask=attn,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        )
     result = []
     for row in out[:, width:].tolist():
         result.append(row[: row.index(EOS)] if EOS in row else row)
@@ -114,7 +124,9 @@ def test_sampling_is_seeded_and_cache_independent(models):
     kw = dict(temperature=0.8, top_k=50, top_p=0.9)
     a = generate(ours, prompts, 12, generator=torch.Generator().manual_seed(7), **kw)
     b = generate(ours, prompts, 12, generator=torch.Generator().manual_seed(7), **kw)
-    c = generate(ours, prompts, 12, generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
+    c = generate(
+        ours, prompts, 12, generator=torch.Generator().manual_seed(7), use_cache=False, **kw
+    )
     d = generate(ours, prompts, 12, generator=torch.Generator().manual_seed(8), **kw)
     assert a == b == c
     assert a != d
@@ -136,10 +148,16 @@ def test_filters_match_hf_warpers(top_k, top_p):
     ids = torch.zeros(4, 1, dtype=torch.long)
     scaled = TemperatureLogitsWarper(0.7)(ids, logits.clone())
     torch.testing.assert_close(
-        top_k_filter(logits / 0.7, top_k), TopKLogitsWarper(top_k)(ids, scaled.clone()), atol=0, rtol=0
+        top_k_filter(logits / 0.7, top_k),
+        TopKLogitsWarper(top_k)(ids, scaled.clone()),
+        atol=0,
+        rtol=0,
     )
     torch.testing.assert_close(
-        top_p_filter(logits / 0.7, top_p), TopPLogitsWarper(top_p)(ids, scaled.clone()), atol=0, rtol=0
+        top_p_filter(logits / 0.7, top_p),
+        TopPLogitsWarper(top_p)(ids, scaled.clone()),
+        atol=0,
+        rtol=0,
     )
 
 

@@ -36,7 +36,10 @@ def test_stdout_logger(capsys):
 
 
 def test_optional_loggers_explain_missing_packages(tmp_path):
-    optional = [(TensorBoardLogger, "tensorboard", {"log_dir": tmp_path}), (WandBLogger, "wandb", {})]
+    optional = [
+        (TensorBoardLogger, "tensorboard", {"log_dir": tmp_path}),
+        (WandBLogger, "wandb", {}),
+    ]
     for cls, pkg, kwargs in optional:
         try:
             __import__(pkg)

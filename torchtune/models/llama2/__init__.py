@@ -7,11 +7,11 @@ from torchtune.models.llama2._convert_weights import (
     tune_to_meta,
 )
 from torchtune.models.llama2._model_builders import (
+    llama2_7b,
     llama2_13b,
     llama2_70b,
-    llama2_7b,
-    lora_llama2_13b,
     lora_llama2_7b,
+    lora_llama2_13b,
 )
 from torchtune.models.llama2._tokenizer import llama2_tokenizer
 

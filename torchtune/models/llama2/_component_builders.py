@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Wire torchtune.modules into Llama2 (and its LoRA variant) from explicit hyperparameters."""
+
 from typing import List, Optional
 
 from torch import nn

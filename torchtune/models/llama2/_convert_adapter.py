@@ -8,6 +8,7 @@ HF permutes the rows of q_proj/k_proj (see ``_convert_weights``). The adapter's 
 ``B @ A`` lives in the same row space as the base weight, so only ``lora_b`` of q/k needs the
 row permutation; ``lora_a`` (the input side) is unchanged.
 """
+
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch

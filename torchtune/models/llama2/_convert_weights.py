@@ -5,6 +5,7 @@ torchtune keeps Meta's rotary layout (q/k rows interleave the two halves of each
 pair). HF permutes the rows of q_proj and k_proj so its ``rotate_half`` rotary works on
 contiguous halves; ``_permute``/``_unpermute`` translate between the two.
 """
+
 import re
 from typing import Dict
 

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Helpers around adapters: find their parameters, freeze the rest, fold LoRA into weights."""
+
 from typing import Dict
 
 import torch

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """A thin, typed wrapper around a SentencePiece model file."""
+
 from pathlib import Path
 from typing import Iterable, List, Union
 
@@ -81,5 +82,7 @@ class SentencePieceTokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+            )
         return self._spm.Decode(ids)

@@ -1,6 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """What every checkpointer shares: argument checks, adapter and recipe-state I/O, and the
 bookkeeping that writes each key of a multi-file checkpoint back to the file it came from."""
+
 import json
 import logging
 from pathlib import Path
@@ -182,7 +183,8 @@ class _Checkpointer:
         heads = self._head_counts()
         if config is None or heads is None:
             log.warning(
-                "Not writing PEFT's %s: %s", PEFT_ADAPTER_FILE,
+                "Not writing PEFT's %s: %s",
+                PEFT_ADAPTER_FILE,
                 "no adapter_config given" if config is None else "head counts are unknown",
             )
             return
@@ -213,8 +215,10 @@ class _ShardedCheckpointer(_Checkpointer):
             raise ValueError(f"checkpoint_files mix formats {sorted(suffixes)}; use one format")
         if self._index_name is None and len(self._checkpoint_paths) > 1:
             suffix = self._checkpoint_paths[0].suffix
-            self._index_name = "model.safetensors.index.json" if suffix == ".safetensors" else (
-                f"pytorch_model{suffix}.index.json"
+            self._index_name = (
+                "model.safetensors.index.json"
+                if suffix == ".safetensors"
+                else (f"pytorch_model{suffix}.index.json")
             )
         self._key_to_file: Dict[str, str] = {}
 
@@ -234,9 +238,12 @@ class _ShardedCheckpointer(_Checkpointer):
             yield shard
 
     def _write_shards(
-        self, writer: StagedWriter, sd: Dict[str, torch.Tensor], epoch_dir: Path,
+        self,
+        writer: StagedWriter,
+        sd: Dict[str, torch.Tensor],
+        epoch_dir: Path,
         extra_keys: Optional[Dict[str, str]] = None,
-    ):  # fmt: skip
+    ):
         """Write ``sd`` in the loaded files' layout; ``extra_keys`` (key -> file name) places
         keys the source did not have."""
         if not self._key_to_file:

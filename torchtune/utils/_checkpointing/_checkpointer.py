@@ -20,6 +20,7 @@ that adapter on top. Our model files already hold the merged weights, so the ada
 applied twice, silently. Load the adapter with
 ``PeftModel.from_pretrained(base_model, output_dir / f"epoch_{epoch}" / "adapter")``.
 """
+
 import json
 import logging
 from pathlib import Path
@@ -170,7 +171,8 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
     def _load_model(self) -> Dict[str, torch.Tensor]:
         expected_hf = tune_to_hf(
             {k: torch.empty(s, device="meta") for k, s in self._expected.items()},
-            self._num_heads, self._num_kv_heads,
+            self._num_heads,
+            self._num_kv_heads,
         )
         expected_hf = {k: tuple(v.shape) for k, v in expected_hf.items()}
 
@@ -203,7 +205,8 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
                 # write lm_head beside the table and mark the model untied.
                 log.warning(
                     "The output projection no longer equals the embedding table: saving "
-                    "lm_head.weight and tie_word_embeddings=false in %s", epoch_dir
+                    "lm_head.weight and tie_word_embeddings=false in %s",
+                    epoch_dir,
                 )
                 extra = {"lm_head.weight": self._key_to_file["model.embed_tokens.weight"]}
                 config = {**self._config, "tie_word_embeddings": False}

@@ -7,6 +7,7 @@ Reads never run pickled code: ``.bin``/``.pth``/``.pt`` go through
 renamed only once every file of a checkpoint has been written, so a crash mid-save leaves each
 target file either as it was or absent, never half-written.
 """
+
 import os
 import pickle
 import shutil

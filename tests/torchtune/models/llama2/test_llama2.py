@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Whole-model parity of the native Llama2 with HF's LlamaForCausalLM on converted weights."""
+
 import pytest
 import torch
 
@@ -7,9 +8,9 @@ from tests.test_utils import tiny_hf_llama
 from torchtune.models.llama2 import (
     hf_to_tune,
     llama2,
+    llama2_7b,
     llama2_13b,
     llama2_70b,
-    llama2_7b,
     tune_to_hf,
 )
 
@@ -20,9 +21,14 @@ VOCAB, DIM, LAYERS, HEADS, HIDDEN, MAX_SEQ = 321, 64, 3, 4, 88, 256
 def _pair(num_kv_heads: int, seed: int = 0):
     hf = tiny_hf_llama(seed, num_kv_heads=num_kv_heads)
     ours = llama2(
-        vocab_size=VOCAB, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=num_kv_heads,
-        embed_dim=DIM, max_seq_len=MAX_SEQ, intermediate_dim=HIDDEN,
-    ).eval()  # fmt: skip
+        vocab_size=VOCAB,
+        num_layers=LAYERS,
+        num_heads=HEADS,
+        num_kv_heads=num_kv_heads,
+        embed_dim=DIM,
+        max_seq_len=MAX_SEQ,
+        intermediate_dim=HIDDEN,
+    ).eval()
     ours.load_state_dict(hf_to_tune(hf.state_dict(), HEADS, num_kv_heads))
     return hf, ours
 
@@ -36,7 +42,9 @@ def models(request):
 @pytest.mark.parametrize("seq_len", [1, 17, 128])
 def test_logits_match_hf(models, batch_size, seq_len):
     hf, ours = models
-    tokens = torch.randint(0, VOCAB, (batch_size, seq_len), generator=torch.Generator().manual_seed(seq_len))
+    tokens = torch.randint(
+        0, VOCAB, (batch_size, seq_len), generator=torch.Generator().manual_seed(seq_len)
+    )
     with torch.no_grad():
         expected = hf(tokens).logits
         logits = ours(tokens)
@@ -48,7 +56,10 @@ def test_packed_mask_matches_separate_hf_forwards(models):
     """Two samples packed in one row with a block-causal mask = two independent HF forwards."""
     hf, ours = models
     g = torch.Generator().manual_seed(1)
-    a, b = torch.randint(0, VOCAB, (1, 9), generator=g), torch.randint(0, VOCAB, (1, 14), generator=g)
+    a, b = (
+        torch.randint(0, VOCAB, (1, 9), generator=g),
+        torch.randint(0, VOCAB, (1, 14), generator=g),
+    )
     tokens = torch.cat([a, b], dim=1)
     mask = torch.block_diag(torch.ones(9, 9).tril(), torch.ones(14, 14).tril()).bool()[None]
     input_pos = torch.cat([torch.arange(9), torch.arange(14)])[None]
@@ -73,7 +84,9 @@ def test_native_state_dict_keys():
     expected = {"tok_embeddings.weight", "norm.scale", "output.weight"}
     for i in range(LAYERS):
         expected |= {f"layers.{i}.sa_norm.scale", f"layers.{i}.mlp_norm.scale"}
-        expected |= {f"layers.{i}.attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "output_proj")}
+        expected |= {
+            f"layers.{i}.attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "output_proj")
+        }
         expected |= {f"layers.{i}.mlp.{w}.weight" for w in ("w1", "w2", "w3")}
     assert keys == expected
 
@@ -100,7 +113,9 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="input_pos must have shape"):
         ours(torch.zeros(2, 4, dtype=torch.long), input_pos=torch.arange(4)[None])
     with pytest.raises(ValueError, match="num_kv_heads"):
-        llama2(vocab_size=10, num_layers=1, num_heads=4, num_kv_heads=3, embed_dim=16, max_seq_len=8)
+        llama2(
+            vocab_size=10, num_layers=1, num_heads=4, num_kv_heads=3, embed_dim=16, max_seq_len=8
+        )
 
 
 @pytest.mark.parametrize(
@@ -120,9 +135,14 @@ def test_meta_device_build_then_load(models, assign):
     kv = hf.config.num_key_value_heads
     with torch.device("meta"):
         ours = llama2(
-            vocab_size=VOCAB, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=kv,
-            embed_dim=DIM, max_seq_len=MAX_SEQ, intermediate_dim=HIDDEN,
-        ).eval()  # fmt: skip
+            vocab_size=VOCAB,
+            num_layers=LAYERS,
+            num_heads=HEADS,
+            num_kv_heads=kv,
+            embed_dim=DIM,
+            max_seq_len=MAX_SEQ,
+            intermediate_dim=HIDDEN,
+        ).eval()
     sd = hf_to_tune(hf.state_dict(), HEADS, kv)
     if assign:
         ours.load_state_dict(sd, assign=True)  # RoPE cache stays meta until first forward

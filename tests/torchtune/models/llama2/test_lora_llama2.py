@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """A LoRA Llama2 on PEFT's adapters gives PEFT's logits; merging leaves logits unchanged."""
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -17,7 +18,10 @@ def _peft_to_tune(peft_sd, num_heads, num_kv_heads):
     base, lora = {}, {}
     for key, value in peft_sd.items():
         key = key.removeprefix("base_model.model.").replace(".base_layer", "")
-        for hf_name, ours in ((".lora_A.default.weight", "lora_a"), (".lora_B.default.weight", "lora_b")):
+        for hf_name, ours in (
+            (".lora_A.default.weight", "lora_a"),
+            (".lora_B.default.weight", "lora_b"),
+        ):
             if key.endswith(hf_name):
                 module = key[: -len(hf_name)]
                 native = _map_key(module + ".weight", _HF_TO_TUNE, "HF")[: -len("weight")]
@@ -35,7 +39,16 @@ def _peft_to_tune(peft_sd, num_heads, num_kv_heads):
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
 def test_lora_llama2_matches_peft_and_merge(num_kv_heads):
     hf = tiny_hf_llama(0, num_kv_heads=num_kv_heads)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "lm_head",
+    ]
     peft_model = get_peft_model(
         hf, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, lora_dropout=0.0)
     ).eval()
@@ -45,11 +58,19 @@ def test_lora_llama2_matches_peft_and_merge(num_kv_heads):
             if "lora_" in name:
                 p.normal_(std=0.05)
     ours = lora_llama2(
-        ["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
-        apply_lora_to_output=True, vocab_size=321, num_layers=3, num_heads=4,
-        num_kv_heads=num_kv_heads, embed_dim=64, max_seq_len=256, intermediate_dim=88,
-        lora_rank=RANK, lora_alpha=ALPHA,
-    ).eval()  # fmt: skip
+        ["q_proj", "k_proj", "v_proj", "output_proj"],
+        apply_lora_to_mlp=True,
+        apply_lora_to_output=True,
+        vocab_size=321,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=num_kv_heads,
+        embed_dim=64,
+        max_seq_len=256,
+        intermediate_dim=88,
+        lora_rank=RANK,
+        lora_alpha=ALPHA,
+    ).eval()
     ours.load_state_dict(_peft_to_tune(peft_model.state_dict(), 4, num_kv_heads))
 
     # Layer by layer: PEFT's q/k outputs are in HF's permuted row order.
@@ -57,8 +78,12 @@ def test_lora_llama2_matches_peft_and_merge(num_kv_heads):
     hf_attn = peft_model.base_model.model.model.layers[1].self_attn
     ours_attn = ours.layers[1].attn
     with torch.no_grad():
-        for hf_name, name, heads in (("q_proj", "q_proj", 4), ("k_proj", "k_proj", num_kv_heads),
-                                     ("v_proj", "v_proj", None), ("o_proj", "output_proj", None)):
+        for hf_name, name, heads in (
+            ("q_proj", "q_proj", 4),
+            ("k_proj", "k_proj", num_kv_heads),
+            ("v_proj", "v_proj", None),
+            ("o_proj", "output_proj", None),
+        ):
             expected = getattr(hf_attn, hf_name)(x)
             if heads is not None:
                 expected = _unpermute(expected.flatten(0, 1).T, heads).T.view_as(expected)
@@ -74,17 +99,28 @@ def test_lora_llama2_matches_peft_and_merge(num_kv_heads):
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
         merged = llama2(
-            vocab_size=321, num_layers=3, num_heads=4, num_kv_heads=num_kv_heads,
-            embed_dim=64, max_seq_len=256, intermediate_dim=88,
-        ).eval()  # fmt: skip
+            vocab_size=321,
+            num_layers=3,
+            num_heads=4,
+            num_kv_heads=num_kv_heads,
+            embed_dim=64,
+            max_seq_len=256,
+            intermediate_dim=88,
+        ).eval()
         merged.load_state_dict(get_merged_lora_ckpt(ours.state_dict(), rank=RANK, alpha=ALPHA))
         torch.testing.assert_close(merged(tokens), logits, atol=1e-5, rtol=1e-5)
 
 
 def test_lora_llama2_bad_modules():
     kwargs = dict(
-        vocab_size=11, num_layers=1, num_heads=2, num_kv_heads=2, embed_dim=8, max_seq_len=8,
-        lora_rank=2, lora_alpha=4.0,
+        vocab_size=11,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        embed_dim=8,
+        max_seq_len=8,
+        lora_rank=2,
+        lora_alpha=4.0,
     )
     with pytest.raises(ValueError, match="o_proj"):
         lora_llama2(["o_proj"], **kwargs)

@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """LoRALinear against PEFT's LoRA layer, and the adapter helpers against plain re-derivations."""
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -68,10 +69,20 @@ def test_lora_linear_init_and_dropout():
 def _tiny_lora(**kwargs):
     torch.manual_seed(0)
     model = lora_llama2(
-        ["q_proj", "v_proj"], apply_lora_to_mlp=True, apply_lora_to_output=True,
-        vocab_size=53, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
-        max_seq_len=32, intermediate_dim=40, lora_rank=4, lora_alpha=8.0, **kwargs,
-    )  # fmt: skip
+        ["q_proj", "v_proj"],
+        apply_lora_to_mlp=True,
+        apply_lora_to_output=True,
+        vocab_size=53,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=32,
+        max_seq_len=32,
+        intermediate_dim=40,
+        lora_rank=4,
+        lora_alpha=8.0,
+        **kwargs,
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_b" in name:
@@ -103,12 +114,19 @@ def test_merged_checkpoint_matches_rederivation_and_logits():
     key = "layers.1.attn.q_proj"
     expected = sd[f"{key}.weight"] + 2.0 * sd[f"{key}.lora_b.weight"] @ sd[f"{key}.lora_a.weight"]
     torch.testing.assert_close(merged[f"{key}.weight"], expected, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(merged["layers.0.attn.k_proj.weight"], sd["layers.0.attn.k_proj.weight"])
+    torch.testing.assert_close(
+        merged["layers.0.attn.k_proj.weight"], sd["layers.0.attn.k_proj.weight"]
+    )
 
     base = llama2(
-        vocab_size=53, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
-        max_seq_len=32, intermediate_dim=40,
-    ).eval()  # fmt: skip
+        vocab_size=53,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=32,
+        max_seq_len=32,
+        intermediate_dim=40,
+    ).eval()
     base.load_state_dict(merged)  # strict: exactly the base keys
     tokens = torch.randint(0, 53, (2, 11))
     with torch.no_grad():

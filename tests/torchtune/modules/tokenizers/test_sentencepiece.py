@@ -8,6 +8,7 @@ sentencepiece-backed path is ``transformers.SentencePieceBackend(vocab_file=...,
 Its generic ``decode`` joins pieces and strips the ends, and leaves byte-fallback pieces unfused, so
 decoding is compared with it only where that generic join is defined (see the decode test).
 """
+
 import pytest
 import sentencepiece as spm
 import torch
@@ -41,7 +42,9 @@ def model_path(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def identity_model_path(tmp_path_factory):
-    return train_sentencepiece(tmp_path_factory.mktemp("sp_id") / "m", normalization_rule_name="identity")
+    return train_sentencepiece(
+        tmp_path_factory.mktemp("sp_id") / "m", normalization_rule_name="identity"
+    )
 
 
 def _hf_tokenizer(path):
