@@ -3,13 +3,15 @@
 
 `tune ls`, `tune cp`, `tune run` and `tune validate` resolve names through this file only.
 A recipe ``name`` lives at ``torchtune/recipes/<name>.py`` and a config ``name`` at
-``torchtune/recipes/configs/<name>.yaml`` (config names may contain ``/``).
+``torchtune/recipes/configs/<name>.yaml`` (config names may contain ``/``). An alias is a second
+name for a config file (``lora_finetune_single_device`` is ``llama2/7B_lora_single_device``):
+one file, so the two cannot drift apart.
 """
 
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 __all__ = [
     "RECIPES_DIR",
@@ -31,10 +33,11 @@ CONFIGS_DIR = RECIPES_DIR / "configs"
 @dataclass(frozen=True)
 class Config:
     name: str
+    alias_of: Optional[str] = None  # the config whose file this name reads
 
     @property
     def file_path(self) -> Path:
-        return CONFIGS_DIR / f"{self.name}.yaml"
+        return CONFIGS_DIR / f"{self.alias_of or self.name}.yaml"
 
 
 @dataclass(frozen=True)
@@ -48,30 +51,49 @@ class Recipe:
         return RECIPES_DIR / f"{self.name}.py"
 
 
-def _recipe(name: str, configs: List[str], supports_distributed: bool) -> Recipe:
-    return Recipe(name, tuple(Config(c) for c in configs), supports_distributed)
+def _recipe(
+    name: str, configs: List[Union[str, Tuple[str, str]]], supports_distributed: bool
+) -> Recipe:
+    """``configs``: names, or ``(alias, target)`` pairs for a second name of a file."""
+    return Recipe(
+        name,
+        tuple(Config(c) if isinstance(c, str) else Config(*c) for c in configs),
+        supports_distributed,
+    )
 
 
 RECIPES: Tuple[Recipe, ...] = (
     _recipe(
         "full_finetune_single_device",
-        ["full_finetune_single_device", "llama2/7B_full_single_device", "tiny/full"],
+        [
+            ("full_finetune_single_device", "llama2/7B_full_single_device"),
+            "llama2/7B_full_single_device",
+            "tiny/full",
+        ],
         supports_distributed=False,
     ),
     _recipe(
         "lora_finetune_single_device",
-        ["lora_finetune_single_device", "llama2/7B_lora_single_device", "tiny/lora"],
+        [
+            ("lora_finetune_single_device", "llama2/7B_lora_single_device"),
+            "llama2/7B_lora_single_device",
+            "tiny/lora",
+        ],
         supports_distributed=False,
     ),
     _recipe(
         "full_finetune_distributed",
-        ["full_finetune_distributed", "llama2/7B_full", "tiny/full_distributed"],
+        [
+            ("full_finetune_distributed", "llama2/7B_full"),
+            "llama2/7B_full",
+            "tiny/full_distributed",
+        ],
         supports_distributed=True,
     ),
     _recipe(
         "lora_finetune_distributed",
         [
-            "lora_finetune_distributed",
+            ("lora_finetune_distributed", "llama2/7B_lora"),
             "llama2/7B_lora",
             "llama2/13B_lora",
             "tiny/lora_distributed",

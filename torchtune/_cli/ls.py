@@ -18,7 +18,8 @@ def table() -> str:
     rows = [("RECIPE", "CONFIG")]
     for recipe in registry.RECIPES:
         for i, config in enumerate(recipe.configs):
-            rows.append((recipe.name if i == 0 else "", config.name))
+            name = config.name + (f" (= {config.alias_of})" if config.alias_of else "")
+            rows.append((recipe.name if i == 0 else "", name))
     width = max(len(r[0]) for r in rows) + 3
     return "\n".join(f"{a:<{width}}{b}".rstrip() for a, b in rows)
 

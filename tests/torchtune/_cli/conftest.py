@@ -79,6 +79,8 @@ def fake_package(tmp_path, monkeypatch):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(RECIPE)
         for config in recipe.configs:
+            if config.alias_of:  # reads its target's file
+                continue
             path = configs / f"{config.name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(f"# {config.name}\n" + CONFIG.format(output_dir=out))

@@ -51,7 +51,8 @@ def test_name_that_is_recipe_and_config(fake_package, tmp_path, capsys):
     assert main(["cp", "full_finetune_single_device", str(tmp_path / "d.py")]) == 0
     assert "recipe_main" in (tmp_path / "d.py").read_text()
     assert main(["cp", "full_finetune_single_device.yaml", str(tmp_path / "d2")]) == 0
-    assert (tmp_path / "d2.yaml").read_text().startswith("# full_finetune_single_device")
+    # An alias copies the file it names.
+    assert (tmp_path / "d2.yaml").read_text().startswith("# llama2/7B_full_single_device")
 
 
 @pytest.mark.parametrize(

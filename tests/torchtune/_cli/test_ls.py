@@ -1,4 +1,5 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ def _rows(text):
     assert lines[0].split() == ["RECIPE", "CONFIG"]
     rows, recipe = [], None
     for line in lines[1:]:
-        cells = line.split()
+        cells = re.sub(r" \(= [^)]+\)$", "", line).split()  # an alias names its file
         if len(cells) == 2:
             recipe = cells[0]
         rows.append((recipe, cells[-1]))
@@ -25,6 +26,12 @@ def test_ls_lists_every_recipe_with_its_configs(capsys):
     expected = [(r.name, c.name) for r in registry.RECIPES for c in r.configs]
     assert rows == expected
     assert ("lora_finetune_distributed", "llama2/13B_lora") in rows
+
+
+def test_ls_shows_which_file_an_alias_reads(capsys):
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    assert "lora_finetune_single_device (= llama2/7B_lora_single_device)" in out
 
 
 def test_ls_through_console_script():

@@ -49,8 +49,27 @@ def test_every_shipped_file_is_registered():
 
 @pytest.mark.parametrize("name", registry.config_names())
 def test_config_begins_with_its_command(name):
-    path = registry.get_config(name).file_path
+    config = registry.get_config(name)
+    path = config.file_path
     if not path.is_file():
         pytest.skip("not written yet (test_registered_files_exist fails for it)")
     first = path.read_text().splitlines()[0]
-    assert first.startswith("#") and "tune " in first and name in first, first
+    assert first.startswith("#") and "tune " in first and (config.alias_of or name) in first, first
+
+
+def test_aliases_name_a_registered_config_of_the_same_recipe():
+    aliases = [(r, c) for r in registry.RECIPES for c in r.configs if c.alias_of]
+    assert aliases
+    for recipe, alias in aliases:
+        target = registry.get_config(alias.alias_of)
+        assert target is not None and target.alias_of is None
+        assert target in recipe.configs
+        assert alias.file_path == target.file_path
+
+
+def test_no_two_shipped_config_files_are_the_same_but_for_their_first_line():
+    bodies = {}
+    for path in sorted(registry.CONFIGS_DIR.rglob("*.yaml")):
+        body = path.read_text().split("\n", 1)[1]
+        assert body not in bodies, f"{path} repeats {bodies.get(body)}: make one an alias"
+        bodies[body] = path
