@@ -71,8 +71,9 @@ class Levers:
         ce_chunks: ``num_chunks`` of the ``linear`` and ``chunked`` losses.
         frozen: LoRA base weights have ``requires_grad=False`` (else they get gradients too).
         optim: AdamW implementation: ``loop`` (foreach=False), ``foreach`` or ``fused``.
-        attn: ``sdpa`` (packed rows: causal SDPA per document), ``dense`` (SDPA with the
-            dense block-causal mask) or ``eager`` (softmax(QK^T)V written out, dense mask).
+        attn: ``sdpa`` (packed rows: causal SDPA per document), ``dense`` (SDPA with a
+            dense block-causal mask built from the document lengths) or ``eager``
+            (softmax(QK^T)V written out, dense mask).
         ac: the recipes' ``enable_activation_checkpointing``: ``False``, ``True`` (whole
             layers) or ``"selective"`` (keep matmul/attention outputs, recompute the rest).
         compile: ``torch.compile`` of every decoder layer.

@@ -1,6 +1,9 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
+import pickle
+
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate
 from torchtune.datasets import PackedDataset
@@ -85,3 +88,18 @@ def test_errors():
         padded_collate([{"tokens": [1], "labels": [1], "seq_lens": [1]}])
     with pytest.raises(ValueError, match="'mask'.*seq_lens"):
         padded_collate([{"tokens": [1], "labels": [1], "mask": torch.ones(1, 1, dtype=torch.bool)}])
+
+
+def test_packed_batches_travel_through_dataloader_workers():
+    # The DocumentMask is plain Python (lengths), so it pickles across worker processes and
+    # pin_memory leaves it as it is.
+    samples = [{"tokens": list(range(n)), "labels": list(range(n))} for n in (3, 4, 2, 5)]
+    ds = PackedDataset(samples, max_seq_len=6, strategy="greedy")
+    loader = DataLoader(ds, batch_size=2, collate_fn=padded_collate, num_workers=1)
+    batches = list(loader)
+    assert [b["mask"] for b in batches] == [
+        padded_collate([ds[0], ds[1]])["mask"],
+        padded_collate([ds[2]])["mask"],
+    ]
+    assert batches[0]["mask"] == DocumentMask((3, 3, 4, 2))
+    assert pickle.loads(pickle.dumps(batches[0]["mask"])) == batches[0]["mask"]
