@@ -40,16 +40,18 @@ class DocumentMask:
 
     def document_ids(self, device: Optional[torch.device] = None) -> torch.Tensor:
         """``LongTensor[sum(lengths)]``: the index of the document each token is in."""
-        counts = torch.tensor(self.lengths, device=device)
+        counts = torch.tensor(self.lengths, dtype=torch.long, device=device)
         return torch.repeat_interleave(torch.arange(len(self.lengths), device=device), counts)
 
 
-# Below this mean document length the per-document loop costs more than it saves.
+# Below this mean document length, one batched causal SDPA over padded rows costs less than
+# cutting the padding off and looping over the rows as documents.
 _MIN_MEAN_DOCUMENT_LEN = 32
 
 
 def worth_attending_by_document(n_tokens: int, n_documents: int) -> bool:
-    """Whether documents are long enough on average for the per-document loop to pay."""
+    """Whether unmasked rows, cut to their scored prefixes, are long enough on average for
+    the per-document loop to beat batched causal SDPA over the padded rows."""
     return n_tokens >= _MIN_MEAN_DOCUMENT_LEN * n_documents
 
 
