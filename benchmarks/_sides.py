@@ -18,12 +18,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from torchtune.data import padded_collate
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate
 from torchtune.datasets._packed import PackedDataset
 from torchtune.models.llama2 import llama2, tune_to_hf
 from torchtune.models.llama2._convert_adapter import tune_to_peft_adapter_weights
 from torchtune.modules import attention as attention_module
-from torchtune.modules import transformer as transformer_module
 from torchtune.training import _next_token_loss as next_token_loss_module
 
 # Llama2 shapes. ``small`` is the issue's CPU target; ``7b`` is for CUDA in bf16.
@@ -56,7 +55,7 @@ SHAPES: Dict[str, Dict[str, int]] = {
 LORA = dict(lora_attn_modules=["q_proj", "v_proj"], lora_rank=8, lora_alpha=16.0)
 ADAMW = dict(lr=2e-5, weight_decay=0.01)
 PAD_ID = 0
-IGNORE = -100
+IGNORE = CROSS_ENTROPY_IGNORE_IDX
 
 
 @dataclass
@@ -72,8 +71,9 @@ class Levers:
         ce_chunks: ``num_chunks`` of the ``linear`` and ``chunked`` losses.
         frozen: LoRA base weights have ``requires_grad=False`` (else they get gradients too).
         optim: AdamW implementation: ``loop`` (foreach=False), ``foreach`` or ``fused``.
-        attn: ``sdpa`` (packed rows: causal SDPA per document), ``dense`` (SDPA with the
-            dense block-causal mask) or ``eager`` (softmax(QK^T)V written out, dense mask).
+        attn: ``sdpa`` (packed rows: causal SDPA per document), ``dense`` (SDPA with a
+            dense block-causal mask built from the document lengths) or ``eager``
+            (softmax(QK^T)V written out, dense mask).
         ac: the recipes' ``enable_activation_checkpointing``: ``False``, ``True`` (whole
             layers) or ``"selective"`` (keep matmul/attention outputs, recompute the rest).
         compile: ``torch.compile`` of every decoder layer.
@@ -160,7 +160,8 @@ def make_batches(
 
     Returns:
         Batches from ``padded_collate``: ``tokens``/``labels`` ``[b, s]`` (packed: also
-        ``input_pos`` ``[b, s]`` and ``mask`` ``[b, s, s]``; hf: ``attention_mask`` ``[b, s]``).
+        ``input_pos`` ``[b, s]`` and ``mask``, a ``DocumentMask``; hf: ``attention_mask``
+        ``[b, s]``).
     """
     if data in ("padded", "hf"):
         rows = list(samples)
@@ -173,7 +174,7 @@ def make_batches(
         raise ValueError(f"data must be packed, grouped, padded or hf; got {data!r}")
     batches = []
     for i in range(0, len(rows), batch_size):
-        batch = padded_collate(rows[i : i + batch_size], padding_idx=PAD_ID, ignore_idx=IGNORE)
+        batch = padded_collate(rows[i : i + batch_size], padding_idx=PAD_ID)
         if data == "hf":
             # Sample ids never include PAD_ID (the generator starts at 3, bos=1, eos=2).
             batch["attention_mask"] = (batch["tokens"] != PAD_ID).long()
@@ -191,8 +192,6 @@ def count_tokens(batch: Dict[str, torch.Tensor]) -> Dict[str, int]:
 
 class PlainCrossEntropy(nn.Module):
     """The recipe's loss interface (``(sum, count)``) over one fp32 CE of the whole batch."""
-
-    ignore_index = IGNORE
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor):
         flat = logits.reshape(-1, logits.shape[-1]).float()  # [b*s, vocab]: all of it in fp32
@@ -225,16 +224,36 @@ def eager_attention():
         attention_module.F = saved
 
 
+def _dense_attention_by_document(q, k, v, mask, dropout_p):
+    # q: [b, s, n_h, h_d], k/v: [b, s, n_kv, h_d]; the block-causal mask built from the
+    # document lengths, dense, and handed to SDPA as one [b, 1, s, s] mask.
+    b, s, n_h, h_d = q.shape
+    docs = mask.document_ids(q.device).view(b, s)
+    causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    dense = (docs[:, :, None] == docs[:, None, :]) & causal  # [b, s, s]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, n, s, h_d]
+    if k.shape[1] != n_h:
+        k = k.repeat_interleave(n_h // k.shape[1], dim=1)
+        v = v.repeat_interleave(n_h // v.shape[1], dim=1)
+    out = attention_module.F.scaled_dot_product_attention(
+        q, k, v, attn_mask=dense.unsqueeze(1), dropout_p=dropout_p
+    )  # [b, n_h, s, h_d]
+    return out.transpose(1, 2).reshape(b, s, n_h * h_d)
+
+
 @contextlib.contextmanager
 def dense_mask_attention():
-    """Keep packed rows' block-causal mask dense: SDPA computes and discards the blocks
-    between documents (what the decoder did before it ran attention per document)."""
-    saved = transformer_module.document_mask_from
-    transformer_module.document_mask_from = lambda mask: None
+    """Run packed rows' attention with a dense block-causal mask built from their document
+    lengths: SDPA computes and discards the blocks between documents (what the decoder did
+    before it ran attention per document). A batch flattened by the loss (``drop_unscored``)
+    is one row, so its dense mask is ``[1, n, n]``; measure with ``drop_unscored=False`` for
+    the old ``[b, s, s]`` cost."""
+    saved = attention_module._attention_by_document
+    attention_module._attention_by_document = _dense_attention_by_document
     try:
         yield
     finally:
-        transformer_module.document_mask_from = saved
+        attention_module._attention_by_document = saved
 
 
 @contextlib.contextmanager
@@ -299,11 +318,11 @@ def build_ours(
     if levers.loss == "linear":
         from torchtune.training import LinearCrossEntropyLoss
 
-        recipe._loss_fn = LinearCrossEntropyLoss(levers.ce_chunks, ignore_index=IGNORE)
+        recipe._loss_fn = LinearCrossEntropyLoss(levers.ce_chunks)
     elif levers.loss == "chunked":
         from torchtune.training import ChunkedCrossEntropyLoss
 
-        recipe._loss_fn = ChunkedCrossEntropyLoss(levers.ce_chunks, ignore_index=IGNORE)
+        recipe._loss_fn = ChunkedCrossEntropyLoss(levers.ce_chunks)
     elif levers.loss == "plain":
         recipe._loss_fn = PlainCrossEntropy()
     else:

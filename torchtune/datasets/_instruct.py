@@ -19,9 +19,10 @@ class InstructDataset(Dataset):
 
     A sample is ``tokens = encode(prompt, add_bos=True, add_eos=False) +
     encode(response, add_bos=False, add_eos=True)`` with ``labels`` equal to ``tokens``, except
-    that with ``train_on_input=False`` the prompt positions are -100. Samples longer than
-    ``max_seq_len`` are cut to its length; a cut sample loses its EOS (it is not re-appended, so
-    the model never learns to stop at a point the data did not stop).
+    that with ``train_on_input=False`` the prompt positions are ``CROSS_ENTROPY_IGNORE_IDX``
+    (-100). Samples longer than ``max_seq_len`` are cut to its length; a cut sample loses its
+    EOS (it is not re-appended, so the model never learns to stop at a point the data did not
+    stop).
 
     Every row is validated when the dataset is built (see ``validate_columns``).
 

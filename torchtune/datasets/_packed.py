@@ -2,7 +2,7 @@
 """Pack variable-length samples into fixed-length rows."""
 
 import logging
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -86,23 +86,25 @@ class PackedDataset(Dataset):
 
     Which samples share a row is decided by :func:`pack_plan` (``strategy``; by default
     best-fit decreasing over the whole dataset); the room left in a row is padding (tokens
-    ``padding_idx``, labels -100). Samples longer than ``max_seq_len`` are truncated to it.
+    ``padding_idx``, labels ``CROSS_ENTROPY_IGNORE_IDX``). Samples longer than ``max_seq_len``
+    are truncated to it.
 
     Each row yields:
         - ``tokens``, ``labels`` (List[int], length ``max_seq_len``): the first label of every
-          packed sample is -100, because with the usual shift it would be predicted from the
-          previous sample's last token.
+          packed sample is ``CROSS_ENTROPY_IGNORE_IDX``, because with the usual shift it would
+          be predicted from the previous sample's last token.
         - ``input_pos`` (List[int]): positions restarting at 0 for every sample. The padding tail
-          is treated as one more segment, so its positions also start at 0.
-        - ``mask`` (BoolTensor[max_seq_len, max_seq_len]): block-causal, True = may attend; a token
-          sees only the earlier tokens of its own sample. Padding attends causally within the
-          padding block, so no row of the mask is all False (which would make SDPA return NaN).
+          is treated as one more document, so its positions also start at 0.
+        - ``seq_lens`` (List[int]): the document lengths, in order, summing to ``max_seq_len``;
+          the padding tail is the last one. A token attends only to the earlier tokens of its
+          own document: ``padded_collate`` turns the rows' lengths into one
+          :class:`~torchtune.modules.attention.DocumentMask` for the batch, and attention then
+          runs document by document. No dense ``[s, s]`` mask is built.
 
-    With this mask and these positions, a model gives every packed sample the same logits as
+    With these documents and positions, a model gives every packed sample the same logits as
     when the sample is run alone, so per-token losses match the unpacked data.
 
-    The whole dataset is tokenized once here (packing needs every length); masks are built
-    on the fly in ``__getitem__`` rather than stored (they are quadratic in ``max_seq_len``).
+    The whole dataset is tokenized once here (packing needs every length).
 
     Args:
         ds (Dataset): a map-style dataset of ``{"tokens", "labels"}`` samples.
@@ -174,17 +176,14 @@ class PackedDataset(Dataset):
     def __len__(self) -> int:
         return len(self._packs)
 
-    def __getitem__(self, index: int) -> Dict[str, Union[List[int], torch.Tensor]]:
+    def __getitem__(self, index: int) -> Dict[str, List[int]]:
         pack = self._packs[index]
         seq_lens = pack["seq_lens"]
-        segment = torch.repeat_interleave(torch.arange(len(seq_lens)), seq_lens)  # [s]
         starts = torch.repeat_interleave(seq_lens.cumsum(0) - seq_lens, seq_lens)  # [s]
         input_pos = torch.arange(self.max_seq_len) - starts
-        causal = torch.ones(self.max_seq_len, self.max_seq_len, dtype=torch.bool).tril()
-        mask = (segment[:, None] == segment[None, :]) & causal  # [s, s]
         return {
             "tokens": pack["tokens"].tolist(),
             "labels": pack["labels"].tolist(),
             "input_pos": input_pos.tolist(),
-            "mask": mask,
+            "seq_lens": seq_lens.tolist(),
         }

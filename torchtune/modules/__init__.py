@@ -1,5 +1,5 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-from torchtune.modules.attention import CausalSelfAttention, DocumentMask, document_mask_from
+from torchtune.modules.attention import CausalSelfAttention, DocumentMask
 from torchtune.modules.feed_forward import FeedForward
 from torchtune.modules.kv_cache import KVCache
 from torchtune.modules.position_embeddings import RotaryPositionalEmbeddings
@@ -16,6 +16,5 @@ __all__ = [
     "RotaryPositionalEmbeddings",
     "TransformerDecoder",
     "TransformerDecoderLayer",
-    "document_mask_from",
     "init_weights_",
 ]

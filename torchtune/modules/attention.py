@@ -16,67 +16,43 @@ _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 class DocumentMask:
     """Packed rows as a sequence of documents, each attending causally within itself only.
 
-    The block-causal mask of packed samples, kept as document lengths: attention then runs
-    one document at a time (SDPA's ``is_causal``) and skips the masked-out blocks between
-    documents and above the diagonal that a dense mask would compute and discard.
+    The block-causal attention of packed samples, kept as document lengths: attention runs
+    one document at a time (SDPA's ``is_causal``) and skips the blocks between documents and
+    above the diagonal that a dense ``[b, s, s]`` mask would compute and discard. Packed
+    batches carry one from the dataset on (``padded_collate`` builds it from each row's
+    ``seq_lens``), so no dense mask is ever built for them.
 
     Attributes:
         lengths: lengths of consecutive documents over the ``b * s`` tokens of a batch taken
             row after row; no document crosses a row boundary.
+
+    Raises:
+        ValueError: if a length is not a positive int.
     """
 
     lengths: Tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        bad = [n for n in self.lengths if not isinstance(n, int) or isinstance(n, bool) or n < 1]
+        if bad:
+            raise ValueError(f"DocumentMask lengths must be positive ints; got {bad[:5]}")
+        object.__setattr__(self, "lengths", tuple(self.lengths))
 
-# Below this mean document length the per-document loop costs more than it saves.
+    def document_ids(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        """``LongTensor[sum(lengths)]``: the index of the document each token is in."""
+        counts = torch.tensor(self.lengths, dtype=torch.long, device=device)
+        return torch.repeat_interleave(torch.arange(len(self.lengths), device=device), counts)
+
+
+# Below this mean document length, one batched causal SDPA over padded rows costs less than
+# cutting the padding off and looping over the rows as documents.
 _MIN_MEAN_DOCUMENT_LEN = 32
 
 
-def block_causal_documents(mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """Which document each token is in, if ``mask`` is exactly block-causal; else None.
-
-    Args:
-        mask: ``BoolTensor[b, s, s]``, True = may attend.
-
-    Returns:
-        ``LongTensor[b, s]`` of document ids, increasing along the flattened batch and unique
-        across rows, if ``mask`` is block-diagonal with causal blocks (packed samples, their
-        padding tail a block of its own); None otherwise.
-    """
-    b, s, _ = mask.shape
-    # A document starts where a token may not see the one before it.
-    starts = torch.ones(b, s, dtype=torch.bool, device=mask.device)
-    starts[:, 1:] = ~mask.diagonal(offset=-1, dim1=1, dim2=2)
-    segment = starts.cumsum(dim=1)  # [b, s] document index within the row
-    causal = torch.ones(s, s, dtype=torch.bool, device=mask.device).tril()
-    if not torch.equal((segment[:, :, None] == segment[:, None, :]) & causal, mask):
-        return None
-    return segment + torch.arange(b, device=mask.device).unsqueeze(1) * s  # [b, s]
-
-
 def worth_attending_by_document(n_tokens: int, n_documents: int) -> bool:
-    """Whether documents are long enough on average for the per-document loop to pay."""
+    """Whether unmasked rows, cut to their scored prefixes, are long enough on average for
+    the per-document loop to beat batched causal SDPA over the padded rows."""
     return n_tokens >= _MIN_MEAN_DOCUMENT_LEN * n_documents
-
-
-def document_mask_from(mask: torch.Tensor) -> Optional[DocumentMask]:
-    """The :class:`DocumentMask` equal to ``mask``, or None if ``mask`` is not block-causal.
-
-    Args:
-        mask: ``BoolTensor[b, s, s]``, True = may attend.
-
-    Returns:
-        A ``DocumentMask`` if ``mask`` is exactly block-causal (see
-        :func:`block_causal_documents`) and its documents are long enough to be worth a loop
-        (mean over 32 tokens); None otherwise.
-    """
-    ids = block_causal_documents(mask)
-    if ids is None:
-        return None
-    lengths = torch.unique_consecutive(ids.flatten(), return_counts=True)[1].tolist()  # sync
-    if not worth_attending_by_document(ids.numel(), len(lengths)):
-        return None
-    return DocumentMask(tuple(lengths))
 
 
 # Run eagerly inside compiled layers: dynamo would guard on (and recompile for) every new
@@ -134,8 +110,10 @@ class CausalSelfAttention(nn.Module):
 
     Masking:
       * no cache, ``mask=None``: plain causal attention (SDPA's ``is_causal``, no mask built).
-      * ``mask`` ``BoolTensor[b, s, s]`` (True = may attend): used as given, e.g. block-causal
-        masks of packed samples. It must include causality itself.
+      * no cache, a :class:`DocumentMask` (packed samples): causal attention within each
+        document, one SDPA call per document.
+      * ``mask`` ``BoolTensor[b, s, s]`` (True = may attend): used as given, e.g. a padding
+        mask. It must include causality itself.
       * with a KV cache and ``mask=None``: the query at position ``p`` attends cache slots
         ``<= p`` (built from ``input_pos``).
       * with a KV cache, ``mask`` ``BoolTensor[b, s, cache_len]``: used as given over cache
@@ -144,9 +122,7 @@ class CausalSelfAttention(nn.Module):
         only sees relative positions, rows may be shifted by their padding.
     Instead of a bool mask, an additive float mask of the same shape (0 = may attend,
     ``-inf`` = may not; what SDPA turns a bool mask into) is accepted too: the decoder passes
-    one, converted once for all its layers. Without a cache, a :class:`DocumentMask` runs
-    causal attention within each packed document (the decoder passes one for block-causal
-    masks).
+    one, converted once for all its layers.
     A query row that may attend nothing yields zeros (SDPA's convention), not NaN.
 
     Args:

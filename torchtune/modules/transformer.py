@@ -4,7 +4,7 @@ from typing import List, Optional, Union
 import torch
 from torch import nn
 
-from torchtune.modules.attention import CausalSelfAttention, DocumentMask, document_mask_from
+from torchtune.modules.attention import CausalSelfAttention, DocumentMask
 from torchtune.modules.kv_cache import KVCache
 
 
@@ -140,16 +140,17 @@ class TransformerDecoder(nn.Module):
         """
         Args:
             tokens: ``LongTensor[b, s]``.
-            mask: optional ``BoolTensor[b, s, s]`` (True = may attend), e.g. block-causal masks
-                of packed samples or padding masks; it must include causality. With KV caches
-                on it is ``[b, s, cache_len]`` over cache slots (e.g. left-padded generation:
-                pass ``input_pos`` = column index for every row and hide the pad slots here);
-                None there means causal over cache slots. Without caches, an exactly
-                block-causal mask (packed samples) runs attention document by document
-                (:class:`~torchtune.modules.attention.DocumentMask`): same result, no work on
-                the masked-out blocks. A ``DocumentMask`` may also be passed directly (with
-                ``input_pos``), e.g. for a batch flattened to one row of documents, which may
-                then be longer than ``max_seq_len``; each document may not.
+            mask: packed samples pass a
+                :class:`~torchtune.modules.attention.DocumentMask` (the document lengths over
+                the ``b * s`` tokens, with ``input_pos``; what ``padded_collate`` gives packed
+                rows): attention runs causally within each document, with no work on the
+                blocks between them. The batch may then be flattened to one row of documents
+                longer than ``max_seq_len``; each document may not. Otherwise an optional
+                ``BoolTensor[b, s, s]`` (True = may attend), e.g. a padding mask, used as
+                given (it must include causality). With KV caches on it is
+                ``[b, s, cache_len]`` over cache slots (e.g. left-padded generation: pass
+                ``input_pos`` = column index for every row and hide the pad slots here); None
+                there means causal over cache slots.
             input_pos: ``LongTensor[b, s]`` token positions; required with KV caches,
                 ``arange(s)`` per row otherwise when None.
             output_mask: optional ``BoolTensor[b, s]``: run the final norm and the output
@@ -207,9 +208,6 @@ class TransformerDecoder(nn.Module):
             )
 
         h = self.tok_embeddings(tokens)  # [b, s, d]
-        if isinstance(mask, torch.Tensor) and not caches_on:
-            # Packed samples: attention document by document skips the masked-out blocks.
-            mask = document_mask_from(mask) or mask
         if isinstance(mask, torch.Tensor):
             # SDPA turns a bool mask into this additive one; doing it once here rather than in
             # every layer saves the work and lets all layers keep one copy for backward.

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from torchtune import config, training, utils
-from torchtune.data import padded_collate
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +146,7 @@ class FullFinetuneRecipeSingleDevice:
         # A one-replica DistributedSampler: its order depends only on (seed, epoch), so a
         # resumed run sees the same later epochs as an uninterrupted one.
         sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=shuffle, seed=self.seed)
-        collate = partial(
-            padded_collate,
-            padding_idx=self._tokenizer.pad_id,
-            ignore_idx=self._loss_fn.ignore_index,
-        )
+        collate = partial(padded_collate, padding_idx=self._tokenizer.pad_id)
         loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate)
         log.info("Dataset: %d samples, %d batches of %d", len(ds), len(loader), batch_size)
         return sampler, loader
@@ -182,9 +178,10 @@ class FullFinetuneRecipeSingleDevice:
 
     def _optimizer_step(self, micro_batches: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
         """One optimizer step over its micro-batches; returns the step's mean token loss."""
-        ignore = self._loss_fn.ignore_index
         # Counted up front so each micro-batch's backward is already scaled for the whole step.
-        num_tokens = sum(int((mb["labels"][:, 1:] != ignore).sum()) for mb in micro_batches)
+        num_tokens = sum(
+            int((mb["labels"][:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum()) for mb in micro_batches
+        )
         denom = max(num_tokens, 1)
         total = torch.zeros((), device=self._device)
         for mb in micro_batches:

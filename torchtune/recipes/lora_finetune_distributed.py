@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from torchtune import config, training, utils
-from torchtune.data import padded_collate
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate
 from torchtune.modules import TransformerDecoderLayer
 from torchtune.modules.peft import get_adapter_params, get_merged_lora_ckpt, set_trainable_params
 
@@ -225,11 +225,7 @@ class LoRAFinetuneRecipeDistributed:
         sampler = DistributedSampler(
             ds, num_replicas=self._world_size, rank=self._rank, shuffle=shuffle, seed=self.seed
         )
-        collate = partial(
-            padded_collate,
-            padding_idx=self._tokenizer.pad_id,
-            ignore_idx=self._loss_fn.ignore_index,
-        )
+        collate = partial(padded_collate, padding_idx=self._tokenizer.pad_id)
         loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate)
         log.info(
             "Dataset: %d samples, %d batches of %d per rank, %d ranks",
@@ -272,9 +268,10 @@ class LoRAFinetuneRecipeDistributed:
             ``(loss, tokens)``: the step's mean token loss over all ranks, and the number of
             tokens (padding included) all ranks processed.
         """
-        ignore = self._loss_fn.ignore_index
         # Counted up front, over all ranks, so each backward is already scaled for the step.
-        local = sum(int((mb["labels"][:, 1:] != ignore).sum()) for mb in micro_batches)
+        local = sum(
+            int((mb["labels"][:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum()) for mb in micro_batches
+        )
         denom = max(int(utils.all_reduce_sum([local], self._device)[0]), 1)
         total = torch.zeros((), device=self._device)
         for mb in micro_batches:

@@ -8,10 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
-def _chunk_ce_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+
+def _chunk_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     # [n, v] upcast here, per chunk: bf16 logits keep their precision in the log-softmax.
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    return F.cross_entropy(
+        logits.float(), labels, ignore_index=CROSS_ENTROPY_IGNORE_IDX, reduction="sum"
+    )
 
 
 class ChunkedCrossEntropyLoss(nn.Module):
@@ -22,22 +26,21 @@ class ChunkedCrossEntropyLoss(nn.Module):
     recomputes its fp32 log-softmax instead of keeping every chunk's ``[b, s/k, vocab]`` fp32
     copy alive until then. Returning the sum and the count (rather than a mean) lets a recipe
     divide by the token count of a whole optimizer step, so gradient accumulation gives the
-    big batch's gradient exactly.
+    big batch's gradient exactly. Labels equal to ``torchtune.data.CROSS_ENTROPY_IGNORE_IDX``
+    are not scored (the one value the datasets write; not a setting).
 
     Args:
         num_chunks: pieces along the sequence (clamped to the sequence length).
-        ignore_index: label value that is not scored.
 
     Raises:
         ValueError: if ``num_chunks`` is not positive.
     """
 
-    def __init__(self, num_chunks: int = 8, ignore_index: int = -100) -> None:
+    def __init__(self, num_chunks: int = 8) -> None:
         super().__init__()
         if num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
         self.num_chunks = num_chunks
-        self.ignore_index = ignore_index
 
     def forward(
         self, logits: torch.Tensor, labels: torch.Tensor
@@ -46,7 +49,7 @@ class ChunkedCrossEntropyLoss(nn.Module):
         Args:
             logits: ``[b, s, vocab]``, already aligned with ``labels`` (a recipe passes
                 ``logits[:, :-1]`` with ``labels[:, 1:]``), any float dtype.
-            labels: ``LongTensor[b, s]``; ``ignore_index`` entries are skipped.
+            labels: ``LongTensor[b, s]``; ``CROSS_ENTROPY_IGNORE_IDX`` entries are skipped.
 
         Returns:
             ``(loss_sum, num_tokens)``: fp32 scalar sum of the per-token losses and a long
@@ -60,7 +63,7 @@ class ChunkedCrossEntropyLoss(nn.Module):
                 f"logits must be [b, s, vocab] and labels [b, s]; got {tuple(logits.shape)} "
                 f"and {tuple(labels.shape)}"
             )
-        num_tokens = (labels != self.ignore_index).sum()
+        num_tokens = (labels != CROSS_ENTROPY_IGNORE_IDX).sum()
         vocab = logits.shape[-1]
         total = logits.new_zeros((), dtype=torch.float32)
         use_ckpt = torch.is_grad_enabled() and logits.requires_grad
@@ -71,8 +74,8 @@ class ChunkedCrossEntropyLoss(nn.Module):
             label_chunk = label_chunk.reshape(-1)
             if use_ckpt:
                 total = total + checkpoint(
-                    _chunk_ce_sum, logit_chunk, label_chunk, self.ignore_index, use_reentrant=False
+                    _chunk_ce_sum, logit_chunk, label_chunk, use_reentrant=False
                 )
             else:
-                total = total + _chunk_ce_sum(logit_chunk, label_chunk, self.ignore_index)
+                total = total + _chunk_ce_sum(logit_chunk, label_chunk)
         return total, num_tokens

@@ -298,3 +298,19 @@ def test_index_errors(sp_model_path, alpaca_file, hf_cache):
             data_files=str(alpaca_file),
             cache_dir=hf_cache,
         )
+
+
+def test_prompt_labels_are_the_one_ignore_value(sp_model_path, alpaca_file, hf_cache, monkeypatch):
+    # The dataset writes torchtune.data.CROSS_ENTROPY_IGNORE_IDX, not a literal of its own:
+    # with the constant changed, every prompt label follows it.
+    from torchtune.datasets import _instruct
+
+    tok = SentencePieceTokenizer(sp_model_path)
+    kwargs = dict(source="json", data_files=str(alpaca_file), max_seq_len=None, cache_dir=hf_cache)
+    want = list(alpaca_dataset(tok, train_on_input=False, **kwargs))  # tokenized lazily
+    monkeypatch.setattr(_instruct, "CROSS_ENTROPY_IGNORE_IDX", -7)
+    got = list(alpaca_dataset(tok, train_on_input=False, **kwargs))
+    assert len(want) == len(got) > 0
+    for a, b in zip(want, got):
+        assert -100 in a["labels"]
+        assert b["labels"] == [-7 if x == -100 else x for x in a["labels"]]

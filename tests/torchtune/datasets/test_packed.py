@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.test_utils import write_alpaca_json
-from torchtune.data import padded_collate
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate
 from torchtune.datasets import PackedDataset, alpaca_dataset
 from torchtune.datasets._packed import pack_plan
 from torchtune.models.llama2 import llama2
@@ -18,12 +18,6 @@ from torchtune.modules.tokenizers import SentencePieceTokenizer
 def _sample(first, n):
     tokens = list(range(first, first + n))
     return {"tokens": tokens, "labels": [t + 1000 for t in tokens]}
-
-
-def _expected_mask(seq_lens):
-    seg = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(seq_lens))
-    i = torch.arange(len(seg))
-    return (seg[:, None] == seg[None, :]) & (i[None, :] <= i[:, None])
 
 
 def test_greedy_layout():
@@ -46,9 +40,9 @@ def test_greedy_layout():
         assert row["tokens"] == tokens
         assert row["labels"] == labels
         assert row["input_pos"] == input_pos
-        assert row["mask"].dtype == torch.bool
-        assert torch.equal(row["mask"], _expected_mask(seq_lens))
-        assert row["mask"].any(dim=-1).all()  # no all-False row: SDPA would give NaN
+        # The documents' lengths, padding tail included; no [s, s] mask.
+        assert row["seq_lens"] == seq_lens
+        assert set(row) == {"tokens", "labels", "input_pos", "seq_lens"}
 
 
 def test_best_fit_layout():
@@ -90,7 +84,7 @@ def test_best_fit_layout():
         assert row["tokens"] == tokens
         assert row["labels"] == labels
         assert row["input_pos"] == input_pos
-        assert torch.equal(row["mask"], _expected_mask(seq_lens))
+        assert row["seq_lens"] == seq_lens
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -132,10 +126,13 @@ def test_packed_errors():
 
 def _per_token_losses(model, batch):
     logits = model(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
-    assert torch.isfinite(logits).all()  # padding rows of the mask included
+    assert torch.isfinite(logits).all()  # padding documents included
     # [b, s-1]: logits at t predict the label at t + 1; ignored labels give 0.
     return F.cross_entropy(
-        logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="none"
+        logits[:, :-1].transpose(1, 2),
+        batch["labels"][:, 1:],
+        ignore_index=CROSS_ENTROPY_IGNORE_IDX,
+        reduction="none",
     )
 
 
@@ -208,3 +205,13 @@ def test_packed_losses_match_unpacked(sp_model_path, tmp_path, strategy):
         (torch.tensor(unpacked[k]["labels"][1:]) != -100).sum() for k in range(len(lens))
     )
     torch.testing.assert_close(got.sum() / n_tokens, ref.sum() / n_tokens, atol=1e-6, rtol=0)
+
+
+def test_packed_labels_use_the_one_ignore_value(monkeypatch):
+    # Sample boundaries and padding get torchtune.data.CROSS_ENTROPY_IGNORE_IDX, not a literal.
+    from torchtune.datasets import _packed
+
+    monkeypatch.setattr(_packed, "CROSS_ENTROPY_IGNORE_IDX", -7)
+    ds = PackedDataset([_sample(10, 3), _sample(20, 2)], max_seq_len=6, strategy="greedy")
+    assert ds[0]["labels"] == [-7, 1011, 1012, -7, 1021, -7]
+    assert ds[0]["seq_lens"] == [3, 2, 1]

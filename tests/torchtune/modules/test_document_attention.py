@@ -1,5 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-"""Attention document by document (``DocumentMask``) against HF and our dense block-causal mask."""
+"""Attention document by document (``DocumentMask``) against HF, our dense block-causal mask
+and each document alone."""
 
 import pytest
 import torch
@@ -9,12 +10,18 @@ from torchtune.data import padded_collate
 from torchtune.datasets import PackedDataset
 from torchtune.models.llama2 import llama2
 from torchtune.modules import attention as attention_module
-from torchtune.modules.attention import DocumentMask, document_mask_from
+from torchtune.modules.attention import DocumentMask
 
 ROWS = [[37, 50, 41], [64, 33, 31]]  # documents of 31-64 tokens, rows of 128
 
 
-def test_document_mask_from_packed_rows():
+def _documents(rows):
+    """The ``DocumentMask`` of rows of document lengths, and the restarting positions."""
+    _, pos = _block_causal(rows)
+    return DocumentMask(tuple(n for row in rows for n in row)), pos
+
+
+def test_packed_rows_collate_to_their_document_mask():
     g = torch.Generator().manual_seed(0)
     lengths = [40, 70, 35, 90, 60, 33]
     samples = [{"tokens": torch.randint(3, 50, (n,), generator=g).tolist()} for n in lengths]
@@ -22,29 +29,58 @@ def test_document_mask_from_packed_rows():
         sample["labels"] = list(sample["tokens"])
     rows = PackedDataset(samples, max_seq_len=128)
     batch = padded_collate([rows[i] for i in range(len(rows))], padding_idx=0)
-    doc = document_mask_from(batch["mask"])
-    assert doc is not None and sum(doc.lengths) == batch["tokens"].numel()
+    doc = batch["mask"]
+    assert isinstance(doc, DocumentMask)
+    assert doc.lengths == tuple(n for i in range(len(rows)) for n in rows[i]["seq_lens"])
+    assert sum(doc.lengths) == batch["tokens"].numel()
     # Every document (padding tails included) is a run of positions 0, 1, ..., n - 1.
     expected = torch.unique_consecutive(
         (batch["input_pos"] == 0).flatten().cumsum(0), return_counts=True
     )[1]
     assert doc.lengths == tuple(expected.tolist())
+    # The documents as a dense mask are the block-causal mask of the rows.
+    mask, _ = _block_causal([rows[i]["seq_lens"] for i in range(len(rows))])
+    ids = doc.document_ids().view(mask.shape[:2])
+    causal = torch.ones(128, 128, dtype=torch.bool).tril()
+    assert torch.equal((ids[:, :, None] == ids[:, None, :]) & causal, mask)
 
 
-def test_document_mask_from_rejects_other_masks():
-    mask, _ = _block_causal(ROWS)
-    assert document_mask_from(mask) == DocumentMask((37, 50, 41, 64, 33, 31))
-    leaky = mask.clone()
-    leaky[0, 40, 2] = True  # one token sees into the previous document
-    assert document_mask_from(leaky) is None
-    not_causal = mask.clone()
-    not_causal[1, 3, 5] = True
-    assert document_mask_from(not_causal) is None
-    left_padded = torch.ones(2, 128, 128, dtype=torch.bool).tril()
-    left_padded[1, :, :10] = False
-    assert document_mask_from(left_padded) is None
-    short, _ = _block_causal([[8] * 16, [16] * 8])  # a loop over short documents costs more
-    assert document_mask_from(short) is None
+def test_document_mask_lengths_must_be_positive_ints():
+    assert DocumentMask([3, 4]).lengths == (3, 4)  # stored as a tuple: hashable, comparable
+    for bad in ([3, 0], [-1], [2.0], [True]):
+        with pytest.raises(ValueError, match="positive ints"):
+            DocumentMask(bad)
+
+
+def test_decoder_uses_a_dense_mask_as_given(monkeypatch):
+    # A dense block-causal mask is no longer turned into documents (nothing on the training
+    # path passes one): it runs through SDPA as a mask, with the same logits.
+    torch.manual_seed(0)
+    model = llama2(
+        vocab_size=97,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=40,
+        intermediate_dim=60,
+        max_seq_len=128,
+    )
+    mask, pos = _block_causal(ROWS)
+    doc, _ = _documents(ROWS)
+    tokens = torch.randint(3, 97, (2, 128))
+    calls = []
+    real = attention_module._attention_by_document
+    monkeypatch.setattr(
+        attention_module,
+        "_attention_by_document",
+        lambda *a, **k: calls.append(a[3].lengths) or real(*a, **k),
+    )
+    with torch.no_grad():
+        dense = model(tokens, mask=mask, input_pos=pos)
+        assert calls == []
+        by_document = model(tokens, mask=doc, input_pos=pos)
+        assert len(calls) == 2
+    torch.testing.assert_close(dense, by_document, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (8, 1)])
@@ -52,7 +88,7 @@ def test_attention_by_document_matches_hf_and_the_dense_mask(num_heads, num_kv_h
     torch.manual_seed(0)
     ref, ours, rope_ref = _attention_pair(num_heads, num_kv_heads, max_seq_len=128)
     mask, pos = _block_causal(ROWS)
-    doc = document_mask_from(mask)
+    doc, _ = _documents(ROWS)
     x = torch.randn(2, 128, 64, requires_grad=True)
     with torch.no_grad():
         expected, _ = ref(x, position_embeddings=rope_ref(x, pos), attention_mask=_additive(mask))
@@ -82,7 +118,7 @@ def test_decoder_runs_packed_rows_by_document_with_the_same_logits(monkeypatch):
         intermediate_dim=60,
         max_seq_len=128,
     )
-    mask, pos = _block_causal(ROWS)
+    doc, pos = _documents(ROWS)
     tokens = torch.randint(3, 97, (2, 128))
     calls = []
     real = attention_module._attention_by_document
@@ -91,7 +127,7 @@ def test_decoder_runs_packed_rows_by_document_with_the_same_logits(monkeypatch):
         "_attention_by_document",
         lambda *a, **k: calls.append(a[3].lengths) or real(*a, **k),
     )
-    packed = model(tokens, mask=mask, input_pos=pos)
+    packed = model(tokens, mask=doc, input_pos=pos)
     assert calls == [(37, 50, 41, 64, 33, 31)] * 2  # once per layer
     # Each document alone, plain causal attention: what packing must reproduce.
     start = 0
@@ -126,14 +162,14 @@ def test_document_attention_under_activation_checkpointing(setting):
         intermediate_dim=60,
         max_seq_len=128,
     )
-    mask, pos = _block_causal(ROWS)
+    doc, pos = _documents(ROWS)
     tokens = torch.randint(3, 97, (2, 128), generator=torch.Generator().manual_seed(1))
     grads = []
     for ac in (False, setting):
         torch.manual_seed(0)
         model = llama2(**shape)
         apply_activation_checkpointing(model, ac)
-        (model(tokens, mask=mask, input_pos=pos) ** 2).mean().backward()
+        (model(tokens, mask=doc, input_pos=pos) ** 2).mean().backward()
         grads.append([p.grad for p in model.parameters()])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
@@ -158,8 +194,7 @@ def test_compiled_layer_runs_documents_eagerly_without_recompiling():
     compiled.compile()
     x = torch.randn(2, 128, 64, requires_grad=True)
     for i, rows in enumerate([ROWS, [[128], [40, 88]], [[60, 68], [32, 32, 64]]]):
-        mask, pos = _block_causal(rows)
-        doc = document_mask_from(mask)
+        doc, pos = _documents(rows)
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             got = compiled(x, mask=doc, input_pos=pos)
         want = eager(x, mask=doc, input_pos=pos)

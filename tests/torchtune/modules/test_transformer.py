@@ -5,12 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchtune.data import padded_collate
+from tests.torchtune.training.test_next_token_loss import dense_block_causal
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate
 from torchtune.datasets import PackedDataset
 from torchtune.models.llama2 import llama2, lora_llama2
 from torchtune.training import ChunkedCrossEntropyLoss, LinearCrossEntropyLoss, next_token_loss_sum
 
-IGNORE = -100
+IGNORE = CROSS_ENTROPY_IGNORE_IDX
 SHAPE = dict(
     vocab_size=97,
     num_layers=2,
@@ -23,7 +24,8 @@ SHAPE = dict(
 
 
 def _packed_batch():
-    # Samples with a prompt (label -100) and a response, packed as training sees them.
+    # Samples with a prompt (label CROSS_ENTROPY_IGNORE_IDX) and a response, packed as training
+    # sees them: short documents (mean under 32 tokens).
     g = torch.Generator().manual_seed(0)
     samples = []
     for n, n_prompt in [(11, 5), (7, 3), (13, 13), (9, 2), (17, 6), (5, 1)]:
@@ -40,7 +42,9 @@ def _grads(model):
 
 
 def _full_path(model, batch, loss_fn):
-    logits = model(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"])
+    # The reference: full logits under the dense block-causal mask of the batch's documents.
+    mask = dense_block_causal(batch["mask"], *batch["tokens"].shape)
+    logits = model(batch["tokens"], mask=mask, input_pos=batch["input_pos"])
     return loss_fn(logits[:, :-1], batch["labels"][:, 1:])
 
 

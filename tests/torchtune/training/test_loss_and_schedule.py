@@ -3,7 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchtune.training import ChunkedCrossEntropyLoss, get_cosine_schedule_with_warmup
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+from torchtune.training import (
+    ChunkedCrossEntropyLoss,
+    LinearCrossEntropyLoss,
+    get_cosine_schedule_with_warmup,
+)
 
 
 @pytest.mark.parametrize("num_chunks", [1, 3, 8, 50])
@@ -97,3 +102,23 @@ def test_chunked_ce_keeps_no_full_fp32_logits_for_backward():
     assert _largest_saved_fp32(plain) == b * s * v
     # ...and nothing of that size (not even one chunk's) from the chunked loss.
     assert _largest_saved_fp32(lambda: loss(logits, labels)) < b * s * v // 8
+
+
+@pytest.mark.parametrize("loss_cls", [ChunkedCrossEntropyLoss, LinearCrossEntropyLoss])
+def test_losses_skip_the_one_ignore_value_and_take_no_other(loss_cls):
+    # CROSS_ENTROPY_IGNORE_IDX is the label the datasets write; it is not a loss setting.
+    with pytest.raises(TypeError, match="ignore_index"):
+        loss_cls(num_chunks=2, ignore_index=-1)
+    torch.manual_seed(0)
+    labels = torch.randint(0, 11, (2, 6))
+    labels[0, :4] = CROSS_ENTROPY_IGNORE_IDX
+    hidden = torch.randn(2, 6, 5)
+    projection = torch.nn.Linear(5, 11)
+    if loss_cls is LinearCrossEntropyLoss:
+        loss_sum, n = loss_cls(num_chunks=2)(hidden, projection, labels)
+    else:
+        loss_sum, n = loss_cls(num_chunks=2)(projection(hidden), labels)
+    keep = labels != CROSS_ENTROPY_IGNORE_IDX
+    ref = F.cross_entropy(projection(hidden)[keep], labels[keep], reduction="sum")
+    assert n.item() == int(keep.sum()) == 8
+    torch.testing.assert_close(loss_sum, ref.detach(), rtol=1e-6, atol=1e-6)

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchtune.data import padded_collate
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate
 from torchtune.datasets import PackedDataset
 from torchtune.models.llama2 import llama2, lora_llama2
 from torchtune.modules import DocumentMask
 from torchtune.training import ChunkedCrossEntropyLoss, LinearCrossEntropyLoss, next_token_loss_sum
 from torchtune.training._next_token_loss import drop_unscored_tails
 
-IGNORE = -100
+IGNORE = CROSS_ENTROPY_IGNORE_IDX
 SHAPE = dict(
     vocab_size=97,
     num_layers=2,
@@ -59,13 +59,36 @@ def _model(lora: bool):
     return model
 
 
+def dense_block_causal(mask: DocumentMask, b: int, s: int) -> torch.Tensor:
+    """The reference's ``BoolTensor[b, s, s]`` for a ``DocumentMask`` (test-side only)."""
+    docs = mask.document_ids().view(b, s)
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    return (docs[:, :, None] == docs[:, None, :]) & causal
+
+
 def _reference(model, batch):
-    # Full logits of the batch as it came, scored at logits[:, :-1] against labels[:, 1:].
-    logits = model(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
+    # Full logits of the batch as it came, with a dense block-causal mask for packed rows,
+    # scored at logits[:, :-1] against labels[:, 1:].
+    mask = batch.get("mask")
+    if mask is not None:
+        mask = dense_block_causal(mask, *batch["tokens"].shape)
+    logits = model(batch["tokens"], mask=mask, input_pos=batch.get("input_pos"))
     flat = logits[:, :-1].reshape(-1, logits.shape[-1])
     return F.cross_entropy(
         flat, batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
+
+
+def _attention_masks(model):
+    """Record the mask every attention layer is called with; returns (list, remove)."""
+    seen = []
+    hooks = [
+        layer.attn.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append(kwargs.get("mask")), with_kwargs=True
+        )
+        for layer in model.layers
+    ]
+    return seen, lambda: [h.remove() for h in hooks]
 
 
 def _grads(model):
@@ -79,10 +102,13 @@ def test_dropping_unscored_tails_keeps_loss_and_grads(data, lora, loss):
     model = _model(lora)
     batch = _packed_batch() if data == "packed" else _padded_batch()
     loss_fn = (
-        LinearCrossEntropyLoss(num_chunks=3, ignore_index=IGNORE)
+        LinearCrossEntropyLoss(num_chunks=3)
         if loss == "linear"
-        else ChunkedCrossEntropyLoss(num_chunks=3, ignore_index=IGNORE)
+        else ChunkedCrossEntropyLoss(num_chunks=3)
     )
+    # The collated batch holds no dense mask: packed rows carry a DocumentMask.
+    assert not any(isinstance(v, torch.Tensor) and v.dim() == 3 for v in batch.values())
+    assert isinstance(batch.get("mask"), DocumentMask) == (data == "packed")
 
     want = _reference(model, batch)
     want.backward()
@@ -90,9 +116,15 @@ def test_dropping_unscored_tails_keeps_loss_and_grads(data, lora, loss):
     model.zero_grad(set_to_none=True)
     seen = []
     hook = model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    masks, remove = _attention_masks(model)
     got, n_scored = next_token_loss_sum(model, loss_fn, batch, torch.device("cpu"))
     hook.remove()
+    remove()
     got.backward()
+
+    # Every layer attended document by document: no dense mask reached attention.
+    assert len(masks) == SHAPE["num_layers"]
+    assert all(isinstance(m, DocumentMask) for m in masks)
 
     # The model saw one row with the unscored tails gone, not the padded batch.
     b, s = batch["tokens"].shape
@@ -114,14 +146,10 @@ def test_dropping_unscored_tails_keeps_loss_and_grads(data, lora, loss):
 def test_drop_unscored_tails_cuts_each_document_after_its_last_scored_position():
     # Two rows of 40: row 0 holds documents of 34 (scored up to 30) and 6 (padding, unscored);
     # row 1 is one document scored at 0..35 and not after.
-    mask = torch.zeros(2, 40, 40, dtype=torch.bool)
-    mask[0, :34, :34] = torch.ones(34, 34).tril().bool()
-    mask[0, 34:, 34:] = torch.ones(6, 6).tril().bool()
-    mask[1] = torch.ones(40, 40).tril().bool()
     pos = torch.cat([torch.arange(34), torch.arange(6)]).unsqueeze(0)
     batch = {
         "tokens": torch.arange(80).view(2, 40),
-        "mask": mask,
+        "mask": DocumentMask((34, 6, 40)),
         "input_pos": torch.cat([pos, torch.arange(40).unsqueeze(0)]),
     }
     scored = torch.zeros(2, 40, dtype=torch.bool)
@@ -136,21 +164,43 @@ def test_drop_unscored_tails_cuts_each_document_after_its_last_scored_position()
     torch.testing.assert_close(keep.nonzero().flatten(), want_tokens)
 
 
+def test_drop_unscored_tails_flattens_short_documents_too():
+    # Packed rows run document by document anyway, so short documents are cut as well.
+    batch = {
+        "tokens": torch.zeros(2, 40, dtype=torch.long),
+        "mask": DocumentMask((4,) * 20),
+        "input_pos": torch.arange(4).repeat(20).view(2, 40),
+    }
+    scored = torch.zeros(2, 40, dtype=torch.bool)
+    scored[:, ::4] = True  # the first token of each document only
+    flat, keep = drop_unscored_tails(batch, scored)
+    assert flat["mask"] == DocumentMask((1,) * 20)
+    torch.testing.assert_close(keep, scored.flatten())
+
+
 def test_drop_unscored_tails_declines_where_it_does_not_apply():
     scored = torch.ones(2, 40, dtype=torch.bool)
     tokens = torch.zeros(2, 40, dtype=torch.long)
     # Unmasked rows scored to the end: nothing to drop.
     assert drop_unscored_tails({"tokens": tokens}, scored) is None
-    # A mask that is not block-causal (a padding mask over keys, say).
+    # Packed rows scored to the end of every document: nothing to drop either.
+    packed = {"tokens": tokens, "mask": DocumentMask((30, 10, 40))}
+    assert drop_unscored_tails(packed, scored) is None
+    # A dense mask (a padding mask over keys, say) is not cut.
     odd = torch.ones(2, 40, 40, dtype=torch.bool).tril()
     odd[:, :, 0] = False
     assert drop_unscored_tails({"tokens": tokens, "mask": odd}, scored) is None
-    # Documents too short on average for attention by document.
-    short = torch.block_diag(*[torch.ones(4, 4).tril()] * 10).bool().expand(2, 40, 40)
-    assert drop_unscored_tails({"tokens": tokens, "mask": short}, scored) is None
+    # Unmasked rows whose kept prefixes are too short on average for attention by document:
+    # batched causal SDPA over the rows is cheaper.
+    early = torch.zeros(2, 40, dtype=torch.bool)
+    early[:, :10] = True
+    assert drop_unscored_tails({"tokens": tokens}, early) is None
     # Nothing scored at all.
     none = torch.zeros(2, 40, dtype=torch.bool)
     assert drop_unscored_tails({"tokens": tokens}, none) is None
+    # A DocumentMask that does not cover the batch.
+    with pytest.raises(ValueError, match="lengths sum to 70, expected b \\* s = 80"):
+        drop_unscored_tails({"tokens": tokens, "mask": DocumentMask((30, 40))}, scored)
 
 
 def test_decoder_takes_a_document_mask_for_a_flattened_batch():
