@@ -1,7 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-"""The single-device configs validate, share one key set, and the sibling recipes do not drift."""
+"""The single-device configs validate and share one key set."""
 
-import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +10,6 @@ from omegaconf import OmegaConf
 
 from torchtune import config
 from torchtune._recipe_registry import get_config
-from torchtune.recipes.full_finetune_single_device import FullFinetuneRecipeSingleDevice
-from torchtune.recipes.lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
 
 TRAINING_KEYS = {
     "model",
@@ -97,23 +94,3 @@ def test_readme_configs_equal_their_llama2_7b_twins(readme_name, model_name):
     a = OmegaConf.load(get_config(readme_name).file_path)
     b = OmegaConf.load(get_config(model_name).file_path)
     assert OmegaConf.to_container(a) == OmegaConf.to_container(b)
-
-
-@pytest.mark.parametrize(
-    "method",
-    [
-        "train",
-        "_loss_sum",
-        "_setup_data",
-        "_count_steps_per_epoch",
-        "_setup_lr_scheduler",
-        "_recipe_state",
-        "_check_recipe_state",
-        "_load_checkpoint",
-        "cleanup",
-    ],
-)
-def test_sibling_recipes_share_their_common_parts(method):
-    full = inspect.getsource(getattr(FullFinetuneRecipeSingleDevice, method))
-    lora = inspect.getsource(getattr(LoRAFinetuneRecipeSingleDevice, method))
-    assert full == lora, f"{method} drifted between the full and LoRA recipes"
