@@ -195,7 +195,7 @@ def count_tokens(batch: Dict[str, torch.Tensor]) -> Dict[str, int]:
 class PlainCrossEntropy(nn.Module):
     """The recipe's loss interface (``(sum, count)``) over one fp32 CE of the whole batch."""
 
-    ignore_index = IGNORE
+    ignore_index = IGNORE  # read by next_token_loss_sum until the loss loses the knob
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor):
         flat = logits.reshape(-1, logits.shape[-1]).float()  # [b*s, vocab]: all of it in fp32
