@@ -89,7 +89,7 @@ def reference_batches(cfg: DictConfig) -> DataLoader:
     """The recipe's batches in order (shuffle off), built with the same dataset and collate."""
     tokenizer = config.instantiate(cfg.tokenizer)
     ds = config.instantiate(cfg.dataset, tokenizer=tokenizer)
-    collate = partial(padded_collate, padding_idx=tokenizer.pad_id, ignore_idx=-100)
+    collate = partial(padded_collate, padding_idx=tokenizer.pad_id)  # labels: -100 on padding
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
 
 
