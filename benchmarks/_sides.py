@@ -1,10 +1,11 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """The two sides of ``benchmarks/finetune.py``: our recipe's training step and a plain HF loop.
 
-Ours is built by the recipe's own ``_setup_model`` / ``_setup_optimizer`` and stepped by its
-``_optimizer_step``, so the benchmark times exactly the code ``tune`` runs. The levers that
-are not config keys of the recipe yet (eager attention, frozen weights that still get
-gradients, ``torch.compile`` of each layer) are applied to the built model here.
+Ours is built from the library pieces the single-device recipes use (the model builder through
+``config.instantiate``, ``peft.set_trainable_params``, ``utils.apply_activation_checkpointing``)
+and stepped by ``training.optimizer_step``, the recipes' step, so the benchmark times the code
+``tune`` runs. The levers that are not config keys of the recipe yet (eager attention, frozen
+weights that still get gradients) are applied to the built model here.
 """
 
 import contextlib
@@ -18,11 +19,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from torchtune import config, training, utils
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate
 from torchtune.datasets._packed import PackedDataset
 from torchtune.models.llama2 import llama2, tune_to_hf
 from torchtune.models.llama2._convert_adapter import tune_to_peft_adapter_weights
 from torchtune.modules import attention as attention_module
+from torchtune.modules.peft import get_adapter_params, set_trainable_params
 from torchtune.training import _next_token_loss as next_token_loss_module
 
 # Llama2 shapes. ``small`` is the issue's CPU target; ``7b`` is for CUDA in bf16.
@@ -289,42 +292,38 @@ def build_ours(
     device: torch.device,
     dtype: torch.dtype,
 ) -> Callable[[Dict[str, torch.Tensor]], float]:
-    """Our recipe, built by its own setup methods; returns ``step(batch) -> loss``."""
-    from torchtune.recipes.full_finetune_single_device import FullFinetuneRecipeSingleDevice
-    from torchtune.recipes.lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
-
-    cls = LoRAFinetuneRecipeSingleDevice if method == "lora" else FullFinetuneRecipeSingleDevice
-    recipe = cls.__new__(cls)  # setup() would also read checkpoints, tokenizer and dataset
-    recipe._device, recipe._dtype = device, dtype
-    recipe._resume, recipe._grad_accum, recipe._clip_grad_norm = False, 1, None
-    recipe._lr_scheduler = None
+    """Our side, built from the library as the single-device recipes build it: the builder
+    via ``config.instantiate``, the given weights loaded, LoRA's base frozen by
+    ``set_trainable_params``, the optimizer over the trained parameters, the loss; stepped by
+    ``training.optimizer_step``. Returns ``step(batch) -> loss``."""
     component = "torchtune.models.llama2." + ("lora_llama2" if method == "lora" else "llama2")
     cfg_model = {"_component_": component, **SHAPES[shape], "max_seq_len": 4096}
     if method == "lora":
         cfg_model.update(LORA, lora_dropout=0.0)
-        recipe._lora_rank, recipe._lora_alpha = LORA["lora_rank"], LORA["lora_alpha"]
-        model = recipe._setup_model(OmegaConf.create(cfg_model), levers.ac, weights, adapter)
+    with utils.set_default_dtype(dtype), device:
+        model = config.instantiate(OmegaConf.create(cfg_model))
+    if method == "lora":
+        model.load_state_dict({**weights, **adapter}, strict=True)
+        trained = get_adapter_params(model)
+        set_trainable_params(model, trained)
         if not levers.frozen:
             # The naive way: everything requires grad, only the adapters are optimized.
             for p in model.parameters():
                 p.requires_grad_(True)
+        params = list(trained.values())
     else:
-        model = recipe._setup_model(OmegaConf.create(cfg_model), levers.ac, weights)
-    recipe._model = model
+        model.load_state_dict(weights, strict=True)
+        params = list(model.parameters())
+    utils.apply_activation_checkpointing(model, levers.ac)
     if levers.compile:
-        for layer in model.layers:
-            layer.compile()
-    recipe._optimizer = recipe._setup_optimizer(_optimizer_cfg(levers.optim), None)
+        utils.compile_layers(model)
+    optimizer = config.instantiate(_optimizer_cfg(levers.optim), params)
     if levers.loss == "linear":
-        from torchtune.training import LinearCrossEntropyLoss
-
-        recipe._loss_fn = LinearCrossEntropyLoss(levers.ce_chunks)
+        loss_fn = training.LinearCrossEntropyLoss(levers.ce_chunks)
     elif levers.loss == "chunked":
-        from torchtune.training import ChunkedCrossEntropyLoss
-
-        recipe._loss_fn = ChunkedCrossEntropyLoss(levers.ce_chunks)
+        loss_fn = training.ChunkedCrossEntropyLoss(levers.ce_chunks)
     elif levers.loss == "plain":
-        recipe._loss_fn = PlainCrossEntropy()
+        loss_fn = PlainCrossEntropy()
     else:
         raise ValueError(f"loss must be linear, chunked or plain; got {levers.loss!r}")
     attn_ctx = {
@@ -339,7 +338,10 @@ def build_ours(
 
     def step(batch: Dict[str, torch.Tensor]) -> float:
         with attn_ctx(), tails_ctx():
-            return float(recipe._optimizer_step([batch]))
+            loss, _ = training.optimizer_step(
+                model, loss_fn, optimizer, [batch], params=params, device=device
+            )
+        return loss
 
     step.model = model
     return step

@@ -8,8 +8,8 @@
 
 For each method (``full``; ``lora`` = rank 8 on q/v) both sides start from the same random
 weights (and adapter) and the same AdamW settings, and train on the same Alpaca-like samples
-(``benchmarks/alpaca_like_data.py``): ours through the recipe's own ``_optimizer_step`` with
-its levers (packing, chunked CE, ...), the reference as ``LlamaForCausalLM`` (+ PEFT) with
+(``benchmarks/alpaca_like_data.py``): ours through the recipes' step (``training.optimizer_step``)
+with its levers (packing, chunked CE, ...), the reference as ``LlamaForCausalLM`` (+ PEFT) with
 batches padded to their longest sample. The sample stream is cut into windows that pack into
 exactly ``rows_per_window`` rows; in every round both sides train on the same window, the
 side going first alternating, after ``warmup`` untimed rounds.

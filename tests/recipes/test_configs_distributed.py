@@ -1,8 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """The distributed configs validate with the contract keys and mirror their single-device
-twins; the distributed recipes do not drift from the single-device ones or each other."""
+twins (that the recipes share their code through the kit: test_recipes_share_no_code.py)."""
 
-import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +12,6 @@ from omegaconf import OmegaConf
 from tests.recipes.test_single_device_configs import assert_training_keys
 from torchtune import config
 from torchtune._recipe_registry import RECIPES, get_config
-from torchtune.recipes.full_finetune_distributed import FullFinetuneRecipeDistributed
-from torchtune.recipes.full_finetune_single_device import FullFinetuneRecipeSingleDevice
-from torchtune.recipes.lora_finetune_distributed import LoRAFinetuneRecipeDistributed
-from torchtune.recipes.lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
 
 CONFIGS = {
     "full_finetune_distributed": "full_finetune_distributed",
@@ -71,56 +66,6 @@ def test_distributed_configs_differ_from_their_single_device_twins_only_in_scale
     assert "--nproc_per_node 2 " in get_config(dist).file_path.read_text().splitlines()[0]
     global_batch = 2 * a["batch_size"] * a["gradient_accumulation_steps"]
     assert global_batch == b["batch_size"] * b["gradient_accumulation_steps"]
-
-
-# Methods the distributed recipes take over unchanged from the single-device ones.
-SHARED_WITH_SINGLE_DEVICE = [
-    "_check_recipe_state",
-    "_count_steps_per_epoch",
-    "_setup_lr_scheduler",
-    "_loss_sum",
-]
-SHARED_BY_DISTRIBUTED_SIBLINGS = [
-    "train",
-    "_loss_sum",
-    "_setup_data",
-    "_count_steps_per_epoch",
-    "_setup_lr_scheduler",
-    "_recipe_state",
-    "_check_recipe_state",
-    "_load_checkpoint",
-    "cleanup",
-    "_setup_optimizer",
-]
-
-
-def _src(cls, method):
-    return inspect.getsource(getattr(cls, method))
-
-
-@pytest.mark.parametrize("method", SHARED_WITH_SINGLE_DEVICE)
-@pytest.mark.parametrize(
-    "dist, single",
-    [
-        (FullFinetuneRecipeDistributed, FullFinetuneRecipeSingleDevice),
-        (LoRAFinetuneRecipeDistributed, LoRAFinetuneRecipeSingleDevice),
-    ],
-)
-def test_distributed_recipes_share_the_single_device_parts(dist, single, method):
-    assert _src(dist, method) == _src(single, method), f"{dist.__name__}.{method} drifted"
-
-
-@pytest.mark.parametrize("method", SHARED_BY_DISTRIBUTED_SIBLINGS)
-def test_distributed_siblings_share_their_common_parts(method):
-    if method == "_setup_optimizer":  # the same but for which parameters train
-        full = _src(FullFinetuneRecipeDistributed, method).replace("self._model.parameters()", "P")
-        lora = _src(LoRAFinetuneRecipeDistributed, method)
-        lora = lora.replace("list(self._adapter_params.values())", "P")
-        assert full == lora
-        return
-    full = _src(FullFinetuneRecipeDistributed, method)
-    lora = _src(LoRAFinetuneRecipeDistributed, method)
-    assert full == lora, f"{method} drifted between the distributed full and LoRA recipes"
 
 
 def test_without_torchrun_the_recipe_says_how_to_launch(tmp_path):

@@ -188,7 +188,8 @@ def test_two_processes_match_single_device(dist_run, single_run):
     state = torch.load(out / "epoch_0" / "recipe_state.pt", weights_only=True)
     single = torch.load(single_run / "epoch_0" / "recipe_state.pt", weights_only=True)
     assert state.keys() == single.keys()
-    for key in ("epochs_run", "global_step", "seed", "total_epochs", "max_steps_per_epoch"):
+    keys = ("epochs_run", "global_step", "seed", "total_epochs", "max_steps_per_epoch")
+    for key in (*keys, "steps_in_epoch"):
         assert state[key] == single[key], key
     assert state["optimizer"]["param_groups"] == single["optimizer"]["param_groups"]
     assert state["optimizer"]["state"].keys() == single["optimizer"]["state"].keys()

@@ -14,7 +14,7 @@ from tests.recipes.single_device_utils import (
     run_tune,
     tiny_overrides,
 )
-from torchtune import config
+from torchtune import config, training
 from torchtune._recipe_registry import get_config
 from torchtune.config._resolvers import PACKAGE_DIR
 
@@ -161,7 +161,9 @@ def test_packed_batches_score_like_their_samples_alone(assets, tmp_path):
     batch = next(iter(recipe._dataloader))
     assert {"mask", "input_pos"} <= set(batch)
     with torch.no_grad():
-        loss_sum, num_tokens = recipe._loss_sum(batch)
+        loss_sum, num_tokens = training.next_token_loss_sum(
+            recipe._model, recipe._loss_fn, batch, torch.device("cpu")
+        )
         expected_sum, expected_tokens = torch.zeros((), dtype=torch.float64), 0
         max_segments = 0
         for tokens, labels, pos in zip(batch["tokens"], batch["labels"], batch["input_pos"]):
@@ -203,8 +205,21 @@ def test_gradient_accumulation_equals_the_big_batch(assets, tmp_path):
     samples = [ds[i] for i in range(4)]
     micro = [padded_collate(samples[:2]), padded_collate(samples[2:])]
     assert micro[0]["tokens"].shape[1] != micro[1]["tokens"].shape[1]  # different padding
-    loss_small = small._optimizer_step(micro)
-    loss_big = big._optimizer_step([padded_collate(samples)])
+
+    def step(recipe, micro_batches):  # the recipe's step, with the recipe's parts
+        loss, _ = training.optimizer_step(
+            recipe._model,
+            recipe._loss_fn,
+            recipe._optimizer,
+            micro_batches,
+            params=recipe._model.parameters(),
+            device=torch.device("cpu"),
+            lr_scheduler=recipe._lr_scheduler,
+        )
+        return loss
+
+    loss_small = step(small, micro)
+    loss_big = step(big, [padded_collate(samples)])
     torch.testing.assert_close(loss_small, loss_big, rtol=1e-6, atol=1e-6)
     before = load_file(assets.model_dir / "model.safetensors")["model.embed_tokens.weight"]
     after_small = small._model.state_dict()

@@ -22,7 +22,7 @@ from torchtune import config, utils
 from torchtune._recipe_registry import get_config
 from torchtune.config._resolvers import PACKAGE_DIR
 from torchtune.models.llama2 import hf_to_tune
-from torchtune.modules.peft import get_adapter_params
+from torchtune.modules.peft import get_adapter_params, init_lora_adapters
 from torchtune.recipes.lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
 
 RECIPE = "lora_finetune_single_device"
@@ -66,14 +66,16 @@ def _cfg(overrides):
 
 
 def _our_lora_model(cfg, adapter=None):
-    """The recipe's model as it is right after construction (same seed, same build order)."""
+    """The recipe's model as it is right after construction: the base weights, and the given
+    adapter or, as the recipe draws a fresh one, ``init_lora_adapters(model, seed)``."""
     utils.set_seed(cfg.seed)
     model = config.instantiate(cfg.model)
     hf_sd = load_file(Path(cfg.checkpointer.checkpoint_dir) / "model.safetensors")
     base = hf_to_tune(hf_sd, NUM_HEADS, NUM_KV_HEADS)
     model.load_state_dict(base, strict=False)
-    if adapter is not None:
-        model.load_state_dict(adapter, strict=False)
+    if adapter is None:
+        adapter = init_lora_adapters(model, cfg.seed)
+    model.load_state_dict(adapter, strict=False)
     return model.eval()
 
 

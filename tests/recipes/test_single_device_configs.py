@@ -1,7 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-"""The single-device configs validate, share one key set, and the sibling recipes do not drift."""
+"""The single-device configs validate and share one key set."""
 
-import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +9,6 @@ import pytest
 
 from torchtune import config
 from torchtune._recipe_registry import get_config
-from torchtune.recipes.full_finetune_single_device import FullFinetuneRecipeSingleDevice
-from torchtune.recipes.lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
 
 TRAINING_KEYS = {
     "model",
@@ -84,23 +81,3 @@ def test_tune_validate_cli_on_7b_lora():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "config is valid" in proc.stdout
-
-
-@pytest.mark.parametrize(
-    "method",
-    [
-        "train",
-        "_loss_sum",
-        "_setup_data",
-        "_count_steps_per_epoch",
-        "_setup_lr_scheduler",
-        "_recipe_state",
-        "_check_recipe_state",
-        "_load_checkpoint",
-        "cleanup",
-    ],
-)
-def test_sibling_recipes_share_their_common_parts(method):
-    full = inspect.getsource(getattr(FullFinetuneRecipeSingleDevice, method))
-    lora = inspect.getsource(getattr(LoRAFinetuneRecipeSingleDevice, method))
-    assert full == lora, f"{method} drifted between the full and LoRA recipes"

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 from torchtune import config, utils
-from torchtune.modules.peft import LoRALinear, get_adapter_params, get_merged_lora_ckpt
+from torchtune.modules.peft import get_adapter_params, merge_lora_in_place
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -254,46 +254,6 @@ class TorchTuneLM(TemplateLM):
             sampling["top_k"] = kwargs.pop("top_k", None)
             sampling["top_p"] = kwargs.pop("top_p", None)
         return until, max_gen, sampling
-
-
-def merge_lora_in_place(model: nn.Module) -> nn.Module:
-    """Fold every :class:`LoRALinear` into a plain ``nn.Linear`` holding ``W + (alpha/r) B A``.
-
-    Returns:
-        The same model, now without adapters (faster to run, same outputs).
-    """
-    merged = get_merged_lora_ckpt(model.state_dict(), _lora_rank(model), _lora_alpha(model))
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                linear = nn.Linear(
-                    child.in_dim,
-                    child.out_dim,
-                    bias=child.bias is not None,
-                    device=child.weight.device,
-                    dtype=child.weight.dtype,
-                )
-                setattr(module, child_name, linear)
-    model.load_state_dict(merged)
-    return model
-
-
-def _lora_layers(model: nn.Module) -> List[LoRALinear]:
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-
-def _lora_rank(model: nn.Module) -> int:
-    ranks = {m.rank for m in _lora_layers(model)}
-    if len(ranks) != 1:
-        raise ValueError(f"LoRA layers must share one rank to merge, got {sorted(ranks)}")
-    return ranks.pop()
-
-
-def _lora_alpha(model: nn.Module) -> float:
-    alphas = {m.alpha for m in _lora_layers(model)}
-    if len(alphas) != 1:
-        raise ValueError(f"LoRA layers must share one alpha to merge, got {sorted(alphas)}")
-    return alphas.pop()
 
 
 class EleutherEvalRecipe:

@@ -32,26 +32,17 @@ import logging
 import os
 import sys
 import time
-from functools import partial
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
-from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from torchtune import config, training, utils
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate
 from torchtune.modules import TransformerDecoderLayer
 
 log = logging.getLogger(__name__)
-
-# Recipe state stored with intermediate checkpoints, beside "model" and "optimizer".
-_RECIPE_STATE_KEYS = ("epochs_run", "total_epochs", "max_steps_per_epoch", "seed", "global_step")
-# Only rank 0 reads these (the weights); the other ranks get the rest of the checkpoint.
-_RANK0_ONLY_KEYS = ("model", "adapter", "optimizer")
 
 
 class FullFinetuneRecipeDistributed:
@@ -66,34 +57,28 @@ class FullFinetuneRecipeDistributed:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        self._device = utils.get_device(cfg.device)
-        self._world_size, self._rank = utils.init_distributed(self._device)
-        self._is_rank_zero = self._rank == 0
-        if self._device.type == "cuda":  # now this rank's GPU, cuda:LOCAL_RANK
-            self._device = utils.get_device("cuda")
-        self._dtype = utils.get_dtype(cfg.dtype, self._device)
-        if self._device.type == "cpu":  # steps re-allocate the same sizes: keep freed pages
-            utils.retain_freed_cpu_memory()
-        for key in ("gradient_accumulation_steps", "epochs", "log_every_n_steps"):
-            if int(cfg[key]) < 1:
-                raise ValueError(f"Config key '{key}' must be >= 1, got {cfg[key]}")
-        self._grad_accum = int(cfg.gradient_accumulation_steps)
-        self._clip_grad_norm = cfg.clip_grad_norm
-        self._log_every_n_steps = int(cfg.log_every_n_steps)
-        self._resume = bool(cfg.resume_from_checkpoint)
+        self._device, self._dtype, self._world_size, self._rank = training.init_distributed_device(
+            cfg.device, cfg.dtype
+        )
+        self._loop = training.LoopSettings.from_config(cfg)
         # One seed on every rank: rank 0's (drawn there when the config gives none).
-        self.seed = utils.set_seed(utils.broadcast_object(utils.set_seed(cfg.seed)))
-        self.total_epochs = int(cfg.epochs)
-        self.max_steps_per_epoch = cfg.max_steps_per_epoch
-        self.epochs_run = 0
-        self.global_step = 0
+        seed = utils.set_seed(utils.broadcast_object(utils.set_seed(cfg.seed)))
+        self._state = training.RecipeState.from_config(cfg, seed=seed)
+
+    @property
+    def _is_rank_zero(self) -> bool:
+        return self._rank == 0
 
     def setup(self, cfg: DictConfig) -> None:
         """Build everything from the config; on resume, restore the recipe state last."""
         self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
-        ckpt = self._load_checkpoint(cfg.checkpointer)
-        if self._resume:
-            self._check_recipe_state(ckpt)
+        self._checkpointer = config.instantiate(
+            cfg.checkpointer, resume_from_checkpoint=self._loop.resume
+        )
+        ckpt = training.load_checkpoint_on_rank_zero(self._checkpointer, self._is_rank_zero)
+        if self._loop.resume:
+            self._state = self._state.resumed_from(ckpt)
+            utils.set_seed(self._state.seed)  # later epochs' data order derives from it
         # Popped: the full weights on rank 0 are freed once loaded into the shards.
         self._model = self._setup_model(
             cfg.model,
@@ -102,46 +87,36 @@ class FullFinetuneRecipeDistributed:
             compile_layers=bool(cfg.get("compile", False)),
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._optimizer = self._setup_optimizer(cfg.optimizer, ckpt)
+        self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
+        if "optimizer" in ckpt:  # on every rank: loading is collective
+            utils.load_optimizer_state_dict(self._model, self._optimizer, ckpt["optimizer"])
         self._loss_fn = config.instantiate(cfg.loss)
-        self._sampler, self._dataloader = self._setup_data(cfg.dataset, cfg.shuffle, cfg.batch_size)
-        self._steps_per_epoch = self._count_steps_per_epoch()
-        self._lr_scheduler = self._setup_lr_scheduler(cfg.lr_scheduler)
-        if self._resume:
-            # Last: training continues from rank 0's saved RNG state on every rank.
-            torch.set_rng_state(ckpt["rng_state"])
-            if self._device.type == "cuda" and "cuda_rng_state" in ckpt:
-                torch.cuda.set_rng_state(ckpt["cuda_rng_state"], self._device)
-        log.info("Memory after setup (rank 0): %s", utils.get_memory_stats(self._device))
-
-    def _load_checkpoint(self, cfg_checkpointer: DictConfig) -> Dict[str, Any]:
-        """Rank 0 reads the checkpoint; the others receive everything but the weights and
-        the optimizer state (whose keys they get, with None values)."""
-        self._checkpointer = config.instantiate(
-            cfg_checkpointer, resume_from_checkpoint=self._resume
+        self._dataloader = training.build_dataloader(
+            config.instantiate(cfg.dataset, tokenizer=self._tokenizer),
+            batch_size=cfg.batch_size,
+            pad_id=self._tokenizer.pad_id,
+            shuffle=cfg.shuffle,
+            seed=self._state.seed,
+            world_size=self._world_size,
+            rank=self._rank,
         )
-        ckpt = self._checkpointer.load_checkpoint() if self._is_rank_zero else {}
-        small = {k: (None if k in _RANK0_ONLY_KEYS else v) for k, v in ckpt.items()}
-        small = utils.broadcast_object(small)
-        return ckpt if self._is_rank_zero else small
-
-    def _check_recipe_state(self, ckpt: Dict[str, Any]) -> None:
-        missing = [k for k in (*_RECIPE_STATE_KEYS, "optimizer", "rng_state") if k not in ckpt]
-        if missing:
-            raise ValueError(
-                f"resume_from_checkpoint=True but the checkpoint lacks {missing}; resume from an "
-                "intermediate checkpoint (recipe_state.pt, written after every epoch but the last)"
+        self._steps_per_epoch = training.steps_per_epoch(
+            len(self._dataloader),
+            self._loop.gradient_accumulation_steps,
+            self._state.max_steps_per_epoch,
+        )
+        self._lr_scheduler = None
+        if cfg.lr_scheduler is not None:
+            self._lr_scheduler = config.instantiate(
+                cfg.lr_scheduler,
+                self._optimizer,
+                num_training_steps=self._state.total_epochs * self._steps_per_epoch,
+                last_epoch=self._state.global_step - 1,
             )
-        for key, ours in (
-            ("total_epochs", self.total_epochs),
-            ("max_steps_per_epoch", self.max_steps_per_epoch),
-        ):
-            if ckpt[key] != ours:
-                log.warning("Resuming with %s=%s; the checkpoint has %s", key, ours, ckpt[key])
-        # The data order of later epochs derives from the original seed.
-        self.seed = utils.set_seed(ckpt["seed"])
-        self.epochs_run = int(ckpt["epochs_run"])
-        self.global_step = int(ckpt["global_step"])
+        if self._loop.resume:
+            # Last: training continues from rank 0's saved RNG state on every rank.
+            training.restore_rng_state(ckpt, self._device)
+        log.info("Memory after setup (rank 0): %s", utils.get_memory_stats(self._device))
 
     def _setup_model(
         self,
@@ -173,124 +148,44 @@ class FullFinetuneRecipeDistributed:
         )
         return model
 
-    def _setup_optimizer(
-        self, cfg_optimizer: DictConfig, ckpt: Dict[str, Any]
-    ) -> torch.optim.Optimizer:
-        optimizer = config.instantiate(cfg_optimizer, self._model.parameters())
-        if "optimizer" in ckpt:  # on every rank: loading is collective
-            utils.load_optimizer_state_dict(self._model, optimizer, ckpt["optimizer"])
-        return optimizer
-
-    def _setup_data(
-        self, cfg_dataset: DictConfig, shuffle: bool, batch_size: int
-    ) -> Tuple[DistributedSampler, DataLoader]:
-        ds = config.instantiate(cfg_dataset, tokenizer=self._tokenizer)
-        # Every rank draws the same (seed, epoch) permutation and takes every W-th sample of
-        # it; a resumed run sees the same later epochs as an uninterrupted one.
-        sampler = DistributedSampler(
-            ds, num_replicas=self._world_size, rank=self._rank, shuffle=shuffle, seed=self.seed
-        )
-        collate = partial(padded_collate, padding_idx=self._tokenizer.pad_id)
-        loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate)
-        log.info(
-            "Dataset: %d samples, %d batches of %d per rank, %d ranks",
-            len(ds),
-            len(loader),
-            batch_size,
-            self._world_size,
-        )
-        return sampler, loader
-
-    def _count_steps_per_epoch(self) -> int:
-        steps = len(self._dataloader) // self._grad_accum
-        if steps == 0:
-            raise ValueError(
-                f"The dataset gives {len(self._dataloader)} batches per epoch, fewer than "
-                f"gradient_accumulation_steps={self._grad_accum}"
-            )
-        if self.max_steps_per_epoch is not None:
-            steps = min(steps, int(self.max_steps_per_epoch))
-        return steps
-
-    def _setup_lr_scheduler(self, cfg_lr_scheduler: Optional[DictConfig]):
-        if cfg_lr_scheduler is None:
-            return None
-        return config.instantiate(
-            cfg_lr_scheduler,
-            self._optimizer,
-            num_training_steps=self.total_epochs * self._steps_per_epoch,
-            last_epoch=self.global_step - 1,
-        )
-
-    def _loss_sum(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Summed next-token loss and scored-token count of one micro-batch."""
-        return training.next_token_loss_sum(self._model, self._loss_fn, batch, self._device)
-
-    def _optimizer_step(self, micro_batches: List[Dict[str, torch.Tensor]]) -> Tuple[float, int]:
-        """One optimizer step over this rank's micro-batches.
-
-        Returns:
-            ``(loss, tokens)``: the step's mean token loss over all ranks, and the number of
-            tokens (padding included) all ranks processed.
-        """
-        # Counted up front, over all ranks, so each backward is already scaled for the step.
-        local = sum(
-            int((mb["labels"][:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum()) for mb in micro_batches
-        )
-        denom = max(int(utils.all_reduce_sum([local], self._device)[0]), 1)
-        total = torch.zeros((), device=self._device)
-        for mb in micro_batches:
-            loss_sum, _ = self._loss_sum(mb)
-            # FSDP averages gradients over ranks; times W, that mean is the global sum.
-            (loss_sum / denom * self._world_size).backward()
-            total += loss_sum.detach()
-        if self._clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip_grad_norm))
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-        if self._lr_scheduler is not None:
-            self._lr_scheduler.step()
-        n_tokens = sum(mb["tokens"].numel() for mb in micro_batches)  # incl. padding
-        loss_sum, n_tokens = utils.all_reduce_sum([total.item(), n_tokens], self._device).tolist()
-        return loss_sum / denom, int(n_tokens)
-
     def train(self) -> None:
         """Run the remaining epochs; rank 0 logs every ``log_every_n_steps`` optimizer steps."""
-        if self.epochs_run >= self.total_epochs:
-            log.info("Nothing to do: %d of %d epochs run", self.epochs_run, self.total_epochs)
-        for epoch in range(self.epochs_run, self.total_epochs):
-            self._sampler.set_epoch(epoch)
-            batches = iter(self._dataloader)
-            pbar = tqdm(
-                total=self._steps_per_epoch,
-                desc=f"epoch {epoch + 1}/{self.total_epochs}",
-                disable=not self._is_rank_zero,
+        state = self._state
+        if state.finished:
+            log.info("Nothing to do: %d of %d epochs run", state.epochs_run, state.total_epochs)
+        for epoch in range(state.epochs_run, state.total_epochs):
+            progress = training.StepLog(
+                self._metric_logger,
+                self._loop.log_every_n_steps,
+                self._device,
+                self._steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{state.total_epochs}",
+                show=self._is_rank_zero,
             )
-            for _ in range(self._steps_per_epoch):
-                micro_batches = [next(batches) for _ in range(self._grad_accum)]
+            for micro_batches in training.epoch_micro_batches(
+                self._dataloader,
+                epoch,
+                self._steps_per_epoch,
+                self._loop.gradient_accumulation_steps,
+                start_step=state.steps_in_epoch,
+            ):
                 lr = self._optimizer.param_groups[0]["lr"]  # the lr this step uses
                 t0 = time.perf_counter()
-                loss, n_tokens = self._optimizer_step(micro_batches)  # a device sync point
-                elapsed = time.perf_counter() - t0
-                self.global_step += 1
-                tokens_per_second = n_tokens / max(elapsed, 1e-9)  # all ranks together
-                pbar.update(1)
-                pbar.set_postfix(
-                    loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}"
+                loss, n_tokens = training.optimizer_step(  # all ranks' loss and tokens
+                    self._model,
+                    self._loss_fn,
+                    self._optimizer,
+                    micro_batches,
+                    params=self._model.parameters(),
+                    device=self._device,
+                    world_size=self._world_size,
+                    clip_grad_norm=self._loop.clip_grad_norm,
+                    lr_scheduler=self._lr_scheduler,
                 )
-                if self._is_rank_zero and self.global_step % self._log_every_n_steps == 0:
-                    mem = utils.get_memory_stats(self._device)
-                    self._metric_logger.log_dict(
-                        {
-                            "loss": loss,
-                            "lr": lr,
-                            "tokens_per_second": tokens_per_second,
-                            "peak_memory_gib": mem["peak_memory_gib"],
-                        },
-                        step=self.global_step,
-                    )
-            pbar.close()
-            self.epochs_run += 1
+                state.end_step()
+                progress.step(state.global_step, loss, lr, n_tokens, time.perf_counter() - t0)
+            progress.close()
+            state.end_epoch()
             self.save_checkpoint(epoch)
         log.info("Peak memory (rank 0): %s", utils.get_memory_stats(self._device))
 
@@ -298,28 +193,15 @@ class FullFinetuneRecipeDistributed:
         """Gather the model (and, unless this was the last epoch, the state to resume from)
         on rank 0 and write it there. Every rank must call this."""
         ckpt: Dict[str, Any] = {"model": utils.gather_full_state_dict(self._model, self._dtype)}
-        intermediate = self.epochs_run < self.total_epochs
+        intermediate = not self._state.finished
         if intermediate:
-            ckpt.update(self._recipe_state())
+            ckpt["optimizer"] = utils.gather_optimizer_state_dict(self._model, self._optimizer)
+            ckpt.update(self._state.state_dict(self._device))
         if self._is_rank_zero:
             self._checkpointer.save_checkpoint(
                 ckpt, epoch=epoch, intermediate_checkpoint=intermediate
             )
         torch.distributed.barrier()  # nobody reads or resumes before the files exist
-
-    def _recipe_state(self) -> Dict[str, Any]:
-        state = {
-            "optimizer": utils.gather_optimizer_state_dict(self._model, self._optimizer),
-            "epochs_run": self.epochs_run,
-            "total_epochs": self.total_epochs,
-            "max_steps_per_epoch": self.max_steps_per_epoch,
-            "seed": self.seed,
-            "global_step": self.global_step,
-            "rng_state": torch.get_rng_state(),
-        }
-        if self._device.type == "cuda":
-            state["cuda_rng_state"] = torch.cuda.get_rng_state(self._device)
-        return state
 
     def cleanup(self) -> None:
         if self._metric_logger is not None:

@@ -22,36 +22,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from torchtune import config, utils
-from torchtune.modules.peft import LoRALinear, get_adapter_params, get_merged_lora_ckpt
+from torchtune.modules.peft import get_adapter_params, merge_lora_in_place
 
 log = logging.getLogger(__name__)
-
-
-def _merge_lora_in_place(model: nn.Module) -> nn.Module:
-    """Replace every :class:`LoRALinear` by an ``nn.Linear`` holding ``W + (alpha/r) B A``."""
-    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    ranks, alphas = {m.rank for m in lora}, {m.alpha for m in lora}
-    if len(ranks) != 1 or len(alphas) != 1:
-        raise ValueError(
-            f"LoRA layers must share one rank and alpha to merge, got {ranks}, {alphas}"
-        )
-    merged = get_merged_lora_ckpt(model.state_dict(), ranks.pop(), alphas.pop())
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(
-                    module,
-                    name,
-                    nn.Linear(
-                        child.in_dim,
-                        child.out_dim,
-                        bias=child.bias is not None,
-                        device=child.weight.device,
-                        dtype=child.weight.dtype,
-                    ),
-                )
-    model.load_state_dict(merged)
-    return model
 
 
 class GenerateRecipe:
@@ -117,7 +90,7 @@ class GenerateRecipe:
                 f"unexpected {sorted(unexpected)}"
             )
         if has_lora:
-            model = _merge_lora_in_place(model)
+            model = merge_lora_in_place(model)
         return model.eval()
 
     @staticmethod

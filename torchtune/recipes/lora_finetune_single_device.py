@@ -21,69 +21,59 @@ checkpointer.recipe_checkpoint=<output_dir>/epoch_N/recipe_state.pt resume_from_
 import logging
 import sys
 import time
-from functools import partial
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from torchtune import config, training, utils
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate
-from torchtune.modules.peft import get_adapter_params, get_merged_lora_ckpt, set_trainable_params
+from torchtune.modules.peft import (
+    get_adapter_params,
+    get_adapter_state_dict,
+    get_lora_config,
+    get_merged_lora_state_dict,
+    init_lora_adapters,
+    set_trainable_params,
+)
 
 log = logging.getLogger(__name__)
-
-# Recipe state stored with intermediate checkpoints, beside "model" and "optimizer".
-_RECIPE_STATE_KEYS = ("epochs_run", "total_epochs", "max_steps_per_epoch", "seed", "global_step")
 
 
 class LoRAFinetuneRecipeSingleDevice:
     """LoRA fine-tuning of a decoder on one device (CPU, one GPU or MPS).
 
     ``checkpointer.adapter_checkpoint``, when set, gives the adapter to start from (always
-    the case on resume; otherwise the adapters start as the model builder initialises them).
+    the case on resume); otherwise the adapters start from ``seed`` as on N ranks
+    (``peft.init_lora_adapters``: ``lora_a`` kaiming-uniform, ``lora_b`` zero).
 
     Args:
         cfg: the recipe config; see ``recipes/configs/lora_finetune_single_device.yaml``.
 
     Raises:
         ValueError: on bad values of ``gradient_accumulation_steps``, ``epochs``,
-            ``log_every_n_steps``, ``device``, ``dtype``, or a model config without
-            ``lora_rank``/``lora_alpha``.
+            ``log_every_n_steps``, ``device`` or ``dtype``.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        self._device = utils.get_device(cfg.device)
-        self._dtype = utils.get_dtype(cfg.dtype, self._device)
-        if self._device.type == "cpu":  # steps re-allocate the same sizes: keep freed pages
-            utils.retain_freed_cpu_memory()
-        for key in ("gradient_accumulation_steps", "epochs", "log_every_n_steps"):
-            if int(cfg[key]) < 1:
-                raise ValueError(f"Config key '{key}' must be >= 1, got {cfg[key]}")
-        self._grad_accum = int(cfg.gradient_accumulation_steps)
-        self._clip_grad_norm = cfg.clip_grad_norm
-        self._log_every_n_steps = int(cfg.log_every_n_steps)
-        self._resume = bool(cfg.resume_from_checkpoint)
-        for key in ("lora_rank", "lora_alpha"):
-            if cfg.model.get(key) is None:
-                raise ValueError(f"Config key 'model.{key}' must be set for LoRA fine-tuning")
-        self._lora_rank = int(cfg.model.lora_rank)
-        self._lora_alpha = float(cfg.model.lora_alpha)
-        self.seed = utils.set_seed(cfg.seed)
-        self.total_epochs = int(cfg.epochs)
-        self.max_steps_per_epoch = cfg.max_steps_per_epoch
-        self.epochs_run = 0
-        self.global_step = 0
+        self._device, self._dtype = training.init_device(cfg.device, cfg.dtype)
+        self._loop = training.LoopSettings.from_config(cfg)
+        self._state = training.RecipeState.from_config(cfg, seed=utils.set_seed(cfg.seed))
 
     def setup(self, cfg: DictConfig) -> None:
         """Build everything from the config; on resume, restore the recipe state last."""
         self._metric_logger = config.instantiate(cfg.metric_logger)
-        ckpt = self._load_checkpoint(cfg.checkpointer)
-        if self._resume:
-            self._check_recipe_state(ckpt)
+        self._checkpointer = config.instantiate(
+            cfg.checkpointer, resume_from_checkpoint=self._loop.resume
+        )
+        ckpt = self._checkpointer.load_checkpoint()
+        if self._loop.resume:
+            self._state = self._state.resumed_from(ckpt)
+            utils.set_seed(self._state.seed)  # later epochs' data order derives from it
+            if "adapter" not in ckpt:
+                raise ValueError(
+                    "resume_from_checkpoint=True needs checkpointer.adapter_checkpoint"
+                )
         self._model = self._setup_model(
             cfg.model,
             cfg.enable_activation_checkpointing,
@@ -92,41 +82,34 @@ class LoRAFinetuneRecipeSingleDevice:
             compile_layers=bool(cfg.get("compile", False)),
         )
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._optimizer = self._setup_optimizer(cfg.optimizer, ckpt.get("optimizer"))
+        self._optimizer = config.instantiate(cfg.optimizer, list(self._adapter_params.values()))
+        if "optimizer" in ckpt:
+            self._optimizer.load_state_dict(ckpt["optimizer"])
         self._loss_fn = config.instantiate(cfg.loss)
-        self._sampler, self._dataloader = self._setup_data(cfg.dataset, cfg.shuffle, cfg.batch_size)
-        self._steps_per_epoch = self._count_steps_per_epoch()
-        self._lr_scheduler = self._setup_lr_scheduler(cfg.lr_scheduler)
-        if self._resume:
-            # Last: building the model above drew from the RNG; training continues from here.
-            torch.set_rng_state(ckpt["rng_state"])
-            if self._device.type == "cuda" and "cuda_rng_state" in ckpt:
-                torch.cuda.set_rng_state(ckpt["cuda_rng_state"], self._device)
-        log.info("Memory after setup: %s", utils.get_memory_stats(self._device))
-
-    def _load_checkpoint(self, cfg_checkpointer: DictConfig) -> Dict[str, Any]:
-        self._checkpointer = config.instantiate(
-            cfg_checkpointer, resume_from_checkpoint=self._resume
+        self._dataloader = training.build_dataloader(
+            config.instantiate(cfg.dataset, tokenizer=self._tokenizer),
+            batch_size=cfg.batch_size,
+            pad_id=self._tokenizer.pad_id,
+            shuffle=cfg.shuffle,
+            seed=self._state.seed,
         )
-        return self._checkpointer.load_checkpoint()
-
-    def _check_recipe_state(self, ckpt: Dict[str, Any]) -> None:
-        missing = [k for k in (*_RECIPE_STATE_KEYS, "optimizer", "rng_state") if k not in ckpt]
-        if missing:
-            raise ValueError(
-                f"resume_from_checkpoint=True but the checkpoint lacks {missing}; resume from an "
-                "intermediate checkpoint (recipe_state.pt, written after every epoch but the last)"
+        self._steps_per_epoch = training.steps_per_epoch(
+            len(self._dataloader),
+            self._loop.gradient_accumulation_steps,
+            self._state.max_steps_per_epoch,
+        )
+        self._lr_scheduler = None
+        if cfg.lr_scheduler is not None:
+            self._lr_scheduler = config.instantiate(
+                cfg.lr_scheduler,
+                self._optimizer,
+                num_training_steps=self._state.total_epochs * self._steps_per_epoch,
+                last_epoch=self._state.global_step - 1,
             )
-        for key, ours in (
-            ("total_epochs", self.total_epochs),
-            ("max_steps_per_epoch", self.max_steps_per_epoch),
-        ):
-            if ckpt[key] != ours:
-                log.warning("Resuming with %s=%s; the checkpoint has %s", key, ours, ckpt[key])
-        # The data order of later epochs derives from the original seed.
-        self.seed = utils.set_seed(ckpt["seed"])
-        self.epochs_run = int(ckpt["epochs_run"])
-        self.global_step = int(ckpt["global_step"])
+        if self._loop.resume:
+            # Last: building the model above drew from the RNG; training continues from here.
+            training.restore_rng_state(ckpt, self._device)
+        log.info("Memory after setup: %s", utils.get_memory_stats(self._device))
 
     def _setup_model(
         self,
@@ -148,16 +131,15 @@ class LoRAFinetuneRecipeSingleDevice:
                 f"Base checkpoint does not fit the model: missing {wrong_missing}, "
                 f"unexpected {sorted(unexpected)}"
             )
-        if adapter_sd is not None:
-            if set(adapter_sd) != set(self._adapter_params):
-                raise ValueError(
-                    "Adapter checkpoint does not fit the model: missing "
-                    f"{sorted(set(self._adapter_params) - set(adapter_sd))}, unexpected "
-                    f"{sorted(set(adapter_sd) - set(self._adapter_params))}"
-                )
-            model.load_state_dict(adapter_sd, strict=False)
-        elif self._resume:
-            raise ValueError("resume_from_checkpoint=True needs checkpointer.adapter_checkpoint")
+        if adapter_sd is None:  # the same draw as on N ranks
+            adapter_sd = init_lora_adapters(model, self._state.seed)
+        if set(adapter_sd) != set(self._adapter_params):
+            raise ValueError(
+                "Adapter checkpoint does not fit the model: missing "
+                f"{sorted(set(self._adapter_params) - set(adapter_sd))}, unexpected "
+                f"{sorted(set(adapter_sd) - set(self._adapter_params))}"
+            )
+        model.load_state_dict(adapter_sd, strict=False)
         set_trainable_params(model, self._adapter_params)
         utils.apply_activation_checkpointing(model, enable_activation_checkpointing)
         if compile_layers:  # `compile: true`; lazy, the first forward compiles
@@ -173,107 +155,42 @@ class LoRAFinetuneRecipeSingleDevice:
         )
         return model
 
-    def _setup_optimizer(
-        self, cfg_optimizer: DictConfig, opt_state: Optional[Dict[str, Any]]
-    ) -> torch.optim.Optimizer:
-        optimizer = config.instantiate(cfg_optimizer, list(self._adapter_params.values()))
-        if opt_state is not None:
-            optimizer.load_state_dict(opt_state)
-        return optimizer
-
-    def _setup_data(
-        self, cfg_dataset: DictConfig, shuffle: bool, batch_size: int
-    ) -> Tuple[DistributedSampler, DataLoader]:
-        ds = config.instantiate(cfg_dataset, tokenizer=self._tokenizer)
-        # A one-replica DistributedSampler: its order depends only on (seed, epoch), so a
-        # resumed run sees the same later epochs as an uninterrupted one.
-        sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=shuffle, seed=self.seed)
-        collate = partial(padded_collate, padding_idx=self._tokenizer.pad_id)
-        loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate)
-        log.info("Dataset: %d samples, %d batches of %d", len(ds), len(loader), batch_size)
-        return sampler, loader
-
-    def _count_steps_per_epoch(self) -> int:
-        steps = len(self._dataloader) // self._grad_accum
-        if steps == 0:
-            raise ValueError(
-                f"The dataset gives {len(self._dataloader)} batches per epoch, fewer than "
-                f"gradient_accumulation_steps={self._grad_accum}"
-            )
-        if self.max_steps_per_epoch is not None:
-            steps = min(steps, int(self.max_steps_per_epoch))
-        return steps
-
-    def _setup_lr_scheduler(self, cfg_lr_scheduler: Optional[DictConfig]):
-        if cfg_lr_scheduler is None:
-            return None
-        return config.instantiate(
-            cfg_lr_scheduler,
-            self._optimizer,
-            num_training_steps=self.total_epochs * self._steps_per_epoch,
-            last_epoch=self.global_step - 1,
-        )
-
-    def _loss_sum(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Summed next-token loss and scored-token count of one micro-batch."""
-        return training.next_token_loss_sum(self._model, self._loss_fn, batch, self._device)
-
-    def _optimizer_step(self, micro_batches: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
-        """One optimizer step over its micro-batches; returns the step's mean token loss."""
-        # Counted up front so each micro-batch's backward is already scaled for the whole step.
-        num_tokens = sum(
-            int((mb["labels"][:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum()) for mb in micro_batches
-        )
-        denom = max(num_tokens, 1)
-        total = torch.zeros((), device=self._device)
-        for mb in micro_batches:
-            loss_sum, _ = self._loss_sum(mb)
-            (loss_sum / denom).backward()
-            total += loss_sum.detach()
-        if self._clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(
-                self._adapter_params.values(), max_norm=float(self._clip_grad_norm)
-            )
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-        if self._lr_scheduler is not None:
-            self._lr_scheduler.step()
-        return total / denom
-
     def train(self) -> None:
         """Run the remaining epochs, logging every ``log_every_n_steps`` optimizer steps."""
-        if self.epochs_run >= self.total_epochs:
-            log.info("Nothing to do: %d of %d epochs run", self.epochs_run, self.total_epochs)
-        for epoch in range(self.epochs_run, self.total_epochs):
-            self._sampler.set_epoch(epoch)
-            batches = iter(self._dataloader)
-            pbar = tqdm(total=self._steps_per_epoch, desc=f"epoch {epoch + 1}/{self.total_epochs}")
-            for _ in range(self._steps_per_epoch):
-                micro_batches = [next(batches) for _ in range(self._grad_accum)]
+        state = self._state
+        if state.finished:
+            log.info("Nothing to do: %d of %d epochs run", state.epochs_run, state.total_epochs)
+        for epoch in range(state.epochs_run, state.total_epochs):
+            progress = training.StepLog(
+                self._metric_logger,
+                self._loop.log_every_n_steps,
+                self._device,
+                self._steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{state.total_epochs}",
+            )
+            for micro_batches in training.epoch_micro_batches(
+                self._dataloader,
+                epoch,
+                self._steps_per_epoch,
+                self._loop.gradient_accumulation_steps,
+                start_step=state.steps_in_epoch,
+            ):
                 lr = self._optimizer.param_groups[0]["lr"]  # the lr this step uses
                 t0 = time.perf_counter()
-                loss = self._optimizer_step(micro_batches).item()  # a device sync point
-                elapsed = time.perf_counter() - t0
-                self.global_step += 1
-                n_tokens = sum(mb["tokens"].numel() for mb in micro_batches)  # incl. padding
-                tokens_per_second = n_tokens / max(elapsed, 1e-9)
-                pbar.update(1)
-                pbar.set_postfix(
-                    loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}"
+                loss, n_tokens = training.optimizer_step(
+                    self._model,
+                    self._loss_fn,
+                    self._optimizer,
+                    micro_batches,
+                    params=self._adapter_params.values(),
+                    device=self._device,
+                    clip_grad_norm=self._loop.clip_grad_norm,
+                    lr_scheduler=self._lr_scheduler,
                 )
-                if self.global_step % self._log_every_n_steps == 0:
-                    mem = utils.get_memory_stats(self._device)
-                    self._metric_logger.log_dict(
-                        {
-                            "loss": loss,
-                            "lr": lr,
-                            "tokens_per_second": tokens_per_second,
-                            "peak_memory_gib": mem["peak_memory_gib"],
-                        },
-                        step=self.global_step,
-                    )
-            pbar.close()
-            self.epochs_run += 1
+                state.end_step()
+                progress.step(state.global_step, loss, lr, n_tokens, time.perf_counter() - t0)
+            progress.close()
+            state.end_epoch()
             self.save_checkpoint(epoch)
         log.info("Peak memory: %s", utils.get_memory_stats(self._device))
 
@@ -281,35 +198,16 @@ class LoRAFinetuneRecipeSingleDevice:
         """Save the merged model and the adapter (plus, unless this was the last epoch, the
         state to resume from)."""
         state_dict = {k: v.detach().cpu() for k, v in self._model.state_dict().items()}
-        adapter = {k: state_dict[k] for k in self._adapter_params}
         ckpt: Dict[str, Any] = {
-            "model": get_merged_lora_ckpt(state_dict, self._lora_rank, self._lora_alpha),
-            "adapter": adapter,
-            "adapter_config": {
-                "r": self._lora_rank,
-                "lora_alpha": self._lora_alpha,
-                # "layers.0.attn.q_proj.lora_a.weight" -> "q_proj"
-                "target_modules": sorted({k.split(".")[-3] for k in adapter}),
-            },
+            "model": get_merged_lora_state_dict(self._model, state_dict),
+            "adapter": get_adapter_state_dict(self._model, state_dict),
+            "adapter_config": get_lora_config(self._model),
         }
-        intermediate = self.epochs_run < self.total_epochs
+        intermediate = not self._state.finished
         if intermediate:
-            ckpt.update(self._recipe_state())
+            ckpt["optimizer"] = self._optimizer.state_dict()
+            ckpt.update(self._state.state_dict(self._device))
         self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=intermediate)
-
-    def _recipe_state(self) -> Dict[str, Any]:
-        state = {
-            "optimizer": self._optimizer.state_dict(),
-            "epochs_run": self.epochs_run,
-            "total_epochs": self.total_epochs,
-            "max_steps_per_epoch": self.max_steps_per_epoch,
-            "seed": self.seed,
-            "global_step": self.global_step,
-            "rng_state": torch.get_rng_state(),
-        }
-        if self._device.type == "cuda":
-            state["cuda_rng_state"] = torch.cuda.get_rng_state(self._device)
-        return state
 
     def cleanup(self) -> None:
         self._metric_logger.close()

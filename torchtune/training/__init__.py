@@ -1,14 +1,41 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-"""Pieces the training recipes share: the loss, the next-token loss of a batch, the lr schedule."""
+"""The recipe kit: the loss, the next-token loss of a batch, the lr schedule, the loop's
+settings and saved state, the data loader, one optimizer step, progress logging."""
 
+from torchtune.training._data import (
+    build_dataloader,
+    count_tokens,
+    epoch_micro_batches,
+    steps_per_epoch,
+)
 from torchtune.training._linear_ce import LinearCrossEntropyLoss
 from torchtune.training._loss import ChunkedCrossEntropyLoss
 from torchtune.training._lr_schedulers import get_cosine_schedule_with_warmup
 from torchtune.training._next_token_loss import next_token_loss_sum
+from torchtune.training._progress import StepLog
+from torchtune.training._recipe_state import LoopSettings, RecipeState, restore_rng_state
+from torchtune.training._setup import (
+    init_device,
+    init_distributed_device,
+    load_checkpoint_on_rank_zero,
+)
+from torchtune.training._step import optimizer_step
 
 __all__ = [
     "ChunkedCrossEntropyLoss",
     "LinearCrossEntropyLoss",
+    "LoopSettings",
+    "RecipeState",
+    "StepLog",
+    "build_dataloader",
+    "count_tokens",
+    "epoch_micro_batches",
     "get_cosine_schedule_with_warmup",
+    "init_device",
+    "init_distributed_device",
+    "load_checkpoint_on_rank_zero",
     "next_token_loss_sum",
+    "optimizer_step",
+    "restore_rng_state",
+    "steps_per_epoch",
 ]

@@ -1,8 +1,10 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-"""``utils.compile_layers`` marks exactly the decoder layers for torch.compile, keys unchanged."""
+"""``utils.compile_layers`` marks exactly the decoder layers for torch.compile, keys unchanged;
+the recipe compiles only when its config asks."""
 
-from omegaconf import OmegaConf
+import pytest
 
+from tests.recipes.single_device_utils import build_tiny_assets, tiny_overrides
 from torchtune import utils
 from torchtune.models.llama2 import llama2
 
@@ -24,16 +26,33 @@ def test_compile_layers_compiles_each_decoder_layer_only():
     assert list(model.state_dict()) == keys
 
 
-def test_recipe_setup_model_compiles_only_when_asked():
-    import torch
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_tiny_assets(tmp_path_factory.mktemp("compile_assets"))
 
+
+@pytest.mark.parametrize("compile_flag", [False, True])
+def test_recipe_setup_compiles_only_when_asked(assets, tmp_path, compile_flag):
+    # Through the recipe's public setup, as `tune` runs it: `compile` decides whether the
+    # built model goes through utils.compile_layers (checked on the model it is given).
+    from torchtune import config
+    from torchtune._recipe_registry import get_config
     from torchtune.recipes.full_finetune_single_device import FullFinetuneRecipeSingleDevice
 
-    recipe = FullFinetuneRecipeSingleDevice.__new__(FullFinetuneRecipeSingleDevice)
-    recipe._device, recipe._dtype = torch.device("cpu"), torch.float32
-    cfg = OmegaConf.create({"_component_": "torchtune.models.llama2.llama2", **SHAPE})
-    sd = llama2(**SHAPE).state_dict()
-    off = recipe._setup_model(cfg, False, sd)
-    on = recipe._setup_model(cfg, False, sd, compile_layers=True)
-    assert not any(_compiled(layer) for layer in off.layers)
-    assert all(_compiled(layer) for layer in on.layers)
+    overrides = tiny_overrides(assets, tmp_path) + [f"compile={compile_flag}"]
+    cfg = config.load_config(get_config("tiny/full").file_path, overrides)
+    compiled = []
+    real = utils.compile_layers
+
+    def spy(model):
+        compiled.append(model)
+        return real(model)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(utils, "compile_layers", spy)
+        recipe = FullFinetuneRecipeSingleDevice(cfg)
+        recipe.setup(cfg)
+        recipe.cleanup()
+    assert len(compiled) == int(compile_flag)
+    if compile_flag:
+        assert all(_compiled(layer) for layer in compiled[0].layers)

@@ -1,10 +1,15 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-"""Helpers around adapters: find their parameters, freeze the rest, fold LoRA into weights."""
+"""Helpers around adapters: find their parameters, freeze the rest, draw fresh LoRA matrices,
+and the one LoRA export path (merged weights, adapter tensors, adapter config), all reading
+rank, alpha, dropout and targets from the :class:`LoRALinear` modules themselves."""
 
-from typing import Dict
+import math
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
+
+from torchtune.modules.peft.lora import LoRALinear
 
 
 def get_adapter_params(model: nn.Module) -> Dict[str, nn.Parameter]:
@@ -47,13 +52,174 @@ def set_trainable_params(model: nn.Module, adapter_params: Dict[str, nn.Paramete
         param.requires_grad_(name in adapter_params)
 
 
-def get_merged_lora_ckpt(
-    state_dict: Dict[str, torch.Tensor], rank: int, alpha: float
+def lora_modules(model: nn.Module) -> Dict[str, LoRALinear]:
+    """Every :class:`LoRALinear` of ``model`` by module name, in ``named_modules`` order.
+
+    Works on a model sharded with FSDP2 (its modules keep their names and attributes).
+    """
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _dropout_p(module: LoRALinear) -> float:
+    # LoRALinear holds nn.Identity instead of nn.Dropout(0).
+    return float(getattr(module.dropout, "p", 0.0))
+
+
+def init_lora_adapters(model: nn.Module, seed: int) -> Dict[str, torch.Tensor]:
+    """Fresh adapter tensors for every :class:`LoRALinear` of ``model``, drawn from ``seed``.
+
+    ``lora_a`` is kaiming-uniform (as ``nn.Linear`` and PEFT initialise it) from one CPU
+    generator seeded with ``seed``, drawn module by module in ``named_modules`` order;
+    ``lora_b`` is zero, so the model starts as the base model. Only the modules' shapes are
+    read, so ``model`` may live on the meta device or be sharded: one device and N ranks
+    start from the same adapter.
+
+    Args:
+        model: a model with LoRA layers.
+        seed: the recipe's seed.
+
+    Returns:
+        ``{"...q_proj.lora_a.weight": [rank, in_dim], "...q_proj.lora_b.weight":
+        [out_dim, rank], ...}``: fp32 CPU tensors, keys as in :func:`get_adapter_params`.
+
+    Raises:
+        ValueError: if ``model`` has no LoRA layers.
+    """
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no LoRALinear layers to initialise")
+    gen = torch.Generator().manual_seed(int(seed))
+    adapters = {}
+    for name, m in modules.items():
+        prefix = f"{name}." if name else ""
+        lora_a = torch.empty(m.rank, m.in_dim, dtype=torch.float32)
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=gen)
+        adapters[prefix + "lora_a.weight"] = lora_a
+        adapters[prefix + "lora_b.weight"] = torch.zeros(m.out_dim, m.rank, dtype=torch.float32)
+    return adapters
+
+
+def get_lora_config(model: nn.Module) -> Dict[str, Any]:
+    """The adapter config of ``model``'s LoRA layers, as the checkpointers'
+    ``save_checkpoint({..., "adapter_config": ...})`` takes it.
+
+    Returns:
+        ``{"r": int, "lora_alpha": float, "lora_dropout": float, "target_modules": [...]}``
+        with ``target_modules`` the sorted last parts of the LoRA module names
+        (``"layers.0.attn.q_proj"`` -> ``"q_proj"``), in torchtune's names.
+
+    Raises:
+        ValueError: if ``model`` has no LoRA layers, or its layers disagree on rank, alpha
+            or dropout (PEFT's config holds one of each).
+    """
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no LoRALinear layers")
+    config: Dict[str, Any] = {}
+    for key, value_of in (
+        ("r", lambda m: int(m.rank)),
+        ("lora_alpha", lambda m: float(m.alpha)),
+        ("lora_dropout", _dropout_p),
+    ):
+        values = {value_of(m) for m in modules.values()}
+        if len(values) != 1:
+            raise ValueError(
+                f"LoRA layers disagree on {key}: {sorted(values)}; an adapter config holds one"
+            )
+        config[key] = values.pop()
+    config["target_modules"] = sorted({name.split(".")[-1] for name in modules})
+    return config
+
+
+def get_adapter_state_dict(
+    model: nn.Module, state_dict: Optional[Dict[str, torch.Tensor]] = None
 ) -> Dict[str, torch.Tensor]:
-    """Fold every LoRA adapter into its base weight: ``W + (alpha / rank) * B @ A``.
+    """The adapter tensors (what ``adapter.safetensors`` holds) of ``model``.
+
+    Args:
+        model: a model with adapters; its module names give the keys.
+        state_dict: where the tensors come from (e.g. a full state dict gathered from an
+            FSDP model on rank 0); default ``model.state_dict()``.
+
+    Returns:
+        ``{key: tensor}`` for the keys of :func:`get_adapter_params`, tensors as stored.
+
+    Raises:
+        ValueError: if ``state_dict`` lacks an adapter key.
+    """
+    keys = list(get_adapter_params(model))
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    missing = [k for k in keys if k not in state_dict]
+    if missing:
+        raise ValueError(f"The state dict lacks adapter keys {missing[:4]} ({len(missing)})")
+    return {k: state_dict[k] for k in keys}
+
+
+def _fold_lora(
+    merged: Dict[str, torch.Tensor],
+    state_dict: Dict[str, torch.Tensor],
+    prefix: str,
+    rank: int,
+    alpha: float,
+) -> None:
+    """Replace ``merged[prefix + "weight"]`` by ``W + (alpha / rank) B A`` (fp32, cast back to
+    ``W``'s dtype) and drop the adapter's keys; tensors from ``state_dict``."""
+    a_key, b_key, w_key = prefix + "lora_a.weight", prefix + "lora_b.weight", prefix + "weight"
+    missing = [k for k in (a_key, b_key, w_key) if k not in state_dict]
+    if missing:
+        raise ValueError(f"LoRA layer '{prefix[:-1]}' needs {missing} in the state dict")
+    a, b, w = state_dict[a_key], state_dict[b_key], state_dict[w_key]  # [r, in], [out, r]
+    if a.shape[0] != rank or b.shape[1] != rank:
+        raise ValueError(
+            f"'{a_key}' / '{b_key}' have shapes {tuple(a.shape)} / {tuple(b.shape)}, "
+            f"expected rank {rank}"
+        )
+    if (b.shape[0], a.shape[1]) != tuple(w.shape):
+        raise ValueError(
+            f"LoRA update {(b.shape[0], a.shape[1])} does not match '{w_key}' {tuple(w.shape)}"
+        )
+    merged[w_key] = (w.float() + (alpha / rank) * (b.float() @ a.float())).to(w.dtype)
+    del merged[a_key], merged[b_key]
+
+
+def get_merged_lora_state_dict(
+    model: nn.Module, state_dict: Optional[Dict[str, torch.Tensor]] = None
+) -> Dict[str, torch.Tensor]:
+    """``state_dict`` with every LoRA layer of ``model`` folded into its base weight:
+    ``W + (alpha / rank) * B @ A``, each layer with its own rank and alpha.
 
     The product is computed in fp32 and cast back to ``W``'s dtype. The ``lora_a``/``lora_b``
     keys are dropped, so the result loads into the plain (non-LoRA) model.
+
+    Args:
+        model: the LoRA model, for its layers' names, ranks and alphas (a sharded model is
+            fine: only module attributes are read).
+        state_dict: the tensors (e.g. the full state dict gathered from an FSDP model on
+            rank 0); default ``model.state_dict()``. Not modified.
+
+    Returns:
+        A new state dict without LoRA keys.
+
+    Raises:
+        ValueError: if an adapter lacks its partner matrix or base weight, shapes disagree,
+            or ``state_dict`` holds LoRA keys of no LoRA layer of ``model``.
+    """
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    merged = dict(state_dict)
+    for name, m in lora_modules(model).items():
+        _fold_lora(merged, state_dict, f"{name}." if name else "", int(m.rank), float(m.alpha))
+    leftover = [k for k in merged if k.endswith(("lora_a.weight", "lora_b.weight"))]
+    if leftover:
+        raise ValueError(f"LoRA keys of no LoRA layer of the model: {leftover[:4]}")
+    return merged
+
+
+def get_merged_lora_ckpt(
+    state_dict: Dict[str, torch.Tensor], rank: int, alpha: float
+) -> Dict[str, torch.Tensor]:
+    """Fold every adapter of a bare state dict (no model at hand) with one ``rank`` and
+    ``alpha``: ``W + (alpha / rank) * B @ A`` in fp32, cast back. The recipes use
+    :func:`get_merged_lora_state_dict`, which reads rank and alpha from the model.
 
     Args:
         state_dict: a LoRA model's state dict (``...q_proj.weight``, ``...q_proj.lora_a.weight``,
@@ -68,25 +234,32 @@ def get_merged_lora_ckpt(
         ValueError: if an adapter lacks its partner matrix or base weight, or shapes disagree.
     """
     merged = dict(state_dict)
-    scaling = alpha / rank
     for key in [k for k in state_dict if k.endswith("lora_a.weight")]:
-        prefix = key[: -len("lora_a.weight")]
-        b_key, w_key = prefix + "lora_b.weight", prefix + "weight"
-        if b_key not in state_dict or w_key not in state_dict:
-            raise ValueError(f"LoRA key '{key}' needs '{b_key}' and '{w_key}' in the state dict")
-        a, b, w = state_dict[key], state_dict[b_key], state_dict[w_key]
-        if a.shape[0] != rank or b.shape[1] != rank:
-            raise ValueError(
-                f"'{key}' / '{b_key}' have shapes {tuple(a.shape)} / {tuple(b.shape)}, "
-                f"expected rank {rank}"
-            )
-        if (b.shape[0], a.shape[1]) != tuple(w.shape):
-            raise ValueError(
-                f"LoRA update {(b.shape[0], a.shape[1])} does not match '{w_key}' {tuple(w.shape)}"
-            )
-        merged[w_key] = (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)
-        del merged[key], merged[b_key]
+        _fold_lora(merged, state_dict, key[: -len("lora_a.weight")], rank, alpha)
     orphans = [k for k in merged if k.endswith("lora_b.weight")]
     if orphans:
         raise ValueError(f"LoRA B matrices without A: {orphans}")
     return merged
+
+
+def merge_lora_in_place(model: nn.Module) -> nn.Module:
+    """Replace every :class:`LoRALinear` by an ``nn.Linear`` holding ``W + (alpha/r) B A``
+    (for evaluation and generation: faster, same outputs).
+
+    Returns:
+        The same model, now without adapters.
+    """
+    merged = get_merged_lora_state_dict(model)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                linear = nn.Linear(
+                    child.in_dim,
+                    child.out_dim,
+                    bias=child.bias is not None,
+                    device=child.weight.device,
+                    dtype=child.weight.dtype,
+                )
+                setattr(module, child_name, linear)
+    model.load_state_dict(merged)
+    return model

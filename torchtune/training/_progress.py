@@ -1,0 +1,56 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""An epoch's progress bar and metric rows."""
+
+from typing import Any, Optional
+
+from tqdm import tqdm
+
+from torchtune import utils
+
+
+class StepLog:
+    """One epoch's tqdm bar, and a metric-logger row every ``log_every_n_steps`` steps:
+    ``loss``, ``lr``, ``tokens_per_second`` and ``peak_memory_gib``.
+
+    Args:
+        metric_logger: has ``log_dict(dict, step=)``; None logs nothing (ranks but 0).
+        log_every_n_steps: logging period, in global steps.
+        device: whose peak memory is logged.
+        num_steps: steps in the epoch (the bar's length).
+        desc: the bar's label.
+        show: draw the bar (False on ranks but 0).
+    """
+
+    def __init__(
+        self,
+        metric_logger: Optional[Any],
+        log_every_n_steps: int,
+        device: Any,
+        num_steps: int,
+        desc: str,
+        show: bool = True,
+    ) -> None:
+        self._metric_logger = metric_logger
+        self._every = log_every_n_steps
+        self._device = device
+        self._pbar = tqdm(total=num_steps, desc=desc, disable=not show)
+
+    def step(self, global_step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
+        """Record one optimizer step (``tokens`` over ``seconds``, all ranks together)."""
+        tokens_per_second = tokens / max(seconds, 1e-9)
+        self._pbar.update(1)
+        self._pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}")
+        if self._metric_logger is not None and global_step % self._every == 0:
+            mem = utils.get_memory_stats(self._device)
+            self._metric_logger.log_dict(
+                {
+                    "loss": loss,
+                    "lr": lr,
+                    "tokens_per_second": tokens_per_second,
+                    "peak_memory_gib": mem["peak_memory_gib"],
+                },
+                step=global_step,
+            )
+
+    def close(self) -> None:
+        self._pbar.close()

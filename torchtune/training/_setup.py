@@ -1,0 +1,51 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""Device, process group and checkpoint loading as the fine-tuning recipes start them."""
+
+from typing import Any, Dict, Tuple
+
+import torch
+
+from torchtune import utils
+
+# Only rank 0 reads these (the weights); the other ranks get the rest of the checkpoint.
+_RANK0_ONLY_KEYS = ("model", "adapter", "optimizer")
+
+
+def init_device(device: str, dtype: str) -> Tuple[torch.device, torch.dtype]:
+    """The training device and dtype from the config's ``device`` and ``dtype``.
+
+    Raises:
+        ValueError: on an unknown device or a dtype the device does not support.
+    """
+    torch_device = utils.get_device(device)
+    torch_dtype = utils.get_dtype(dtype, torch_device)
+    if torch_device.type == "cpu":  # steps re-allocate the same sizes: keep freed pages
+        utils.retain_freed_cpu_memory()
+    return torch_device, torch_dtype
+
+
+def init_distributed_device(device: str, dtype: str) -> Tuple[torch.device, torch.dtype, int, int]:
+    """Join torchrun's process group, then as :func:`init_device`; on CUDA the device is this
+    rank's GPU (``cuda:LOCAL_RANK``).
+
+    Returns:
+        ``(device, dtype, world_size, rank)``.
+
+    Raises:
+        ValueError: without torchrun's environment, or as :func:`init_device`.
+    """
+    torch_device = utils.get_device(device)
+    world_size, rank = utils.init_distributed(torch_device)
+    if torch_device.type == "cuda":  # now this rank's GPU
+        device = "cuda"
+    return (*init_device(device, dtype), world_size, rank)
+
+
+def load_checkpoint_on_rank_zero(checkpointer: Any, is_rank_zero: bool) -> Dict[str, Any]:
+    """Rank 0 reads the checkpoint; the others receive everything but the weights and the
+    optimizer state, whose keys they get with None values (so every rank sees which parts
+    exist). Every rank must call this."""
+    ckpt = checkpointer.load_checkpoint() if is_rank_zero else {}
+    small = {k: (None if k in _RANK0_ONLY_KEYS else v) for k, v in ckpt.items()}
+    small = utils.broadcast_object(small)
+    return ckpt if is_rank_zero else small
