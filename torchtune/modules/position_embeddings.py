@@ -6,13 +6,17 @@ from torch import nn
 
 
 class RotaryPositionalEmbeddings(nn.Module):
-    """Rotary positional embeddings (RoFormer, Su et al. 2021) in Meta's Llama layout.
+    """Rotary positional embeddings (RoFormer, Su et al. 2021) in Hugging Face's layout.
 
-    Each head vector is split into interleaved pairs ``(x[..., 0::2], x[..., 1::2])`` and pair
-    ``i`` at position ``p`` is rotated by the angle ``p * base ** (-2i / dim)``. cos/sin are
-    cached in fp32 for positions ``[0, max_seq_len)`` in a non-persistent buffer, so they never
-    reach a checkpoint. When the module is built on the meta device, call :meth:`rope_init`
-    (or :meth:`reset_parameters`) after ``to_empty`` to fill the cache.
+    Each head vector is split into halves ``x1 = x[..., :dim/2]``, ``x2 = x[..., dim/2:]``;
+    the pair ``(x1[i], x2[i])`` at position ``p`` is rotated by the angle
+    ``p * base ** (-2i / dim)`` (HF's ``rotate_half``). With this layout an HF checkpoint of
+    any family loads by renaming keys alone; Meta's checkpoints (interleaved pairs) get their
+    q/k rows permuted once, in the Meta converter.
+
+    cos/sin are cached in fp32 for positions ``[0, max_seq_len)`` in a non-persistent buffer,
+    so they never reach a checkpoint. When the module is built on the meta device, call
+    :meth:`rope_init` (or :meth:`reset_parameters`) after ``to_empty`` to fill the cache.
 
     Args:
         dim: head dimension (must be even).
@@ -31,12 +35,12 @@ class RotaryPositionalEmbeddings(nn.Module):
         self.max_seq_len = max_seq_len
         self.base = base
         self.register_buffer(
-            "cache", torch.empty(max_seq_len, dim // 2, 2, dtype=torch.float32), persistent=False
+            "cache", torch.empty(max_seq_len, 2, dim // 2, dtype=torch.float32), persistent=False
         )
         self.rope_init()
 
     def rope_init(self, device: Optional[torch.device] = None) -> None:
-        """(Re)compute the cos/sin cache in fp32.
+        """(Re)compute the cos/sin cache in fp32: ``cache[p, 0] = cos``, ``cache[p, 1] = sin``.
 
         Args:
             device: where to put it; the cache's current device when None. Nothing happens
@@ -50,7 +54,7 @@ class RotaryPositionalEmbeddings(nn.Module):
         positions = torch.arange(self.max_seq_len, device=device, dtype=torch.float32)
         angles = torch.outer(positions, theta)  # [max_seq_len, h_d/2]
         # Assigning a registered buffer name keeps it registered (and non-persistent).
-        self.cache = torch.stack([angles.cos(), angles.sin()], dim=-1)
+        self.cache = torch.stack([angles.cos(), angles.sin()], dim=1)  # [max_seq_len, 2, h_d/2]
 
     def reset_parameters(self) -> None:
         self.rope_init()
@@ -78,31 +82,14 @@ class RotaryPositionalEmbeddings(nn.Module):
             # Built on meta and loaded with load_state_dict(assign=True): the
             # non-persistent cache was never materialised.
             self.rope_init(x.device)
-        if torch.compiler.is_compiling():
-            # Inductor has no complex codegen; it fuses this real form into one kernel.
-            return self._rotate_real(x, input_pos)
-        # [pos, h_d/2] complex cos + i*sin: one vectorised complex multiply, forward and
-        # backward, instead of strided pair arithmetic and a stack (~8x faster on CPU).
-        freqs = torch.view_as_complex(self.cache)
-        freqs = (
-            freqs[:s].view(1, s, 1, h_d // 2)
-            if input_pos is None
-            else (freqs[input_pos].view(b, s, 1, h_d // 2))
-        )
-        x_c = torch.view_as_complex(x.float().reshape(b, s, n_h, h_d // 2, 2))
-        return torch.view_as_real(x_c * freqs).flatten(3).type_as(x)
-
-    def _rotate_real(self, x: torch.Tensor, input_pos: Optional[torch.Tensor]) -> torch.Tensor:
-        b, s, n_h, h_d = x.shape
-        if input_pos is None:
-            rope = self.cache[:s].view(1, s, 1, h_d // 2, 2)
-        else:
-            rope = self.cache[input_pos].view(b, s, 1, h_d // 2, 2)
-        x_pairs = x.float().reshape(b, s, n_h, h_d // 2, 2)  # [b, s, n_h, h_d/2, 2]
-        x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
-        cos, sin = rope[..., 0], rope[..., 1]
-        out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-        return out.flatten(3).type_as(x)
+        rope = self.cache[:s] if input_pos is None else self.cache[input_pos]
+        cos, sin = rope.view(-1, s, 1, 2, h_d // 2).unbind(-2)  # each [b or 1, s, 1, h_d/2]
+        # Arithmetic on the two halves, measured on CPU forward+backward against a complex
+        # multiply on torch.complex(x1, x2) (1.6-2.2x slower) and x * cos + rotate_half(x) *
+        # sin with width-h_d tables (1.3-1.8x slower). It is real, so torch.compile fuses it.
+        x1, x2 = x.float().unflatten(-1, (2, h_d // 2)).unbind(-2)  # each [b, s, n_h, h_d/2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-2)
+        return out.flatten(-2).type_as(x)  # [b, s, n_h, 2, h_d/2] -> [b, s, n_h, h_d]
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, max_seq_len={self.max_seq_len}, base={self.base}"
