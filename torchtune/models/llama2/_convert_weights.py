@@ -292,12 +292,13 @@ def _rope_theta(config: Dict[str, Any]) -> float:
     # transformers >= 5 nests it in rope_parameters; older config.json files have it on top.
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
-        raise ValueError(
-            f"config.json asks for rope_type '{rope_type}'; the llama2 family supports only "
-            "the default (unscaled) rotary embedding"
-        )
+    types = (params.get("rope_type"), scaling.get("rope_type") or scaling.get("type"))
+    for rope_type in types:
+        if rope_type not in (None, "default"):
+            raise ValueError(
+                f"config.json asks for rope_type '{rope_type}'; the llama2 family supports "
+                "only the default (unscaled) rotary embedding"
+            )
     return float(params.get("rope_theta", config.get("rope_theta", 10_000.0)))
 
 

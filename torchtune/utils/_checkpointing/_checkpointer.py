@@ -15,8 +15,8 @@ state, ...) when resuming. ``save_checkpoint(state_dict, epoch, intermediate_che
 ``epoch_{epoch}/adapter/``; for intermediate checkpoints, ``recipe_state.pt``.
 
 The checkpointers only read and write files: every key map, shape and config rule is the
-model family's (``torchtune.models._families``), found from ``model_type`` (``"LLAMA2"``) or,
-for HF checkpoints when it is omitted, from ``config.json``'s ``model_type`` (``"llama"``).
+model family's (``torchtune.models._families``), found from ``model_type`` (a row's legacy
+name) or, for HF checkpoints when it is omitted, from ``config.json``'s ``model_type``.
 
 Why PEFT's files sit in a subfolder: ``transformers.AutoModelForCausalLM.from_pretrained(dir)``
 looks for ``adapter_config.json`` in ``dir`` and, when it finds one next to a full model, loads
@@ -105,8 +105,8 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
         checkpoint_dir: folder holding the checkpoint (and config.json / params.json).
         checkpoint_files: file names in ``checkpoint_dir`` (or absolute paths): one file, the
             shards, or a single ``*.index.json``.
-        model_type: ``"LLAMA2"``; for HF checkpoints None means config.json's ``model_type``
-            (``"llama"``). See ``torchtune.models._families`` for the supported ones.
+        model_type: a family's legacy name in ``torchtune.models._families`` (any case); for
+            HF checkpoints None means the family of config.json's ``model_type``.
         output_dir: where ``epoch_{epoch}/`` folders are written (required).
         adapter_checkpoint: optional LoRA adapter to load (our ``adapter.safetensors``, or
             PEFT's ``adapter_model.safetensors``).
