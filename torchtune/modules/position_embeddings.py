@@ -5,6 +5,54 @@ import torch
 from torch import nn
 
 
+def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The plain rotation, HF's ``x * cos + rotate_half(x) * sin`` written on the halves.
+
+    Args:
+        x: ``[..., h_d]``; its halves ``x1 = x[..., :h_d/2]``, ``x2 = x[..., h_d/2:]``.
+        cos, sin: broadcastable to ``[..., h_d/2]``.
+
+    Returns:
+        ``cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)``, shape of ``x``.
+    """
+    x1, x2 = x.unflatten(-1, (2, x.shape[-1] // 2)).unbind(-2)  # each [..., h_d/2]
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-2).flatten(-2)
+
+
+def _rotate_into_new(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float):
+    # Each half written in place into one output: no stack copy, no per-product temporaries.
+    h = x.shape[-1] // 2
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
+    return out
+
+
+class _RotateHalves(torch.autograd.Function):
+    """:func:`rotate_halves` with a closed-form backward: a rotation's transpose is the
+    rotation by the opposite angle, so the input gradient is ``grad`` rotated by ``-angle``
+    and only cos/sin are kept. CPU forward + backward, fp32, 1 thread, ``[4, 512, 12, 64]`` /
+    ``[1, 2048, 32, 128]``: 6.8 / 40 ms, against 10.3 / 66 ms for autograd through
+    :func:`rotate_halves`, 13 / 110 ms for ``x * cos + rotate_half(x) * sin`` and 15 / 128 ms
+    for a complex multiply on ``torch.complex(x1, x2)`` (its copies cost more than it saves).
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return _rotate_into_new(x, cos, sin, 1.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # separate, so torch.func transforms work
+        _, cos, sin = inputs
+        ctx.save_for_backward(cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate_into_new(grad, cos, sin, -1.0), None, None
+
+
 class RotaryPositionalEmbeddings(nn.Module):
     """Rotary positional embeddings (RoFormer, Su et al. 2021) in Hugging Face's layout.
 
@@ -84,12 +132,10 @@ class RotaryPositionalEmbeddings(nn.Module):
             self.rope_init(x.device)
         rope = self.cache[:s] if input_pos is None else self.cache[input_pos]
         cos, sin = rope.view(-1, s, 1, 2, h_d // 2).unbind(-2)  # each [b or 1, s, 1, h_d/2]
-        # Arithmetic on the two halves, measured on CPU forward+backward against a complex
-        # multiply on torch.complex(x1, x2) (1.6-2.2x slower) and x * cos + rotate_half(x) *
-        # sin with width-h_d tables (1.3-1.8x slower). It is real, so torch.compile fuses it.
-        x1, x2 = x.float().unflatten(-1, (2, h_d // 2)).unbind(-2)  # each [b, s, n_h, h_d/2]
-        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-2)
-        return out.flatten(-2).type_as(x)  # [b, s, n_h, 2, h_d/2] -> [b, s, n_h, h_d]
+        if torch.compiler.is_compiling():
+            # Inductor fuses the plain form into one kernel, forward and backward alike.
+            return rotate_halves(x.float(), cos, sin).type_as(x)
+        return _RotateHalves.apply(x.float(), cos, sin).type_as(x)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, max_seq_len={self.max_seq_len}, base={self.base}"

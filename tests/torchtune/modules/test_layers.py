@@ -13,6 +13,7 @@ from torchtune.modules import (
     RotaryPositionalEmbeddings,
     TransformerDecoderLayer,
 )
+from torchtune.modules.position_embeddings import _RotateHalves, rotate_halves
 from torchtune.modules.rms_norm import _RMSNormFunction
 
 ATOL, RTOL = 1e-5, 1e-5
@@ -112,6 +113,21 @@ def test_rope_rotates_each_pair_by_its_angle():
             want[0, t, :, i] = a * c - b_ * s_
             want[0, t, :, i + d // 2] = b_ * c + a * s_
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+
+
+def test_rope_closed_form_backward_matches_the_plain_form():
+    # Eager runs _RotateHalves (gradient = grad rotated by -angle), compile the plain form.
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 3, 10, dtype=torch.float64, requires_grad=True)
+    angle = torch.randn(1, 7, 1, 5, dtype=torch.float64)
+    cos, sin = angle.cos(), angle.sin()
+    assert torch.autograd.gradcheck(lambda t: _RotateHalves.apply(t, cos, sin), (x,))
+    x32, cos32, sin32 = x.detach().float().requires_grad_(), cos.float(), sin.float()
+    for grad_out in (torch.randn(2, 7, 3, 10), torch.ones(1).expand(2, 7, 3, 10)):
+        out, ref = _RotateHalves.apply(x32, cos32, sin32), rotate_halves(x32, cos32, sin32)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+        got, want = (torch.autograd.grad(t, x32, grad_out)[0] for t in (out, ref))
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 def test_rope_cache_is_fp32_non_persistent_and_meta_safe():
