@@ -20,6 +20,9 @@ def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 
 def _rotate_into_new(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float):
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+        # Differentiating this (double backward, torch.func.grad): out= ops are not.
+        return rotate_halves(x, cos, sin * sign)
     # Each half written in place into one output: no stack copy, no per-product temporaries.
     h = x.shape[-1] // 2
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)

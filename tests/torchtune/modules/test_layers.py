@@ -122,6 +122,10 @@ def test_rope_closed_form_backward_matches_the_plain_form():
     angle = torch.randn(1, 7, 1, 5, dtype=torch.float64)
     cos, sin = angle.cos(), angle.sin()
     assert torch.autograd.gradcheck(lambda t: _RotateHalves.apply(t, cos, sin), (x,))
+    # Its backward is differentiable too (torch.func.grad, double backward).
+    assert torch.autograd.gradgradcheck(lambda t: _RotateHalves.apply(t, cos, sin), (x,))
+    func_grad = torch.func.grad(lambda t: (_RotateHalves.apply(t, cos, sin) ** 2).sum())(x)
+    torch.testing.assert_close(func_grad, 2 * x.detach())  # a rotation keeps the norm
     x32, cos32, sin32 = x.detach().float().requires_grad_(), cos.float(), sin.float()
     for grad_out in (torch.randn(2, 7, 3, 10), torch.ones(1).expand(2, 7, 3, 10)):
         out, ref = _RotateHalves.apply(x32, cos32, sin32), rotate_halves(x32, cos32, sin32)
