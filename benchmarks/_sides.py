@@ -22,8 +22,7 @@ from torch import nn
 from torchtune import config, training, utils
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate
 from torchtune.datasets._packed import PackedDataset
-from torchtune.models.llama2 import llama2, tune_to_hf
-from torchtune.models.llama2._convert_adapter import tune_to_peft_adapter_weights
+from torchtune.models.llama2 import llama2, tune_to_hf, tune_to_peft_adapter_weights
 from torchtune.modules import attention as attention_module
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 from torchtune.training import _next_token_loss as next_token_loss_module
@@ -381,7 +380,7 @@ def build_hf(
     )
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
-    model.load_state_dict(tune_to_hf(weights, s["num_heads"], s["num_kv_heads"]), strict=True)
+    model.load_state_dict(tune_to_hf(weights), strict=True)
     if method == "lora":
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
@@ -393,7 +392,7 @@ def build_hf(
             bias="none",
         )
         model = get_peft_model(model, lora_cfg)
-        peft_sd = tune_to_peft_adapter_weights(adapter, s["num_heads"], s["num_kv_heads"])
+        peft_sd = tune_to_peft_adapter_weights(adapter)
         result = set_peft_model_state_dict(model, peft_sd)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"PEFT adapter keys not loaded: {result.unexpected_keys[:4]}")

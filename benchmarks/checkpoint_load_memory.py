@@ -99,7 +99,7 @@ def _write(workdir: Path, size_gb: float):
     d = workdir / "hf_single"
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(config))
-    hf = tune_to_hf(sd, config["num_attention_heads"], config["num_key_value_heads"])
+    hf = tune_to_hf(sd)
     hf = {k: v.contiguous() for k, v in hf.items()}
     save_file(hf, str(d / "model.safetensors"), metadata={"format": "pt"})
     cases["HF safetensors, 1 file"] = ("hf", d, ["model.safetensors"])
@@ -120,7 +120,8 @@ def _write(workdir: Path, size_gb: float):
     d = workdir / "meta"
     d.mkdir(parents=True, exist_ok=True)
     (d / "params.json").write_text(json.dumps(params))
-    torch.save(tune_to_meta(sd), d / "consolidated.00.pth")
+    heads = (config["num_attention_heads"], config["num_key_value_heads"])
+    torch.save(tune_to_meta(sd, *heads), d / "consolidated.00.pth")
     cases["Meta .pth"] = ("meta", d, ["consolidated.00.pth"])
 
     d = workdir / "tune"

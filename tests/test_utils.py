@@ -71,11 +71,16 @@ def tiny_hf_llama_config(
     num_kv_heads: int = 2,
     intermediate_size: int = 88,
     max_position_embeddings: int = 256,
+    **extra,
 ):
-    """A small HF ``LlamaConfig`` with odd sizes that catch transposes (head_dim 16)."""
+    """A small HF ``LlamaConfig`` with odd sizes that catch transposes (head_dim 16).
+
+    ``extra`` overrides or adds ``LlamaConfig`` fields (``attention_bias``, ``head_dim``,
+    ``tie_word_embeddings``, ...).
+    """
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    fields = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -91,6 +96,8 @@ def tiny_hf_llama_config(
         bos_token_id=1,
         eos_token_id=2,
     )
+    fields.update(extra)
+    return LlamaConfig(**fields)
 
 
 def tiny_hf_llama(seed: int = 0, **config_kwargs):
@@ -101,11 +108,14 @@ def tiny_hf_llama(seed: int = 0, **config_kwargs):
     config = tiny_hf_llama_config(**config_kwargs)
     config._attn_implementation = "eager"
     model = LlamaForCausalLM(config).to(torch.float32).eval()
-    # HF inits norms to ones; randomise them so a swapped norm cannot pass a test.
+    # HF inits norms to ones and biases to zeros; randomise them so a swapped norm or a
+    # dropped bias cannot pass a test.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
     return model
 
 

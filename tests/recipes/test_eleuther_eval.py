@@ -76,7 +76,7 @@ def assets(tmp_path_factory):
     hf = tiny_hf_llama(0, vocab_size=VOCAB, num_kv_heads=KV_HEADS, max_position_embeddings=MAX_SEQ)
     hf.save_pretrained(root / "hf_model", safe_serialization=True)
     ours = llama2(**MODEL_KW).eval()
-    ours.load_state_dict(hf_to_tune(hf.state_dict(), HEADS, KV_HEADS))
+    ours.load_state_dict(hf_to_tune(hf.state_dict()))
     return {"root": root, "sp": sp_path, "hf": hf, "ours": ours, "hf_dir": root / "hf_model"}
 
 

@@ -148,7 +148,7 @@ def test_base_plus_lora_adapter_is_merged_on_load(gen, assets, tmp_path):
         lora_alpha=6.0,
         **MODEL_KW,
     ).eval()
-    base = hf_to_tune(assets["hf"].state_dict(), MODEL_KW["num_heads"], MODEL_KW["num_kv_heads"])
+    base = hf_to_tune(assets["hf"].state_dict())
     adapter = {k: torch.randn_like(v) * 0.1 for k, v in lora.state_dict().items() if "lora_" in k}
     lora.load_state_dict({**base, **adapter})
     save_file(adapter, tmp_path / "adapter.safetensors")

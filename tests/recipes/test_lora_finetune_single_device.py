@@ -71,7 +71,7 @@ def _our_lora_model(cfg, adapter=None):
     utils.set_seed(cfg.seed)
     model = config.instantiate(cfg.model)
     hf_sd = load_file(Path(cfg.checkpointer.checkpoint_dir) / "model.safetensors")
-    base = hf_to_tune(hf_sd, NUM_HEADS, NUM_KV_HEADS)
+    base = hf_to_tune(hf_sd)
     model.load_state_dict(base, strict=False)
     if adapter is None:
         adapter = init_lora_adapters(model, cfg.seed)

@@ -1,4 +1,6 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,19 +31,29 @@ class _SiluMul(torch.autograd.Function):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU feed-forward: ``w2(silu(w1(x)) * w3(x))``.
+    """Gated feed-forward: ``w2(activation(w1(x)) * w3(x))``, SwiGLU by default.
 
     Args:
-        gate_proj: ``dim -> hidden`` projection passed through SiLU (stored as ``w1``).
+        gate_proj: ``dim -> hidden`` projection passed through the activation (stored as ``w1``).
         down_proj: ``hidden -> dim`` projection (stored as ``w2``).
         up_proj: ``dim -> hidden`` projection that gates (stored as ``w3``).
+        activation: elementwise function on the gate; ``F.silu`` (SwiGLU) runs the fused
+            ``_SiluMul`` that keeps one tensor less for backward, any other (e.g. Gemma's
+            ``partial(F.gelu, approximate="tanh")``) runs through plain autograd.
     """
 
-    def __init__(self, gate_proj: nn.Module, down_proj: nn.Module, up_proj: nn.Module) -> None:
+    def __init__(
+        self,
+        gate_proj: nn.Module,
+        down_proj: nn.Module,
+        up_proj: nn.Module,
+        activation: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    ) -> None:
         super().__init__()
         self.w1 = gate_proj
         self.w2 = down_proj
         self.w3 = up_proj
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -51,4 +63,6 @@ class FeedForward(nn.Module):
         Returns:
             ``[..., dim]``.
         """
-        return self.w2(_SiluMul.apply(self.w1(x), self.w3(x)))  # [..., hidden] in between
+        if self.activation is F.silu:
+            return self.w2(_SiluMul.apply(self.w1(x), self.w3(x)))  # [..., hidden] in between
+        return self.w2(self.activation(self.w1(x)) * self.w3(x))

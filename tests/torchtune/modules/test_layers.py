@@ -6,7 +6,6 @@ import torch
 from transformers.models.llama import modeling_llama as hf_llama
 
 from tests.test_utils import tiny_hf_llama_config
-from torchtune.models.llama2._convert_weights import _unpermute
 from torchtune.modules import (
     CausalSelfAttention,
     FeedForward,
@@ -14,19 +13,10 @@ from torchtune.modules import (
     RotaryPositionalEmbeddings,
     TransformerDecoderLayer,
 )
+from torchtune.modules.position_embeddings import _RotateHalves, rotate_halves
 from torchtune.modules.rms_norm import _RMSNormFunction
 
 ATOL, RTOL = 1e-5, 1e-5
-
-
-def _meta_to_hf_layout(x: torch.Tensor) -> torch.Tensor:
-    """Meta's interleaved pairs -> HF's halves along the last dim (what HF's q/k permutation does)."""
-    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
-
-
-def _hf_to_meta_layout(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.stack([x[..., :half], x[..., half:]], dim=-1).flatten(-2)
 
 
 def _additive(mask: torch.Tensor) -> torch.Tensor:
@@ -77,10 +67,10 @@ def test_rms_norm_double_precision_gradcheck():
     assert torch.autograd.gradcheck(lambda x, s: _RMSNormFunction.apply(x, s, 1e-5), (x, scale))
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("explicit_pos", [False, True])
-def test_rope_matches_hf_forward_and_backward(explicit_pos):
-    # Eager runs the complex multiply, torch.compile the real form: both must give HF's
-    # output and input gradient.
+def test_rope_matches_hf_forward_and_backward(explicit_pos, compiled):
+    # Same layout as HF (rotate_half on each head's halves): no permutation in between.
     torch.manual_seed(0)
     cfg = tiny_hf_llama_config(hidden_size=96, num_heads=3, max_position_embeddings=64)
     b, s, n_h, h_d = 2, 13, 3, 32
@@ -90,21 +80,58 @@ def test_rope_matches_hf_forward_and_backward(explicit_pos):
     x = torch.randn(b, s, n_h, h_d, requires_grad=True)
     grad_out = torch.randn(b, s, n_h, h_d)
     cos, sin = rope_ref(x, pos)
-    ref, _ = hf_llama.apply_rotary_pos_emb(
-        _meta_to_hf_layout(x).transpose(1, 2), x[:1].transpose(1, 2), cos, sin
-    )
-    ref = _hf_to_meta_layout(ref.transpose(1, 2))
+    ref, _ = hf_llama.apply_rotary_pos_emb(x.transpose(1, 2), x[:1].transpose(1, 2), cos, sin)
+    ref = ref.transpose(1, 2)  # [b, s, n_h, h_d]
     (ref_grad,) = torch.autograd.grad(ref, x, grad_out)
     arg = pos if explicit_pos else None
-    for out in (rope(x, input_pos=arg), rope._rotate_real(x, arg)):
-        torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
-        (grad,) = torch.autograd.grad(out, x, grad_out)
-        torch.testing.assert_close(grad, ref_grad, atol=ATOL, rtol=RTOL)
+    fn = torch.compile(rope, backend="aot_eager", fullgraph=True) if compiled else rope
+    out = fn(x, input_pos=arg)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-6)
     xb = x.detach().bfloat16()
     out_b = rope(xb, input_pos=arg)
     assert out_b.dtype == torch.bfloat16
-    # fp32 math either way; a last-bit fp32 difference may flip one bf16 rounding.
-    torch.testing.assert_close(out_b, rope._rotate_real(xb, arg))
+    # The math runs in fp32 and is rounded once.
+    torch.testing.assert_close(out_b, rope(xb.float(), input_pos=arg).bfloat16(), atol=0, rtol=0)
+
+
+def test_rope_rotates_each_pair_by_its_angle():
+    """Plain-PyTorch derivation: pair (x[i], x[i + d/2]) at position p turns by p * theta_i."""
+    torch.manual_seed(0)
+    d, base = 8, 500.0
+    rope = RotaryPositionalEmbeddings(d, max_seq_len=16, base=base)
+    x = torch.randn(1, 5, 2, d, dtype=torch.float32)
+    pos = torch.tensor([[0, 3, 15, 7, 1]])
+    out = rope(x, input_pos=pos)
+    want = torch.empty_like(x)
+    for t in range(5):
+        for i in range(d // 2):
+            angle = torch.tensor(pos[0, t].item() * base ** (-2 * i / d), dtype=torch.float64)
+            c, s_ = angle.cos().float(), angle.sin().float()
+            a, b_ = x[0, t, :, i], x[0, t, :, i + d // 2]
+            want[0, t, :, i] = a * c - b_ * s_
+            want[0, t, :, i + d // 2] = b_ * c + a * s_
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+
+
+def test_rope_closed_form_backward_matches_the_plain_form():
+    # Eager runs _RotateHalves (gradient = grad rotated by -angle), compile the plain form.
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 3, 10, dtype=torch.float64, requires_grad=True)
+    angle = torch.randn(1, 7, 1, 5, dtype=torch.float64)
+    cos, sin = angle.cos(), angle.sin()
+    assert torch.autograd.gradcheck(lambda t: _RotateHalves.apply(t, cos, sin), (x,))
+    # Its backward is differentiable too (torch.func.grad, double backward).
+    assert torch.autograd.gradgradcheck(lambda t: _RotateHalves.apply(t, cos, sin), (x,))
+    func_grad = torch.func.grad(lambda t: (_RotateHalves.apply(t, cos, sin) ** 2).sum())(x)
+    torch.testing.assert_close(func_grad, 2 * x.detach())  # a rotation keeps the norm
+    x32, cos32, sin32 = x.detach().float().requires_grad_(), cos.float(), sin.float()
+    for grad_out in (torch.randn(2, 7, 3, 10), torch.ones(1).expand(2, 7, 3, 10)):
+        out, ref = _RotateHalves.apply(x32, cos32, sin32), rotate_halves(x32, cos32, sin32)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+        got, want = (torch.autograd.grad(t, x32, grad_out)[0] for t in (out, ref))
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 def test_rope_cache_is_fp32_non_persistent_and_meta_safe():
@@ -194,11 +221,11 @@ def _attention_pair(num_heads, num_kv_heads, dim=64, max_seq_len=64):
         pos_embeddings=RotaryPositionalEmbeddings(head_dim, max_seq_len=max_seq_len),
         max_seq_len=max_seq_len,
     ).eval()
-    # HF permutes q/k rows for its rotate_half rotary; undo it to get Meta's layout.
+    # Our rotary layout is HF's: the weights load as they are.
     ours.load_state_dict(
         {
-            "q_proj.weight": _unpermute(ref.q_proj.weight, num_heads),
-            "k_proj.weight": _unpermute(ref.k_proj.weight, num_kv_heads),
+            "q_proj.weight": ref.q_proj.weight,
+            "k_proj.weight": ref.k_proj.weight,
             "v_proj.weight": ref.v_proj.weight,
             "output_proj.weight": ref.o_proj.weight,
         }
@@ -274,8 +301,8 @@ def test_decoder_layer_matches_hf():
         {
             "sa_norm.scale": ref.input_layernorm.weight,
             "mlp_norm.scale": ref.post_attention_layernorm.weight,
-            "attn.q_proj.weight": _unpermute(ref.self_attn.q_proj.weight, 4),
-            "attn.k_proj.weight": _unpermute(ref.self_attn.k_proj.weight, 2),
+            "attn.q_proj.weight": ref.self_attn.q_proj.weight,
+            "attn.k_proj.weight": ref.self_attn.k_proj.weight,
             "attn.v_proj.weight": ref.self_attn.v_proj.weight,
             "attn.output_proj.weight": ref.self_attn.o_proj.weight,
             "mlp.w1.weight": ref.mlp.gate_proj.weight,

@@ -51,8 +51,8 @@ def write_meta_checkpoint(ckpt_dir: Path, model) -> str:
     """Meta layout of an HF model's weights: consolidated.00.pth + params.json."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     c = model.config
-    sd = hf_to_tune(hf_state_dict(model), c.num_attention_heads, c.num_key_value_heads)
-    sd = tune_to_meta(sd)
+    sd = hf_to_tune(hf_state_dict(model))
+    sd = tune_to_meta(sd, c.num_attention_heads, c.num_key_value_heads)
     torch.save({k: v.contiguous() for k, v in sd.items()}, ckpt_dir / "consolidated.00.pth")
     params = {
         "dim": c.hidden_size,

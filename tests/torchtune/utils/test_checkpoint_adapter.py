@@ -13,8 +13,8 @@ from tests.torchtune.utils.checkpoint_fixtures import (
     write_hf_checkpoint,
     write_meta_checkpoint,
 )
-from torchtune.models.llama2 import lora_llama2
-from torchtune.models.llama2._convert_adapter import (
+from torchtune.models.llama2 import (
+    lora_llama2,
     peft_to_tune_adapter_weights,
     tune_to_peft_adapter_config,
     tune_to_peft_adapter_weights,
@@ -127,7 +127,7 @@ def test_adapter_key_and_config_maps():
         "layers.0.mlp.w2.lora_a.weight": torch.randn(4, 88),
         "output.lora_b.weight": torch.randn(321, 4),
     }
-    peft = tune_to_peft_adapter_weights(adapter, num_heads=4, num_kv_heads=2)
+    peft = tune_to_peft_adapter_weights(adapter)
     assert sorted(peft) == sorted(
         [
             "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight",
@@ -137,12 +137,12 @@ def test_adapter_key_and_config_maps():
             "base_model.model.lm_head.lora_B.weight",
         ]
     )
-    # q/k lora_b rows follow HF's permutation; the rest is untouched.
+    # Same rotary layout as HF: a pure rename, every tensor the very same object.
     k_b = peft["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"]
-    assert not torch.equal(k_b, adapter["layers.1.attn.k_proj.lora_b.weight"])
+    assert k_b is adapter["layers.1.attn.k_proj.lora_b.weight"]
     lm_head_b = peft["base_model.model.lm_head.lora_B.weight"]
-    assert torch.equal(lm_head_b, adapter["output.lora_b.weight"])
-    back = peft_to_tune_adapter_weights(peft, num_heads=4, num_kv_heads=2)
+    assert lm_head_b is adapter["output.lora_b.weight"]
+    back = peft_to_tune_adapter_weights(peft)
     assert sorted(back) == sorted(adapter)
     assert all(torch.equal(back[k], adapter[k]) for k in adapter)
 
@@ -155,7 +155,9 @@ def test_adapter_key_and_config_maps():
     with pytest.raises(ValueError, match=r"lacks \['lora_alpha'\]"):
         tune_to_peft_adapter_config({"r": 4, "target_modules": ["q_proj"]})
     with pytest.raises(ValueError, match="Unexpected key 'layers.0.attn.q_proj.weight'"):
-        tune_to_peft_adapter_weights({"layers.0.attn.q_proj.weight": torch.zeros(1)}, 4, 2)
+        tune_to_peft_adapter_weights({"layers.0.attn.q_proj.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="Unexpected key 'model.layers.0.q_proj.lora_A.weight'"):
+        peft_to_tune_adapter_weights({"model.layers.0.q_proj.lora_A.weight": torch.zeros(1)})
 
 
 def test_meta_and_native_write_adapter_files(tmp_path):
@@ -181,16 +183,34 @@ def test_meta_and_native_write_adapter_files(tmp_path):
         theirs = PeftModel.from_pretrained(hf, out / "adapter").eval()(TOKENS).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
-    # Native format without head counts nearby: our adapter file only, PEFT's skipped.
+    # Native format, no config.json or params.json nearby: PEFT's files are a rename of ours,
+    # so they are written too (no base model path to name).
     torch.save(base, tmp_path / "native.pt")
     native = FullModelTorchTuneCheckpointer(
         tmp_path, ["native.pt"], "LLAMA2", tmp_path / "out_native"
     )
     native.load_checkpoint()
     out, adapter, _ = _save_lora(native, model, ["q_proj", "k_proj"])
-    assert {p.name for p in out.iterdir()} == {"native.pt", "adapter.safetensors"}
+    assert {p.name for p in out.iterdir()} == {"native.pt", "adapter.safetensors", "adapter"}
     loaded = load_file(str(out / "adapter.safetensors"))
     assert all(torch.equal(loaded[k], adapter[k]) for k in adapter)
+    peft_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert peft_config["base_model_name_or_path"] is None
+    fresh = tiny_hf(2, seed=5)  # from_pretrained modified hf in place
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(fresh, out / "adapter").eval()(TOKENS).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    # And its PEFT adapter loads back into our keys, bit for bit.
+    back = FullModelTorchTuneCheckpointer(
+        out,
+        ["native.pt"],
+        "LLAMA2",
+        tmp_path / "o3",
+        adapter_checkpoint="adapter/adapter_model.safetensors",
+    ).load_checkpoint()["adapter"]
+    assert sorted(back) == sorted(adapter) and all(
+        torch.equal(back[k], adapter[k]) for k in adapter
+    )
 
 
 def test_why_peft_files_are_not_beside_merged_weights(tmp_path):

@@ -459,3 +459,71 @@ def test_tied_embeddings_load_and_save_back_in_the_input_format(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(TOKENS).logits, ours, rtol=0, atol=1e-5)
+
+
+def test_hf_family_comes_from_config_json_when_model_type_is_omitted(tmp_path):
+    hf = tiny_hf(2, seed=2)
+    names = write_hf_checkpoint(tmp_path / "in", hf)
+    by_type = FullModelHFCheckpointer(tmp_path / "in", names, "LLAMA2", tmp_path / "o1")
+    for ckpt in (
+        FullModelHFCheckpointer(tmp_path / "in", names, output_dir=tmp_path / "o2"),
+        FullModelHFCheckpointer(tmp_path / "in", names, None, tmp_path / "o3"),
+    ):
+        sd, want = ckpt.load_checkpoint()["model"], by_type.load_checkpoint()["model"]
+        assert sorted(sd) == sorted(want) and all(torch.equal(sd[k], want[k]) for k in sd)
+        out = ckpt.save_checkpoint({"model": sd}, epoch=0)
+        _assert_same_files(tmp_path / "in", out, names)
+
+    config = json.loads((tmp_path / "in" / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    for model_type, value, match in (
+        (None, "mistral", r"Unknown HF model_type 'mistral'; supported: \['llama'\]"),
+        ("LLAMA2", "mistral", r"is for model_type 'mistral', not the llama2 family's"),
+        (None, None, r"config\.json has no 'model_type'; pass model_type"),
+    ):
+        bad = {k: v for k, v in config.items() if k != "model_type"}
+        if value is not None:
+            bad["model_type"] = value
+        (tmp_path / "in" / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            FullModelHFCheckpointer(tmp_path / "in", names, model_type, tmp_path / "o")
+
+
+def test_meta_and_torchtune_need_model_type_and_all_need_output_dir(tmp_path):
+    name = write_meta_checkpoint(tmp_path, tiny_hf())
+    with pytest.raises(ValueError, match=r"FullModelMetaCheckpointer needs model_type, one of"):
+        FullModelMetaCheckpointer(tmp_path, [name], output_dir=tmp_path / "o")
+    with pytest.raises(ValueError, match="FullModelTorchTuneCheckpointer needs model_type"):
+        FullModelTorchTuneCheckpointer(tmp_path, [name], output_dir=tmp_path / "o")
+    with pytest.raises(ValueError, match="FullModelMetaCheckpointer needs output_dir"):
+        FullModelMetaCheckpointer(tmp_path, [name], "LLAMA2")
+    with pytest.raises(ValueError, match="Unknown model_type 'GPT9'"):
+        FullModelMetaCheckpointer(tmp_path, [name], "GPT9", tmp_path / "o")
+
+
+def test_tied_builder_model_saves_back_a_tied_file(tmp_path):
+    """With the builder's tie knob the output projection is the embedding, so training keeps
+    them equal and the saved HF file stays tied (no lm_head), matching from_pretrained."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from tests.test_utils import tiny_hf_llama_config
+    from torchtune.models._families import family_for_hf_model_type
+
+    config = tiny_hf_llama_config(tie_word_embeddings=True)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "in", safe_serialization=True)
+    ckpt = FullModelHFCheckpointer(tmp_path / "in", ["model.safetensors"], None, tmp_path / "out")
+    family = family_for_hf_model_type(config.model_type)
+    model = family.builder(**family.hf_config_to_builder_kwargs(config.to_dict())).eval()
+    model.load_state_dict(ckpt.load_checkpoint()["model"])
+    assert model.output.weight is model.tok_embeddings.weight
+    with torch.no_grad():
+        model.tok_embeddings.weight.add_(0.01 * torch.randn_like(model.tok_embeddings.weight))
+        ours = model(TOKENS)
+    out = ckpt.save_checkpoint({"model": model.state_dict()}, epoch=0)
+    assert "lm_head.weight" not in load_file(str(out / "model.safetensors"))
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(TOKENS).logits, ours, rtol=0, atol=1e-5)

@@ -38,7 +38,7 @@ def models():
         max_seq_len=MAX_SEQ,
         intermediate_dim=HIDDEN,
     ).eval()
-    ours.load_state_dict(hf_to_tune(hf.state_dict(), HEADS, KV_HEADS))
+    ours.load_state_dict(hf_to_tune(hf.state_dict()))
     return hf, ours
 
 

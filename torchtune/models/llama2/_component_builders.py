@@ -1,19 +1,15 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-"""Wire torchtune.modules into Llama2 (and its LoRA variant) from explicit hyperparameters."""
+"""Llama2 (and its LoRA variant) as knobs of the shared :func:`~torchtune.models._decoder.decoder`.
+
+What makes it Llama2: RMSNorm, SwiGLU (SiLU gate) with Llama's width rule, plain RoPE, no
+biases and an untied output unless the config says otherwise (HF's ``attention_bias``,
+``head_dim``, ``tie_word_embeddings``).
+"""
 
 from typing import List, Optional
 
-from torch import nn
-
-from torchtune.modules import (
-    CausalSelfAttention,
-    FeedForward,
-    RMSNorm,
-    RotaryPositionalEmbeddings,
-    TransformerDecoder,
-    TransformerDecoderLayer,
-)
-from torchtune.modules.peft import LoRALinear
+from torchtune.models._decoder import decoder
+from torchtune.modules import TransformerDecoder
 
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 
@@ -22,89 +18,6 @@ def scale_hidden_dim_for_mlp(dim: int, multiple_of: int = 256) -> int:
     """Llama's SwiGLU width: ``int(2 * 4 * dim / 3)`` rounded up to ``multiple_of``."""
     hidden_dim = int(2 * (4 * dim) / 3)
     return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
-
-
-def _check_dims(embed_dim: int, num_heads: int, num_kv_heads: Optional[int]) -> int:
-    num_kv_heads = num_kv_heads or num_heads
-    if embed_dim % num_heads != 0:
-        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
-        )
-    return num_kv_heads
-
-
-def _linear(in_dim: int, out_dim: int, lora: bool, rank: int, alpha: float, dropout: float):
-    if lora:
-        return LoRALinear(in_dim, out_dim, rank=rank, alpha=alpha, dropout=dropout)
-    return nn.Linear(in_dim, out_dim, bias=False)
-
-
-def _build(
-    *,
-    vocab_size: int,
-    num_layers: int,
-    num_heads: int,
-    num_kv_heads: Optional[int],
-    embed_dim: int,
-    max_seq_len: int,
-    intermediate_dim: Optional[int],
-    attn_dropout: float,
-    norm_eps: float,
-    rope_base: float,
-    lora_modules: frozenset = frozenset(),
-    lora_rank: int = 0,
-    lora_alpha: float = 0.0,
-    lora_dropout: float = 0.0,
-) -> TransformerDecoder:
-    num_kv_heads = _check_dims(embed_dim, num_heads, num_kv_heads)
-    head_dim = embed_dim // num_heads
-    hidden_dim = intermediate_dim or scale_hidden_dim_for_mlp(embed_dim)
-
-    def linear(name: str, in_dim: int, out_dim: int) -> nn.Module:
-        return _linear(in_dim, out_dim, name in lora_modules, lora_rank, lora_alpha, lora_dropout)
-
-    layers = []
-    for _ in range(num_layers):
-        # One RoPE per layer keeps layers independent (FSDP wraps them one by one);
-        # its cache is a non-persistent buffer, never checkpointed.
-        rope = RotaryPositionalEmbeddings(head_dim, max_seq_len=max_seq_len, base=rope_base)
-        attn = CausalSelfAttention(
-            embed_dim=embed_dim,
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            q_proj=linear("q_proj", embed_dim, num_heads * head_dim),
-            k_proj=linear("k_proj", embed_dim, num_kv_heads * head_dim),
-            v_proj=linear("v_proj", embed_dim, num_kv_heads * head_dim),
-            output_proj=linear("output_proj", num_heads * head_dim, embed_dim),
-            pos_embeddings=rope,
-            max_seq_len=max_seq_len,
-            attn_dropout=attn_dropout,
-        )
-        mlp = FeedForward(
-            gate_proj=linear("mlp", embed_dim, hidden_dim),
-            down_proj=linear("mlp", hidden_dim, embed_dim),
-            up_proj=linear("mlp", embed_dim, hidden_dim),
-        )
-        layers.append(
-            TransformerDecoderLayer(
-                attn=attn,
-                mlp=mlp,
-                sa_norm=RMSNorm(embed_dim, eps=norm_eps),
-                mlp_norm=RMSNorm(embed_dim, eps=norm_eps),
-            )
-        )
-    return TransformerDecoder(
-        tok_embeddings=nn.Embedding(vocab_size, embed_dim),
-        layers=nn.ModuleList(layers),
-        norm=RMSNorm(embed_dim, eps=norm_eps),
-        output=linear("output", embed_dim, vocab_size),
-        max_seq_len=max_seq_len,
-        num_heads=num_heads,
-        head_dim=head_dim,
-    )
 
 
 def llama2(
@@ -118,6 +31,9 @@ def llama2(
     attn_dropout: float = 0.0,
     norm_eps: float = 1e-5,
     rope_base: float = 10_000.0,
+    head_dim: Optional[int] = None,
+    attn_bias: bool = False,
+    tie_word_embeddings: bool = False,
 ) -> TransformerDecoder:
     """A Llama2 decoder.
 
@@ -127,12 +43,15 @@ def llama2(
         num_heads: query heads.
         num_kv_heads: key/value heads (``num_heads`` for MHA, fewer for GQA, 1 for MQA;
             None means ``num_heads``).
-        embed_dim: model dimension; ``head_dim = embed_dim // num_heads``.
+        embed_dim: model dimension.
         max_seq_len: longest sequence (RoPE table and KV cache length).
         intermediate_dim: SwiGLU width; Llama's rule from ``embed_dim`` when None.
         attn_dropout: attention dropout (training only).
         norm_eps: RMSNorm epsilon.
         rope_base: RoPE base (``rope_theta``).
+        head_dim: per-head dimension; ``embed_dim // num_heads`` when None.
+        attn_bias: biases on q/k/v and output_proj (HF's ``attention_bias``).
+        tie_word_embeddings: output projection shares the embedding's Parameter.
 
     Returns:
         A :class:`TransformerDecoder` with PyTorch's default init; load a checkpoint, or call
@@ -141,17 +60,21 @@ def llama2(
     Raises:
         ValueError: if the head counts do not divide evenly.
     """
-    return _build(
+    return decoder(
         vocab_size=vocab_size,
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         embed_dim=embed_dim,
+        intermediate_dim=intermediate_dim or scale_hidden_dim_for_mlp(embed_dim),
         max_seq_len=max_seq_len,
-        intermediate_dim=intermediate_dim,
+        head_dim=head_dim,
+        attn_bias=attn_bias,
+        output_proj_bias=attn_bias,
         attn_dropout=attn_dropout,
         norm_eps=norm_eps,
         rope_base=rope_base,
+        tie_word_embeddings=tie_word_embeddings,
     )
 
 
@@ -170,6 +93,9 @@ def lora_llama2(
     attn_dropout: float = 0.0,
     norm_eps: float = 1e-5,
     rope_base: float = 10_000.0,
+    head_dim: Optional[int] = None,
+    attn_bias: bool = False,
+    tie_word_embeddings: bool = False,
     lora_rank: int,
     lora_alpha: float,
     lora_dropout: float = 0.0,
@@ -185,7 +111,8 @@ def lora_llama2(
         apply_lora_to_mlp: also adapt ``w1``, ``w2``, ``w3``.
         apply_lora_to_output: also adapt the final ``output`` projection.
         vocab_size, num_layers, num_heads, num_kv_heads, embed_dim, max_seq_len,
-            intermediate_dim, attn_dropout, norm_eps, rope_base: as in :func:`llama2`.
+            intermediate_dim, attn_dropout, norm_eps, rope_base, head_dim, attn_bias,
+            tie_word_embeddings: as in :func:`llama2`.
         lora_rank: adapter rank.
         lora_alpha: adapter alpha (update scaled by ``alpha / rank``).
         lora_dropout: dropout on the adapters' input.
@@ -203,7 +130,7 @@ def lora_llama2(
         )
     modules = set(lora_attn_modules)
     if apply_lora_to_mlp:
-        modules.add("mlp")
+        modules |= {"w1", "w2", "w3"}
     if apply_lora_to_output:
         modules.add("output")
     if not modules:
@@ -211,18 +138,22 @@ def lora_llama2(
             "lora_llama2 adapts nothing: give lora_attn_modules or set apply_lora_to_mlp / "
             "apply_lora_to_output"
         )
-    return _build(
+    return decoder(
         vocab_size=vocab_size,
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         embed_dim=embed_dim,
+        intermediate_dim=intermediate_dim or scale_hidden_dim_for_mlp(embed_dim),
         max_seq_len=max_seq_len,
-        intermediate_dim=intermediate_dim,
+        head_dim=head_dim,
+        attn_bias=attn_bias,
+        output_proj_bias=attn_bias,
         attn_dropout=attn_dropout,
         norm_eps=norm_eps,
         rope_base=rope_base,
-        lora_modules=frozenset(modules),
+        tie_word_embeddings=tie_word_embeddings,
+        lora_modules=modules,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,

@@ -1,17 +1,18 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-"""Pure state_dict maps between torchtune's Llama2 keys and Meta's / Hugging Face's.
+"""Pure maps between torchtune's Llama2 state dicts / configs and Hugging Face's, Meta's, PEFT's.
 
-torchtune keeps Meta's rotary layout (q/k rows interleave the two halves of each rotated
-pair). HF permutes the rows of q_proj and k_proj so its ``rotate_half`` rotary works on
-contiguous halves; ``_permute``/``_unpermute`` translate between the two.
+Our rotary layout is HF's (each head's two halves are the rotated pairs), so HF and PEFT
+checkpoints convert by renaming keys alone. Meta's checkpoints rotate interleaved pairs
+``(x[2i], x[2i + 1])``: their q/k rows are permuted once, here, in ``meta_to_tune`` /
+``tune_to_meta``. State dict in, state dict out; nothing here touches a file.
 """
 
 import re
-from typing import Dict
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-# {layer} stands for the layer index in every pattern below.
+# {} stands for the layer index in every pattern below.
 _META_TO_TUNE = {
     "tok_embeddings.weight": "tok_embeddings.weight",
     "norm.weight": "norm.scale",
@@ -31,19 +32,47 @@ _HF_TO_TUNE = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
     "model.norm.weight": "norm.scale",
     "lm_head.weight": "output.weight",
-    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attn.q_proj.weight",
-    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attn.k_proj.weight",
-    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.v_proj.weight",
-    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.output_proj.weight",
     "model.layers.{}.input_layernorm.weight": "layers.{}.sa_norm.scale",
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.scale",
     "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.w1.weight",
     "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.w2.weight",
     "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.w3.weight",
 }
+# Attention projections, with their biases when ``attention_bias`` is true.
+_HF_TO_TUNE.update(
+    {
+        f"model.layers.{{}}.self_attn.{hf}.{p}": f"layers.{{}}.attn.{ours}.{p}"
+        for hf, ours in (
+            ("q_proj", "q_proj"),
+            ("k_proj", "k_proj"),
+            ("v_proj", "v_proj"),
+            ("o_proj", "output_proj"),
+        )
+        for p in ("weight", "bias")
+    }
+)
+_TUNE_TO_HF = {v: k for k, v in _HF_TO_TUNE.items()}
+_TUNE_TO_META = {v: k for k, v in _META_TO_TUNE.items()}
 
 # Buffers some checkpoints carry that are recomputed from the config, never loaded.
 _IGNORED = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"), re.compile(r"^rope\.freqs$"))
+
+# torchtune module names -> HF module names, as PEFT's ``target_modules`` wants them.
+_TARGET_TO_HF = {
+    "q_proj": ["q_proj"],
+    "k_proj": ["k_proj"],
+    "v_proj": ["v_proj"],
+    "output_proj": ["o_proj"],
+    "w1": ["gate_proj"],
+    "w2": ["down_proj"],
+    "w3": ["up_proj"],
+    # lora_llama2(apply_lora_to_mlp=True) adapts all three MLP projections.
+    "mlp": ["gate_proj", "down_proj", "up_proj"],
+    "output": ["lm_head"],
+}
+_PEFT_PREFIX = "base_model.model."
+_TUNE_SUFFIX = {"lora_a": "lora_A", "lora_b": "lora_B"}
+_PEFT_SUFFIX = {v: k for k, v in _TUNE_SUFFIX.items()}
 
 
 def _map_key(key: str, mapping: Dict[str, str], source: str) -> str:
@@ -58,71 +87,323 @@ def _is_ignored(key: str) -> bool:
     return any(p.search(key) for p in _IGNORED)
 
 
-def _permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta (interleaved pairs) -> HF (halves) row order of a q/k projection."""
+def _meta_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta (interleaved pairs) -> our/HF (halves) row order of a q/k projection."""
     out_dim, in_dim = w.shape
     head_dim = out_dim // n_heads
     # [n_h, h_d/2, 2, in] -> [n_h, 2, h_d/2, in]
     return w.view(n_heads, head_dim // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF (halves) -> Meta (interleaved pairs) row order of a q/k projection."""
+def _halves_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Our/HF (halves) -> Meta (interleaved pairs) row order of a q/k projection."""
     out_dim, in_dim = w.shape
     head_dim = out_dim // n_heads
     # [n_h, 2, h_d/2, in] -> [n_h, h_d/2, 2, in]
     return w.view(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def meta_to_tune(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Meta ``consolidated.00.pth`` keys -> torchtune keys. Tensors are not copied."""
+# ---- Hugging Face: a rename ---------------------------------------------------------------
+def hf_to_tune(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """HF ``LlamaForCausalLM`` keys -> torchtune keys. Tensors are not copied.
+
+    Args:
+        state_dict: HF state dict (``model.layers.0.self_attn.q_proj.weight``, ...); rotary
+            ``inv_freq`` buffers are dropped.
+
+    Returns:
+        A new dict with torchtune keys holding the same tensors.
+
+    Raises:
+        ValueError: on a key that is not part of an HF Llama checkpoint.
+    """
     return {
-        _map_key(k, _META_TO_TUNE, "Meta"): v for k, v in state_dict.items() if not _is_ignored(k)
+        _map_key(k, _HF_TO_TUNE, "Hugging Face"): v
+        for k, v in state_dict.items()
+        if not _is_ignored(k)
     }
 
 
-def tune_to_meta(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """torchtune keys -> Meta keys. Tensors are not copied."""
-    inverse = {v: k for k, v in _META_TO_TUNE.items()}
-    return {_map_key(k, inverse, "torchtune"): v for k, v in state_dict.items()}
+def tune_to_hf(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """torchtune keys -> HF keys; inverse of :func:`hf_to_tune`. Tensors are not copied."""
+    return {_map_key(k, _TUNE_TO_HF, "torchtune"): v for k, v in state_dict.items()}
 
 
-def hf_to_tune(
+# ---- Meta: a rename plus the q/k row permutation --------------------------------------------
+def meta_to_tune(
     state_dict: Dict[str, torch.Tensor], num_heads: int, num_kv_heads: int
 ) -> Dict[str, torch.Tensor]:
-    """HF ``LlamaForCausalLM`` keys -> torchtune keys, undoing HF's q/k row permutation.
+    """Meta ``consolidated.00.pth`` keys -> torchtune keys, q/k rows into our rotary layout.
 
     Args:
-        state_dict: HF state dict (``model.layers.0.self_attn.q_proj.weight``, ...).
-        num_heads: query heads (``num_attention_heads`` in HF's config.json).
-        num_kv_heads: key/value heads (``num_key_value_heads``).
+        state_dict: Meta state dict (``layers.0.attention.wq.weight``, ...); ``rope.freqs``
+            is dropped.
+        num_heads: query heads (``n_heads`` in params.json).
+        num_kv_heads: key/value heads (``n_kv_heads``, or ``n_heads`` when absent).
 
     Returns:
         A new dict with torchtune keys; only q/k weights are new tensors.
+
+    Raises:
+        ValueError: on a key that is not part of a Meta Llama2 checkpoint.
     """
     out = {}
     for key, value in state_dict.items():
         if _is_ignored(key):
             continue
-        new_key = _map_key(key, _HF_TO_TUNE, "Hugging Face")
+        new_key = _map_key(key, _META_TO_TUNE, "Meta")
         if new_key.endswith("attn.q_proj.weight"):
-            value = _unpermute(value, num_heads)
+            value = _meta_to_halves(value, num_heads)
         elif new_key.endswith("attn.k_proj.weight"):
-            value = _unpermute(value, num_kv_heads)
+            value = _meta_to_halves(value, num_kv_heads)
         out[new_key] = value
     return out
 
 
-def tune_to_hf(
+def tune_to_meta(
     state_dict: Dict[str, torch.Tensor], num_heads: int, num_kv_heads: int
 ) -> Dict[str, torch.Tensor]:
-    """torchtune keys -> HF keys, applying HF's q/k row permutation. Inverse of ``hf_to_tune``."""
-    inverse = {v: k for k, v in _HF_TO_TUNE.items()}
+    """torchtune keys -> Meta keys, q/k rows into Meta's layout; inverse of
+    :func:`meta_to_tune` (same arguments)."""
     out = {}
     for key, value in state_dict.items():
         if key.endswith("attn.q_proj.weight"):
-            value = _permute(value, num_heads)
+            value = _halves_to_meta(value, num_heads)
         elif key.endswith("attn.k_proj.weight"):
-            value = _permute(value, num_kv_heads)
-        out[_map_key(key, inverse, "torchtune")] = value
+            value = _halves_to_meta(value, num_kv_heads)
+        out[_map_key(key, _TUNE_TO_META, "torchtune")] = value
     return out
+
+
+# ---- PEFT adapters: a rename -----------------------------------------------------------------
+def _split_lora_key(key: str, suffixes: Iterable[str]):
+    for s in suffixes:
+        tail = f".{s}.weight"
+        if key.endswith(tail):
+            return key[: -len(tail)], s
+    return None, None
+
+
+def tune_to_peft_adapter_weights(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """torchtune adapter keys -> PEFT ``adapter_model.safetensors`` keys. Tensors are shared.
+
+    Args:
+        state_dict: ``{"layers.0.attn.q_proj.lora_a.weight": [r, in], ...lora_b: [out, r]}``.
+
+    Returns:
+        ``{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": ..., ...}``.
+
+    Raises:
+        ValueError: on a key that is not a LoRA weight of a known Llama2 module.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        module, which = _split_lora_key(key, _TUNE_SUFFIX)
+        if module is None:
+            raise ValueError(f"Unexpected key '{key}' in a torchtune LoRA adapter state dict")
+        hf_module = _map_key(module + ".weight", _TUNE_TO_HF, "torchtune")[: -len(".weight")]
+        out[f"{_PEFT_PREFIX}{hf_module}.{_TUNE_SUFFIX[which]}.weight"] = value
+    return out
+
+
+def peft_to_tune_adapter_weights(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """PEFT adapter keys -> torchtune adapter keys; inverse of
+    :func:`tune_to_peft_adapter_weights`.
+
+    Raises:
+        ValueError: on a key that is not a PEFT LoRA weight of a known Llama module.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        module, which = _split_lora_key(key, _PEFT_SUFFIX)
+        if module is None or not module.startswith(_PEFT_PREFIX):
+            raise ValueError(f"Unexpected key '{key}' in a PEFT LoRA adapter state dict")
+        hf_module = module[len(_PEFT_PREFIX) :]
+        tune_module = _map_key(hf_module + ".weight", _HF_TO_TUNE, "PEFT")[: -len(".weight")]
+        out[f"{tune_module}.{_PEFT_SUFFIX[which]}.weight"] = value
+    return out
+
+
+def lora_targets_to_hf(target_modules: Iterable[str]) -> List[str]:
+    """torchtune LoRA target names -> HF module names for PEFT's ``target_modules``.
+
+    Args:
+        target_modules: any of ``q_proj``, ``k_proj``, ``v_proj``, ``output_proj``,
+            ``w1``/``w2``/``w3`` or ``mlp`` (all three), ``output``.
+
+    Returns:
+        HF names in first-seen order, without repeats (``["q_proj", "o_proj", ...]``).
+
+    Raises:
+        ValueError: on an unknown name.
+    """
+    targets: List[str] = []
+    for name in target_modules:
+        if name not in _TARGET_TO_HF:
+            raise ValueError(
+                f"Unknown LoRA target module '{name}'; expected one of {sorted(_TARGET_TO_HF)}"
+            )
+        targets += [t for t in _TARGET_TO_HF[name] if t not in targets]
+    return targets
+
+
+def tune_to_peft_adapter_config(
+    adapter_config: Dict[str, Any], base_model_name_or_path: Optional[str] = None
+) -> Dict[str, Any]:
+    """Our ``{"r", "lora_alpha", "target_modules"}`` -> a PEFT ``adapter_config.json`` dict.
+
+    Args:
+        adapter_config: ``r`` (rank), ``lora_alpha`` and ``target_modules`` in torchtune names
+            (see :func:`lora_targets_to_hf`); optionally ``lora_dropout``.
+        base_model_name_or_path: the HF base model (a hub id or local folder) the adapter was
+            trained on; lets ``AutoPeftModelForCausalLM.from_pretrained`` find it.
+
+    Returns:
+        A dict ``peft.LoraConfig`` accepts (``peft_type`` LORA, HF module names).
+
+    Raises:
+        ValueError: if a field is missing or a target module is unknown.
+    """
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in adapter_config]
+    if missing:
+        raise ValueError(f"adapter_config lacks {missing}; got keys {sorted(adapter_config)}")
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": int(adapter_config["r"]),
+        "lora_alpha": adapter_config["lora_alpha"],
+        "lora_dropout": float(adapter_config.get("lora_dropout", 0.0)),
+        "target_modules": lora_targets_to_hf(adapter_config["target_modules"]),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+    }
+
+
+# ---- configs ---------------------------------------------------------------------------------
+def _require(config: Dict[str, Any], key: str, source: str) -> Any:
+    if key not in config or config[key] is None:
+        raise ValueError(f"{source} lacks '{key}'; got keys {sorted(config)}")
+    return config[key]
+
+
+def _rope_theta(config: Dict[str, Any]) -> float:
+    # transformers >= 5 nests it in rope_parameters; older config.json files have it on top.
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    types = (params.get("rope_type"), scaling.get("rope_type") or scaling.get("type"))
+    for rope_type in types:
+        if rope_type not in (None, "default"):
+            raise ValueError(
+                f"config.json asks for rope_type '{rope_type}'; the llama2 family supports "
+                "only the default (unscaled) rotary embedding"
+            )
+    return float(params.get("rope_theta", config.get("rope_theta", 10_000.0)))
+
+
+def hf_config_to_builder_kwargs(config: Dict[str, Any]) -> Dict[str, Any]:
+    """HF ``config.json`` contents -> keyword arguments of :func:`llama2`.
+
+    ``llama2(**hf_config_to_builder_kwargs(config))`` computes what ``LlamaForCausalLM``
+    built from ``config`` computes.
+
+    Args:
+        config: the parsed ``config.json`` of an HF Llama checkpoint.
+
+    Returns:
+        ``{"vocab_size": ..., "num_layers": ..., ...}``.
+
+    Raises:
+        ValueError: on a missing size, or a setting this family does not implement
+            (``hidden_act`` other than SiLU, ``mlp_bias``, scaled RoPE).
+    """
+    src = "config.json"
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json has hidden_act '{config['hidden_act']}'; llama2 is SiLU")
+    if config.get("mlp_bias", False):
+        raise ValueError("config.json has mlp_bias=true; the llama2 family has no MLP biases")
+    heads = int(_require(config, "num_attention_heads", src))
+    return {
+        "vocab_size": int(_require(config, "vocab_size", src)),
+        "num_layers": int(_require(config, "num_hidden_layers", src)),
+        "num_heads": heads,
+        "num_kv_heads": int(config.get("num_key_value_heads") or heads),
+        "embed_dim": int(_require(config, "hidden_size", src)),
+        "max_seq_len": int(_require(config, "max_position_embeddings", src)),
+        "intermediate_dim": int(_require(config, "intermediate_size", src)),
+        "attn_dropout": float(config.get("attention_dropout", 0.0)),
+        "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
+        "rope_base": _rope_theta(config),
+        "head_dim": config.get("head_dim"),
+        "attn_bias": bool(config.get("attention_bias", False)),
+        "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+    }
+
+
+def meta_params_to_hf_config(params: Dict[str, Any]) -> Dict[str, Any]:
+    """Meta ``params.json`` -> the ``config.json`` keys that describe the same sizes.
+
+    ``intermediate_size`` is left out (Meta derives it from ``multiple_of`` and
+    ``ffn_dim_multiplier``; it is not guessed here), and so is ``vocab_size`` when
+    params.json has none (or -1).
+
+    Raises:
+        ValueError: if ``dim``, ``n_layers`` or ``n_heads`` is missing.
+    """
+    src = "params.json"
+    heads = int(_require(params, "n_heads", src))
+    config = {
+        "hidden_size": int(_require(params, "dim", src)),
+        "num_hidden_layers": int(_require(params, "n_layers", src)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(params.get("n_kv_heads") or heads),
+        "rms_norm_eps": float(params.get("norm_eps", 1e-5)),
+        "rope_theta": float(params.get("rope_theta", 10_000.0)),
+    }
+    vocab = params.get("vocab_size")
+    if vocab and vocab > 0:
+        config["vocab_size"] = int(vocab)
+    return config
+
+
+def expected_shapes(config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    """Native-key tensor shapes of the model ``config`` (HF ``config.json`` keys) describes.
+
+    Sizes the config does not give (``vocab_size``, ``intermediate_size``) leave their
+    tensors out, so a caller checks only what is known. ``output.weight`` is listed even for
+    tied models: our state dict always has it.
+
+    Raises:
+        ValueError: if ``hidden_size``, ``num_hidden_layers`` or ``num_attention_heads`` is
+            missing.
+    """
+    src = "config.json"
+    dim = int(_require(config, "hidden_size", src))
+    heads = int(_require(config, "num_attention_heads", src))
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or dim // heads)
+    vocab, hidden = config.get("vocab_size"), config.get("intermediate_size")
+    bias = bool(config.get("attention_bias", False))
+    shapes: Dict[str, Tuple[int, ...]] = {"norm.scale": (dim,)}
+    if vocab:
+        shapes["tok_embeddings.weight"] = (vocab, dim)
+        shapes["output.weight"] = (vocab, dim)
+    for i in range(int(_require(config, "num_hidden_layers", src))):
+        p = f"layers.{i}."
+        for name, out_dim, in_dim in (
+            ("attn.q_proj", heads * head_dim, dim),
+            ("attn.k_proj", kv_heads * head_dim, dim),
+            ("attn.v_proj", kv_heads * head_dim, dim),
+            ("attn.output_proj", dim, heads * head_dim),
+        ):
+            shapes[p + name + ".weight"] = (out_dim, in_dim)
+            if bias:
+                shapes[p + name + ".bias"] = (out_dim,)
+        shapes[p + "sa_norm.scale"] = (dim,)
+        shapes[p + "mlp_norm.scale"] = (dim,)
+        if hidden:
+            shapes[p + "mlp.w1.weight"] = (hidden, dim)
+            shapes[p + "mlp.w2.weight"] = (dim, hidden)
+            shapes[p + "mlp.w3.weight"] = (hidden, dim)
+    return shapes

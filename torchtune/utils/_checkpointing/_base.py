@@ -5,20 +5,15 @@ bookkeeping that writes each key of a multi-file checkpoint back to the file it 
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from torchtune.models.llama2._convert_adapter import (
-    peft_to_tune_adapter_weights,
-    tune_to_peft_adapter_config,
-    tune_to_peft_adapter_weights,
-)
+from torchtune.models._families import FAMILIES, ModelFamily, family_for_model_type
 from torchtune.utils._checkpointing._io import StagedWriter, load_state_dict_file, safe_torch_load
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("LLAMA2",)
 ADAPTER_FILE = "adapter.safetensors"
 PEFT_ADAPTER_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -43,12 +38,16 @@ def _read_json(path: Path) -> Dict[str, Any]:
 class _Checkpointer:
     """Shared argument checks, adapter and recipe-state I/O. Subclasses do the model files."""
 
+    # Whether the format names its model family itself (HF's config.json), so that
+    # model_type may be omitted.
+    _FORMAT_NAMES_FAMILY = False
+
     def __init__(
         self,
         checkpoint_dir: PathLike,
         checkpoint_files: Union[PathLike, Sequence[PathLike]],
-        model_type: str,
-        output_dir: PathLike,
+        model_type: Optional[str] = None,
+        output_dir: Optional[PathLike] = None,
         adapter_checkpoint: Optional[PathLike] = None,
         recipe_checkpoint: Optional[PathLike] = None,
         resume_from_checkpoint: bool = False,
@@ -56,11 +55,15 @@ class _Checkpointer:
         self._checkpoint_dir = Path(checkpoint_dir)
         if not self._checkpoint_dir.is_dir():
             raise FileNotFoundError(f"checkpoint_dir {self._checkpoint_dir} is not a directory")
-        if str(model_type).upper() not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"Unknown model_type '{model_type}'; supported: {list(SUPPORTED_MODEL_TYPES)}"
-            )
-        self._model_type = str(model_type).upper()
+        if output_dir is None:
+            raise ValueError(f"{type(self).__name__} needs output_dir")
+        if model_type is None and not self._FORMAT_NAMES_FAMILY:
+            supported = [t for f in FAMILIES for t in f.model_types]
+            raise ValueError(f"{type(self).__name__} needs model_type, one of {supported}")
+        # None only until a format that names its family (HF's config.json) has been read.
+        self._family: Optional[ModelFamily] = (
+            family_for_model_type(model_type) if model_type is not None else None
+        )
         if isinstance(checkpoint_files, (str, Path)):
             checkpoint_files = [checkpoint_files]
         names = [str(f) for f in checkpoint_files]
@@ -85,10 +88,6 @@ class _Checkpointer:
         if missing:
             raise FileNotFoundError(f"Checkpoint files not found: {missing}")
         return paths
-
-    def _head_counts(self) -> Optional[Tuple[int, int]]:
-        """(num_heads, num_kv_heads) when the format records them; PEFT output needs them."""
-        return None
 
     def _peft_base_model_path(self) -> Optional[str]:
         """What PEFT's adapter_config.json names as the base model (an HF folder), if any."""
@@ -125,13 +124,7 @@ class _Checkpointer:
     def _load_adapter(self, path: Path) -> Dict[str, torch.Tensor]:
         sd = load_state_dict_file(path)
         if any(k.startswith("base_model.model.") for k in sd):
-            heads = self._head_counts()
-            if heads is None:
-                raise ValueError(
-                    f"{path} is a PEFT adapter; converting it needs head counts, which this "
-                    f"checkpoint format does not record. Pass our adapter.safetensors instead."
-                )
-            sd = peft_to_tune_adapter_weights(sd, *heads)
+            sd = self._family.peft_to_tune_adapter(sd)
         bad = [k for k in sd if not (k.endswith("lora_a.weight") or k.endswith("lora_b.weight"))]
         if bad:
             raise ValueError(
@@ -180,17 +173,12 @@ class _Checkpointer:
         adapter = state_dict["adapter"]
         writer.save_state_dict(adapter, epoch_dir / ADAPTER_FILE)
         config = state_dict.get("adapter_config")
-        heads = self._head_counts()
-        if config is None or heads is None:
-            log.warning(
-                "Not writing PEFT's %s: %s",
-                PEFT_ADAPTER_FILE,
-                "no adapter_config given" if config is None else "head counts are unknown",
-            )
+        if config is None:
+            log.warning("Not writing PEFT's %s: no adapter_config given", PEFT_ADAPTER_FILE)
             return
-        peft_config = tune_to_peft_adapter_config(config, self._peft_base_model_path())
+        peft_config = self._family.tune_to_peft_adapter_config(config, self._peft_base_model_path())
         peft_dir = epoch_dir / PEFT_ADAPTER_DIR
-        peft_weights = tune_to_peft_adapter_weights(adapter, *heads)
+        peft_weights = self._family.tune_to_peft_adapter(adapter)
         writer.save_state_dict(peft_weights, peft_dir / PEFT_ADAPTER_FILE)
         writer.write_text(json.dumps(peft_config, indent=2), peft_dir / PEFT_CONFIG_FILE)
 

@@ -3,16 +3,20 @@
 write it back in the same format and file layout after (or during) training.
 
 Every checkpointer takes ``(checkpoint_dir, checkpoint_files, model_type, output_dir,
-adapter_checkpoint=None, recipe_checkpoint=None, resume_from_checkpoint=False)``.
+adapter_checkpoint=None, recipe_checkpoint=None, resume_from_checkpoint=False)``;
+``model_type`` may be None (or omitted, with ``output_dir=`` by keyword) for HF checkpoints.
 
 ``load_checkpoint()`` returns ``{"model": native state dict}``, plus ``"adapter"`` (native LoRA
 keys) when ``adapter_checkpoint`` is given, plus the recipe state (optimizer, epochs_run, rng
 state, ...) when resuming. ``save_checkpoint(state_dict, epoch, intermediate_checkpoint)`` writes
 ``output_dir/epoch_{epoch}/``: the model in the input's format and file names; when
 ``state_dict`` has ``"adapter"``, ``adapter.safetensors`` (native keys) and, given
-``"adapter_config"`` and known head counts, PEFT's ``adapter_model.safetensors`` +
-``adapter_config.json`` in ``epoch_{epoch}/adapter/``; for intermediate checkpoints,
-``recipe_state.pt``.
+``"adapter_config"``, PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` in
+``epoch_{epoch}/adapter/``; for intermediate checkpoints, ``recipe_state.pt``.
+
+The checkpointers only read and write files: every key map, shape and config rule is the
+model family's (``torchtune.models._families``), found from ``model_type`` (a row's legacy
+name) or, for HF checkpoints when it is omitted, from ``config.json``'s ``model_type``.
 
 Why PEFT's files sit in a subfolder: ``transformers.AutoModelForCausalLM.from_pretrained(dir)``
 looks for ``adapter_config.json`` in ``dir`` and, when it finds one next to a full model, loads
@@ -24,16 +28,11 @@ applied twice, silently. Load the adapter with
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from torchtune.models.llama2._convert_weights import (
-    hf_to_tune,
-    meta_to_tune,
-    tune_to_hf,
-    tune_to_meta,
-)
+from torchtune.models._families import family_for_hf_model_type
 from torchtune.utils._checkpointing._base import (
     ADAPTER_FILE,
     PEFT_ADAPTER_DIR,
@@ -74,40 +73,18 @@ _HF_AUX_FILES = (
 )
 
 
-def _llama2_shapes(
-    *,
-    vocab_size: Optional[int],
-    dim: int,
-    num_layers: int,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    hidden_dim: Optional[int],
-) -> Dict[str, Tuple[int, ...]]:
-    """Native-key shapes of a Llama2 model; entries whose size is unknown (None) are left out."""
-    shapes: Dict[str, Tuple[int, ...]] = {"norm.scale": (dim,)}
-    if vocab_size:
-        shapes["tok_embeddings.weight"] = (vocab_size, dim)
-        shapes["output.weight"] = (vocab_size, dim)
-    for i in range(num_layers):
-        p = f"layers.{i}."
-        shapes[p + "attn.q_proj.weight"] = (num_heads * head_dim, dim)
-        shapes[p + "attn.k_proj.weight"] = (num_kv_heads * head_dim, dim)
-        shapes[p + "attn.v_proj.weight"] = (num_kv_heads * head_dim, dim)
-        shapes[p + "attn.output_proj.weight"] = (dim, num_heads * head_dim)
-        shapes[p + "sa_norm.scale"] = (dim,)
-        shapes[p + "mlp_norm.scale"] = (dim,)
-        if hidden_dim:
-            shapes[p + "mlp.w1.weight"] = (hidden_dim, dim)
-            shapes[p + "mlp.w2.weight"] = (dim, hidden_dim)
-            shapes[p + "mlp.w3.weight"] = (hidden_dim, dim)
-    return shapes
+def _family_fn(fn: Callable, arg: Dict[str, Any], path: Path):
+    """Call a family's config function; name the file in its error."""
+    try:
+        return fn(arg)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def _check_shard_shapes(
     shard: Dict[str, torch.Tensor], expected: Dict[str, Tuple[int, ...]], path: Path, cfg: str
 ) -> None:
-    # Before conversion: a wrong q/k shape would otherwise fail inside the row permutation.
+    # Before conversion, so the error names the key as it is in the file.
     for key, value in shard.items():
         if key in expected and tuple(value.shape) != expected[key]:
             raise ValueError(
@@ -117,10 +94,10 @@ def _check_shard_shapes(
 
 
 class FullModelHFCheckpointer(_ShardedCheckpointer):
-    """Hugging Face ``LlamaForCausalLM`` checkpoints: ``*.safetensors`` or ``pytorch_model*.bin``,
-    one file, a list of shards, or the ``*.index.json`` as the single entry.
+    """Hugging Face checkpoints: ``*.safetensors`` or ``pytorch_model*.bin``, one file, a list
+    of shards, or the ``*.index.json`` as the single entry.
 
-    Head counts and sizes come from ``config.json`` in ``checkpoint_dir``. Saving writes the same
+    The family and sizes come from ``config.json`` in ``checkpoint_dir``. Saving writes the same
     file names (and a regenerated index) plus ``config.json`` and any generation/tokenizer files,
     so ``AutoModelForCausalLM.from_pretrained(output_dir / f"epoch_{epoch}")`` loads it.
 
@@ -128,51 +105,47 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
         checkpoint_dir: folder holding the checkpoint (and config.json / params.json).
         checkpoint_files: file names in ``checkpoint_dir`` (or absolute paths): one file, the
             shards, or a single ``*.index.json``.
-        model_type: ``"LLAMA2"``.
-        output_dir: where ``epoch_{epoch}/`` folders are written.
+        model_type: a family's legacy name in ``torchtune.models._families`` (any case); for
+            HF checkpoints None means the family of config.json's ``model_type``.
+        output_dir: where ``epoch_{epoch}/`` folders are written (required).
         adapter_checkpoint: optional LoRA adapter to load (our ``adapter.safetensors``, or
-            PEFT's ``adapter_model.safetensors`` when head counts are known).
+            PEFT's ``adapter_model.safetensors``).
         recipe_checkpoint: ``recipe_state.pt`` to load when resuming.
         resume_from_checkpoint: merge the recipe state into ``load_checkpoint()``'s result.
 
     Raises:
         FileNotFoundError: if a checkpoint file or ``config.json`` is missing.
-        ValueError: on an unknown ``model_type`` or inconsistent arguments.
+        ValueError: on an unknown ``model_type``, one that config.json contradicts, or
+            inconsistent arguments.
     """
+
+    _FORMAT_NAMES_FAMILY = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._config = _read_json(self._checkpoint_dir / "config.json")
-        try:
-            c = self._config
-            self._num_heads = int(c["num_attention_heads"])
-            self._num_kv_heads = int(c.get("num_key_value_heads") or self._num_heads)
-            dim = int(c["hidden_size"])
-            self._expected = _llama2_shapes(
-                vocab_size=c.get("vocab_size"),
-                dim=dim,
-                num_layers=int(c["num_hidden_layers"]),
-                num_heads=self._num_heads,
-                num_kv_heads=self._num_kv_heads,
-                head_dim=int(c.get("head_dim") or dim // self._num_heads),
-                hidden_dim=c.get("intermediate_size"),
+        config_path = self._checkpoint_dir / "config.json"
+        self._config = _read_json(config_path)
+        hf_type = self._config.get("model_type")
+        if self._family is None:
+            if hf_type is None:
+                raise ValueError(f"{config_path} has no 'model_type'; pass model_type")
+            self._family = family_for_hf_model_type(hf_type)
+        elif hf_type is not None and hf_type not in self._family.hf_model_types:
+            raise ValueError(
+                f"{config_path} is for model_type '{hf_type}', not the {self._family.name} "
+                f"family's {list(self._family.hf_model_types)}"
             )
-        except KeyError as e:
-            raise ValueError(f"config.json in {self._checkpoint_dir} lacks {e}") from e
+        fam = self._family
+        self._expected = _family_fn(fam.expected_shapes, self._config, config_path)
         self._tied = bool(self._config.get("tie_word_embeddings", False))
         self._output_from_embeddings = False  # set on load: lm_head absent, tied to the table
-
-    def _head_counts(self) -> Tuple[int, int]:
-        return self._num_heads, self._num_kv_heads
 
     def _peft_base_model_path(self) -> Optional[str]:
         return str(self._checkpoint_dir.resolve())
 
     def _load_model(self) -> Dict[str, torch.Tensor]:
-        expected_hf = tune_to_hf(
-            {k: torch.empty(s, device="meta") for k, s in self._expected.items()},
-            self._num_heads,
-            self._num_kv_heads,
+        expected_hf = self._family.tune_to_hf(
+            {k: torch.empty(s, device="meta") for k, s in self._expected.items()}
         )
         expected_hf = {k: tuple(v.shape) for k, v in expected_hf.items()}
 
@@ -181,8 +154,7 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
 
         model = {}
         for shard in self._read_shards(check):
-            # Convert shard by shard: only one shard's permuted q/k copies live at a time.
-            model.update(hf_to_tune(shard, self._num_heads, self._num_kv_heads))
+            model.update(self._family.hf_to_tune(shard))
         # Tied embeddings (tie_word_embeddings: true): HF stores no lm_head; our model keeps
         # its own output projection, starting as a copy of the table.
         self._output_from_embeddings = (
@@ -195,7 +167,7 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
         return model
 
     def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], epoch_dir: Path):
-        hf_sd = tune_to_hf(sd, self._num_heads, self._num_kv_heads)
+        hf_sd = self._family.tune_to_hf(sd)
         config, extra = self._config, None
         if self._output_from_embeddings:
             if torch.equal(hf_sd["lm_head.weight"], hf_sd["model.embed_tokens.weight"]):
@@ -223,7 +195,8 @@ class FullModelMetaCheckpointer(_Checkpointer):
 
     Only unsharded (single-file) Meta checkpoints are supported: ``consolidated.01.pth`` etc.
     are tensor-parallel slices, not a key partition. Arguments as
-    :class:`FullModelHFCheckpointer`; head counts and sizes come from ``params.json``.
+    :class:`FullModelHFCheckpointer` (``model_type`` required); head counts and sizes come
+    from ``params.json``.
 
     Raises:
         FileNotFoundError: if the checkpoint or ``params.json`` is missing.
@@ -238,27 +211,15 @@ class FullModelMetaCheckpointer(_Checkpointer):
                 f"{[p.name for p in self._checkpoint_paths]} "
                 "(model-parallel slices are not supported)"
             )
-        self._params = _read_json(self._checkpoint_dir / "params.json")
-        try:
-            p = self._params
-            self._num_heads = int(p["n_heads"])
-            self._num_kv_heads = int(p.get("n_kv_heads") or self._num_heads)
-            dim = int(p["dim"])
-            vocab = p.get("vocab_size")
-            self._expected = _llama2_shapes(
-                vocab_size=vocab if vocab and vocab > 0 else None,
-                dim=dim,
-                num_layers=int(p["n_layers"]),
-                num_heads=self._num_heads,
-                num_kv_heads=self._num_kv_heads,
-                head_dim=dim // self._num_heads,
-                hidden_dim=None,  # Meta derives it from multiple_of / ffn_dim_multiplier
-            )
-        except KeyError as e:
-            raise ValueError(f"params.json in {self._checkpoint_dir} lacks {e}") from e
-
-    def _head_counts(self) -> Tuple[int, int]:
-        return self._num_heads, self._num_kv_heads
+        if self._family.meta_to_tune is None:
+            raise ValueError(f"The {self._family.name} family has no Meta checkpoint format")
+        params_path = self._checkpoint_dir / "params.json"
+        self._params = _read_json(params_path)
+        fam = self._family
+        config = _family_fn(fam.meta_params_to_hf_config, self._params, params_path)
+        self._num_heads = config["num_attention_heads"]
+        self._num_kv_heads = config["num_key_value_heads"]
+        self._expected = _family_fn(fam.expected_shapes, config, params_path)
 
     def _load_model(self) -> Dict[str, torch.Tensor]:
         path = self._checkpoint_paths[0]
@@ -266,7 +227,7 @@ class FullModelMetaCheckpointer(_Checkpointer):
         # Meta's recomputable RoPE table is not ours to load, but is written back for a
         # round trip that is key for key.
         self._rope_freqs = sd.get("rope.freqs")
-        model = meta_to_tune(sd)
+        model = self._family.meta_to_tune(sd, self._num_heads, self._num_kv_heads)
         for key, shape in self._expected.items():
             if key in model and tuple(model[key].shape) != shape:
                 raise ValueError(
@@ -280,7 +241,7 @@ class FullModelMetaCheckpointer(_Checkpointer):
         return model
 
     def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], epoch_dir: Path):
-        meta_sd = tune_to_meta(sd)
+        meta_sd = self._family.tune_to_meta(sd, self._num_heads, self._num_kv_heads)
         if getattr(self, "_rope_freqs", None) is not None:
             meta_sd["rope.freqs"] = self._rope_freqs
         writer.save_state_dict(meta_sd, epoch_dir / self._checkpoint_paths[0].name)
@@ -290,23 +251,10 @@ class FullModelMetaCheckpointer(_Checkpointer):
 class FullModelTorchTuneCheckpointer(_ShardedCheckpointer):
     """torchtune's own format: native keys in ``.pt`` or ``.safetensors`` file(s).
 
-    Arguments as :class:`FullModelHFCheckpointer`. Saving writes each key back to the file it
-    came from (plus an index when there are several). PEFT adapter output needs head counts;
-    they are read from a ``config.json`` (HF) or ``params.json`` (Meta) in ``checkpoint_dir``
-    when one is there, else only ``adapter.safetensors`` is written.
+    Arguments as :class:`FullModelHFCheckpointer` (``model_type`` required). Saving writes each
+    key back to the file it came from (plus an index when there are several); adapters as the
+    other formats do (PEFT's files are a rename of ours, so they are always written).
     """
-
-    def _head_counts(self) -> Optional[Tuple[int, int]]:
-        for name, heads, kv in (
-            ("config.json", "num_attention_heads", "num_key_value_heads"),
-            ("params.json", "n_heads", "n_kv_heads"),
-        ):
-            path = self._checkpoint_dir / name
-            if path.is_file():
-                cfg = _read_json(path)
-                if heads in cfg:
-                    return int(cfg[heads]), int(cfg.get(kv) or cfg[heads])
-        return None
 
     def _load_model(self) -> Dict[str, torch.Tensor]:
         model = {}

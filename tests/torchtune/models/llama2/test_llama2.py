@@ -29,7 +29,7 @@ def _pair(num_kv_heads: int, seed: int = 0):
         max_seq_len=MAX_SEQ,
         intermediate_dim=HIDDEN,
     ).eval()
-    ours.load_state_dict(hf_to_tune(hf.state_dict(), HEADS, num_kv_heads))
+    ours.load_state_dict(hf_to_tune(hf.state_dict()))
     return hf, ours
 
 
@@ -71,7 +71,7 @@ def test_packed_mask_matches_separate_hf_forwards(models):
 
 def test_state_dict_round_trips_to_hf():
     hf, ours = _pair(2)
-    back = tune_to_hf(ours.state_dict(), HEADS, 2)
+    back = tune_to_hf(ours.state_dict())
     ref = hf.state_dict()
     assert set(back) == set(ref)
     for key, value in back.items():
@@ -143,7 +143,7 @@ def test_meta_device_build_then_load(models, assign):
             max_seq_len=MAX_SEQ,
             intermediate_dim=HIDDEN,
         ).eval()
-    sd = hf_to_tune(hf.state_dict(), HEADS, kv)
+    sd = hf_to_tune(hf.state_dict())
     if assign:
         ours.load_state_dict(sd, assign=True)  # RoPE cache stays meta until first forward
     else:

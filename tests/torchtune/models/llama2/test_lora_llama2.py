@@ -7,14 +7,15 @@ from peft import LoraConfig, get_peft_model
 
 from tests.test_utils import tiny_hf_llama
 from torchtune.models.llama2 import hf_to_tune, llama2, lora_llama2
-from torchtune.models.llama2._convert_weights import _HF_TO_TUNE, _map_key, _unpermute
+from torchtune.models.llama2._convert_weights import _HF_TO_TUNE, _map_key
 from torchtune.modules.peft import get_merged_lora_ckpt
 
 RANK, ALPHA = 4, 8.0
 
 
-def _peft_to_tune(peft_sd, num_heads, num_kv_heads):
-    """PEFT LlamaForCausalLM state dict -> native keys (base and lora_a/lora_b)."""
+def _peft_to_tune(peft_sd):
+    """PEFT LlamaForCausalLM state dict -> native keys (base and lora_a/lora_b), written out
+    here independently of the converter's PEFT adapter map."""
     base, lora = {}, {}
     for key, value in peft_sd.items():
         key = key.removeprefix("base_model.model.").replace(".base_layer", "")
@@ -25,15 +26,12 @@ def _peft_to_tune(peft_sd, num_heads, num_kv_heads):
             if key.endswith(hf_name):
                 module = key[: -len(hf_name)]
                 native = _map_key(module + ".weight", _HF_TO_TUNE, "HF")[: -len("weight")]
-                # B's rows live in q/k's output space, so HF's rotary permutation applies
-                # to them; A acts on the input side and is never permuted.
-                if ours == "lora_b" and native.endswith(("q_proj.", "k_proj.")):
-                    value = _unpermute(value, num_heads if "q_proj" in native else num_kv_heads)
+                # Our rotary layout is HF's: no row permutation, for lora_b of q/k either.
                 lora[native + ours + ".weight"] = value
                 break
         else:
             base[key] = value
-    return {**hf_to_tune(base, num_heads, num_kv_heads), **lora}
+    return {**hf_to_tune(base), **lora}
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
@@ -71,22 +69,20 @@ def test_lora_llama2_matches_peft_and_merge(num_kv_heads):
         lora_rank=RANK,
         lora_alpha=ALPHA,
     ).eval()
-    ours.load_state_dict(_peft_to_tune(peft_model.state_dict(), 4, num_kv_heads))
+    ours.load_state_dict(_peft_to_tune(peft_model.state_dict()))
 
-    # Layer by layer: PEFT's q/k outputs are in HF's permuted row order.
+    # Layer by layer: same rotary layout, so PEFT's q/k outputs are ours row for row.
     x = torch.randn(2, 7, 64)
     hf_attn = peft_model.base_model.model.model.layers[1].self_attn
     ours_attn = ours.layers[1].attn
     with torch.no_grad():
-        for hf_name, name, heads in (
-            ("q_proj", "q_proj", 4),
-            ("k_proj", "k_proj", num_kv_heads),
-            ("v_proj", "v_proj", None),
-            ("o_proj", "output_proj", None),
+        for hf_name, name in (
+            ("q_proj", "q_proj"),
+            ("k_proj", "k_proj"),
+            ("v_proj", "v_proj"),
+            ("o_proj", "output_proj"),
         ):
             expected = getattr(hf_attn, hf_name)(x)
-            if heads is not None:
-                expected = _unpermute(expected.flatten(0, 1).T, heads).T.view_as(expected)
             torch.testing.assert_close(getattr(ours_attn, name)(x), expected, atol=1e-6, rtol=1e-6)
 
     tokens = torch.randint(0, 321, (3, 29), generator=torch.Generator().manual_seed(0))

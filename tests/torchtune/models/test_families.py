@@ -1,0 +1,56 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""The model_type table: exact lookups, errors that list what is supported."""
+
+import dataclasses
+
+import pytest
+
+from torchtune.models import llama2
+from torchtune.models._families import (
+    FAMILIES,
+    ModelFamily,
+    family_for_hf_model_type,
+    family_for_model_type,
+)
+
+
+def test_llama_names_map_to_the_llama2_row():
+    row = family_for_model_type("LLAMA2")
+    assert row.name == "llama2" and family_for_model_type("llama2") is row  # any case
+    assert family_for_hf_model_type("llama") is row
+    assert row.builder is llama2.llama2
+    assert row.hf_to_tune is llama2.hf_to_tune and row.tune_to_meta is llama2.tune_to_meta
+    assert row.peft_to_tune_adapter is llama2.peft_to_tune_adapter_weights
+
+
+def test_unknown_model_types_raise_listing_the_supported_ones():
+    with pytest.raises(ValueError, match=r"Unknown model_type 'gpt9'; supported: \['LLAMA2'\]"):
+        family_for_model_type("gpt9")
+    with pytest.raises(
+        ValueError, match=r"Unknown HF model_type 'mistral'; supported: \['llama'\]"
+    ):
+        family_for_hf_model_type("mistral")
+    # HF names are exact: no fuzzy or case-folded match.
+    with pytest.raises(ValueError, match="Unknown HF model_type 'Llama'"):
+        family_for_hf_model_type("Llama")
+    with pytest.raises(ValueError, match="Unknown model_type 'llama'"):
+        family_for_model_type("llama")
+
+
+def test_rows_are_frozen_complete_and_unambiguous():
+    fields = [f.name for f in dataclasses.fields(ModelFamily)]
+    for row in FAMILIES:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            row.name = "x"
+        for name in fields:
+            value = getattr(row, name)
+            if name not in ("name", "model_types", "hf_model_types"):
+                assert value is None or callable(value), (row.name, name)
+        assert all(t == t.upper() for t in row.model_types)
+    for attr in ("name", "model_types", "hf_model_types"):
+        names = [
+            n
+            for row in FAMILIES
+            for n in ([getattr(row, attr)] if attr == "name" else getattr(row, attr))
+        ]
+        assert len(names) == len(set(names)), attr

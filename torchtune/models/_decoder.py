@@ -1,0 +1,166 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""The one decoder builder every family wraps: parts from ``torchtune.modules``, a few knobs.
+
+A family's builder (``llama2``, later ``qwen2``, ``gemma2`` ...) is a thin function that picks
+the knobs: bias on the attention projections, an explicit ``head_dim``, the norm, the MLP
+activation, tied output, the rotary module, and which projections get LoRA. Module names are
+fixed here (``tok_embeddings``, ``layers.N.attn.q_proj`` ... ``output_proj``, ``mlp.w1/w2/w3``,
+``sa_norm``, ``mlp_norm``, ``norm``, ``output``) so every family's native state dict has the
+same keys; the family's converter maps them to HF's / Meta's names.
+"""
+
+from functools import partial
+from typing import Callable, Collection, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchtune.modules import (
+    CausalSelfAttention,
+    FeedForward,
+    RMSNorm,
+    RotaryPositionalEmbeddings,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+)
+from torchtune.modules.peft import LoRALinear
+
+# Projections that ``lora_modules`` may name.
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3", "output")
+
+
+def decoder(
+    *,
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: Optional[int],
+    embed_dim: int,
+    intermediate_dim: int,
+    max_seq_len: int,
+    head_dim: Optional[int] = None,
+    attn_bias: bool = False,
+    output_proj_bias: bool = False,
+    attn_dropout: float = 0.0,
+    norm_eps: float = 1e-5,
+    norm: Optional[Callable[[int], nn.Module]] = None,
+    mlp_activation: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    rope_base: float = 10_000.0,
+    rope: Optional[Callable[[int, int], nn.Module]] = None,
+    tie_word_embeddings: bool = False,
+    lora_modules: Collection[str] = (),
+    lora_rank: int = 0,
+    lora_alpha: float = 0.0,
+    lora_dropout: float = 0.0,
+) -> TransformerDecoder:
+    """A pre-norm decoder-only transformer with grouped-query attention and a gated MLP.
+
+    Args:
+        vocab_size: number of tokens.
+        num_layers: decoder layers.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (``num_heads`` for MHA, fewer for GQA, 1 for MQA; None
+            means ``num_heads``).
+        embed_dim: model dimension.
+        intermediate_dim: hidden width of the gated MLP.
+        max_seq_len: longest sequence (RoPE table and KV cache length).
+        head_dim: per-head dimension; ``embed_dim // num_heads`` when None. It may differ
+            from that (q/k/v project to ``heads * head_dim``, ``output_proj`` back).
+        attn_bias: bias on q_proj, k_proj and v_proj (Qwen2; HF Llama's ``attention_bias``).
+        output_proj_bias: bias on output_proj (HF Llama's ``attention_bias`` sets it too).
+        attn_dropout: attention dropout (training only).
+        norm_eps: epsilon of the default norm.
+        norm: ``norm(dim) -> module`` for ``sa_norm``, ``mlp_norm`` and the final ``norm``;
+            ``RMSNorm(dim, eps=norm_eps)`` when None.
+        mlp_activation: the MLP gate's activation (SiLU: SwiGLU).
+        rope_base: base of the default rotary embedding.
+        rope: ``rope(head_dim, max_seq_len) -> module`` called once per layer, e.g. a scaled
+            RoPE; ``RotaryPositionalEmbeddings(head_dim, max_seq_len, base=rope_base)`` when
+            None. It must rotate HF's layout (halves of each head).
+        tie_word_embeddings: the output projection uses the embedding's Parameter (one
+            parameter, used twice; its gradient is the sum of both uses).
+        lora_modules: projections that become :class:`LoRALinear`, any of
+            ``q_proj, k_proj, v_proj, output_proj, w1, w2, w3, output``.
+        lora_rank: adapter rank (when ``lora_modules`` is not empty).
+        lora_alpha: adapter alpha (update scaled by ``alpha / rank``).
+        lora_dropout: dropout on the adapters' input.
+
+    Returns:
+        A :class:`TransformerDecoder` with PyTorch's default init; load a checkpoint, or call
+        :func:`torchtune.modules.init_weights_` to train from scratch.
+
+    Raises:
+        ValueError: if the head counts do not divide evenly, ``head_dim`` is missing while
+            ``embed_dim`` is not a multiple of ``num_heads``, or ``lora_modules`` names an
+            unknown projection.
+    """
+    num_kv_heads = num_kv_heads or num_heads
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
+        )
+    if head_dim is None:
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}) "
+                "unless head_dim is given"
+            )
+        head_dim = embed_dim // num_heads
+    unknown = sorted(set(lora_modules) - set(LORA_MODULES))
+    if unknown:
+        raise ValueError(f"Unknown lora_modules {unknown}; expected a subset of {LORA_MODULES}")
+    norm = norm or partial(RMSNorm, eps=norm_eps)
+    rope = rope or partial(RotaryPositionalEmbeddings, base=rope_base)
+
+    def linear(name: str, in_dim: int, out_dim: int, bias: bool = False) -> nn.Module:
+        if name in lora_modules:
+            return LoRALinear(
+                in_dim, out_dim, lora_rank, lora_alpha, dropout=lora_dropout, use_bias=bias
+            )
+        return nn.Linear(in_dim, out_dim, bias=bias)
+
+    q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim
+    layers = []
+    for _ in range(num_layers):
+        attn = CausalSelfAttention(
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            q_proj=linear("q_proj", embed_dim, q_dim, attn_bias),
+            k_proj=linear("k_proj", embed_dim, kv_dim, attn_bias),
+            v_proj=linear("v_proj", embed_dim, kv_dim, attn_bias),
+            output_proj=linear("output_proj", q_dim, embed_dim, output_proj_bias),
+            # One RoPE per layer keeps layers independent (FSDP wraps them one by one);
+            # its cache is a non-persistent buffer, never checkpointed.
+            pos_embeddings=rope(head_dim, max_seq_len),
+            max_seq_len=max_seq_len,
+            attn_dropout=attn_dropout,
+        )
+        mlp = FeedForward(
+            gate_proj=linear("w1", embed_dim, intermediate_dim),
+            down_proj=linear("w2", intermediate_dim, embed_dim),
+            up_proj=linear("w3", embed_dim, intermediate_dim),
+            activation=mlp_activation,
+        )
+        layers.append(
+            TransformerDecoderLayer(
+                attn=attn, mlp=mlp, sa_norm=norm(embed_dim), mlp_norm=norm(embed_dim)
+            )
+        )
+    tok_embeddings = nn.Embedding(vocab_size, embed_dim)
+    output = linear("output", embed_dim, vocab_size)
+    if tie_word_embeddings:
+        # The same Parameter object in both modules: state_dict lists it under both keys,
+        # parameters() once, and autograd sums the two uses' gradients into it.
+        output.weight = tok_embeddings.weight
+    return TransformerDecoder(
+        tok_embeddings=tok_embeddings,
+        layers=nn.ModuleList(layers),
+        norm=norm(embed_dim),
+        output=output,
+        max_seq_len=max_seq_len,
+        num_heads=num_heads,
+        head_dim=head_dim,
+    )

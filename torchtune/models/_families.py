@@ -1,0 +1,102 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""Which model family a checkpoint belongs to: one row per family, looked up by exact name.
+
+The checkpointers reach a family only through this table: HF's ``config.json`` names its
+``model_type`` (``"llama"``), our checkpointer configs name a legacy one (``"LLAMA2"``).
+Adding a family is a new folder under ``torchtune/models/`` plus one row in ``FAMILIES``.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from torchtune.models import llama2 as _llama2
+from torchtune.modules import TransformerDecoder
+
+StateDict = Dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A family's builders and its pure converter functions (see its ``_convert_weights``).
+
+    Attributes:
+        name: the family's folder name (``"llama2"``).
+        model_types: legacy checkpointer ``model_type`` values, upper case (``("LLAMA2",)``).
+        hf_model_types: ``model_type`` values of HF ``config.json`` files (``("llama",)``).
+        builder: ``builder(**hf_config_to_builder_kwargs(config)) -> TransformerDecoder``.
+        hf_config_to_builder_kwargs: ``config.json`` dict -> builder kwargs.
+        expected_shapes: ``config.json``-style dict -> ``{native key: shape}``.
+        meta_params_to_hf_config: ``params.json`` dict -> ``config.json``-style dict, or None
+            when the family has no Meta format.
+        hf_to_tune: HF state dict -> native.
+        tune_to_hf: native state dict -> HF.
+        meta_to_tune: ``(state_dict, num_heads, num_kv_heads)`` Meta -> native, or None.
+        tune_to_meta: ``(state_dict, num_heads, num_kv_heads)`` native -> Meta, or None.
+        peft_to_tune_adapter: PEFT adapter state dict -> native LoRA keys.
+        tune_to_peft_adapter: native LoRA keys -> PEFT adapter state dict.
+        tune_to_peft_adapter_config: ``(adapter_config, base_model_name_or_path)`` -> PEFT's
+            ``adapter_config.json`` dict.
+    """
+
+    name: str
+    model_types: Tuple[str, ...]
+    hf_model_types: Tuple[str, ...]
+    builder: Callable[..., TransformerDecoder]
+    hf_config_to_builder_kwargs: Callable[[Dict[str, Any]], Dict[str, Any]]
+    expected_shapes: Callable[[Dict[str, Any]], Dict[str, Tuple[int, ...]]]
+    meta_params_to_hf_config: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]]
+    hf_to_tune: Callable[[StateDict], StateDict]
+    tune_to_hf: Callable[[StateDict], StateDict]
+    meta_to_tune: Optional[Callable[[StateDict, int, int], StateDict]]
+    tune_to_meta: Optional[Callable[[StateDict, int, int], StateDict]]
+    peft_to_tune_adapter: Callable[[StateDict], StateDict]
+    tune_to_peft_adapter: Callable[[StateDict], StateDict]
+    tune_to_peft_adapter_config: Callable[[Dict[str, Any], Optional[str]], Dict[str, Any]]
+
+
+FAMILIES: Tuple[ModelFamily, ...] = (
+    ModelFamily(
+        name="llama2",
+        model_types=("LLAMA2",),
+        hf_model_types=("llama",),
+        builder=_llama2.llama2,
+        hf_config_to_builder_kwargs=_llama2.hf_config_to_builder_kwargs,
+        expected_shapes=_llama2.expected_shapes,
+        meta_params_to_hf_config=_llama2.meta_params_to_hf_config,
+        hf_to_tune=_llama2.hf_to_tune,
+        tune_to_hf=_llama2.tune_to_hf,
+        meta_to_tune=_llama2.meta_to_tune,
+        tune_to_meta=_llama2.tune_to_meta,
+        peft_to_tune_adapter=_llama2.peft_to_tune_adapter_weights,
+        tune_to_peft_adapter=_llama2.tune_to_peft_adapter_weights,
+        tune_to_peft_adapter_config=_llama2.tune_to_peft_adapter_config,
+    ),
+)
+
+
+def _lookup(name: str, attr: str, what: str, given: str) -> ModelFamily:
+    for family in FAMILIES:
+        if name in getattr(family, attr):
+            return family
+    supported: List[str] = [t for f in FAMILIES for t in getattr(f, attr)]
+    raise ValueError(f"Unknown {what} '{given}'; supported: {supported}")
+
+
+def family_for_model_type(model_type: str) -> ModelFamily:
+    """The family of a checkpointer ``model_type`` (``"LLAMA2"``; case does not matter).
+
+    Raises:
+        ValueError: on an unknown ``model_type``, listing the supported ones.
+    """
+    return _lookup(str(model_type).upper(), "model_types", "model_type", model_type)
+
+
+def family_for_hf_model_type(model_type: str) -> ModelFamily:
+    """The family of an HF ``config.json`` ``model_type`` (``"llama"``, exact).
+
+    Raises:
+        ValueError: on an unknown ``model_type``, listing the supported ones.
+    """
+    return _lookup(str(model_type), "hf_model_types", "HF model_type", model_type)
