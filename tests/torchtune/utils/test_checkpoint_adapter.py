@@ -19,7 +19,7 @@ from torchtune.models.llama2 import (
     tune_to_peft_adapter_config,
     tune_to_peft_adapter_weights,
 )
-from torchtune.modules.peft import get_adapter_params, get_merged_lora_ckpt
+from torchtune.modules.peft import get_adapter_params, get_merged_lora_state_dict
 from torchtune.utils import (
     FullModelHFCheckpointer,
     FullModelMetaCheckpointer,
@@ -61,7 +61,7 @@ def _save_lora(ckpt, model, attn, epoch=0):
     adapter = {k: sd[k] for k in get_adapter_params(model)}
     targets = sorted({k.split(".")[-3] for k in adapter})  # "layers.0.attn.q_proj.lora_a.weight"
     config = {"r": RANK, "lora_alpha": ALPHA, "target_modules": targets}
-    merged = get_merged_lora_ckpt(sd, RANK, ALPHA)
+    merged = get_merged_lora_state_dict(model, sd)
     state = {"model": merged, "adapter": adapter, "adapter_config": config}
     return ckpt.save_checkpoint(state, epoch=epoch), adapter, state["model"]
 

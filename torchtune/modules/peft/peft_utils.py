@@ -214,34 +214,6 @@ def get_merged_lora_state_dict(
     return merged
 
 
-def get_merged_lora_ckpt(
-    state_dict: Dict[str, torch.Tensor], rank: int, alpha: float
-) -> Dict[str, torch.Tensor]:
-    """Fold every adapter of a bare state dict (no model at hand) with one ``rank`` and
-    ``alpha``: ``W + (alpha / rank) * B @ A`` in fp32, cast back. The recipes use
-    :func:`get_merged_lora_state_dict`, which reads rank and alpha from the model.
-
-    Args:
-        state_dict: a LoRA model's state dict (``...q_proj.weight``, ``...q_proj.lora_a.weight``,
-            ``...q_proj.lora_b.weight``, ...). Not modified.
-        rank: LoRA rank used in training.
-        alpha: LoRA alpha used in training.
-
-    Returns:
-        A new state dict without LoRA keys.
-
-    Raises:
-        ValueError: if an adapter lacks its partner matrix or base weight, or shapes disagree.
-    """
-    merged = dict(state_dict)
-    for key in [k for k in state_dict if k.endswith("lora_a.weight")]:
-        _fold_lora(merged, state_dict, key[: -len("lora_a.weight")], rank, alpha)
-    orphans = [k for k in merged if k.endswith("lora_b.weight")]
-    if orphans:
-        raise ValueError(f"LoRA B matrices without A: {orphans}")
-    return merged
-
-
 def merge_lora_in_place(model: nn.Module) -> nn.Module:
     """Replace every :class:`LoRALinear` by an ``nn.Linear`` holding ``W + (alpha/r) B A``
     (for evaluation and generation: faster, same outputs).

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from tests.test_utils import tiny_hf_llama
 from torchtune.models.llama2 import hf_to_tune, llama2, lora_llama2
 from torchtune.models.llama2._convert_weights import _HF_TO_TUNE, _map_key
-from torchtune.modules.peft import get_merged_lora_ckpt
+from torchtune.modules.peft import get_merged_lora_state_dict
 
 RANK, ALPHA = 4, 8.0
 
@@ -103,7 +103,7 @@ def test_lora_llama2_matches_peft_and_merge(num_kv_heads):
             max_seq_len=256,
             intermediate_dim=88,
         ).eval()
-        merged.load_state_dict(get_merged_lora_ckpt(ours.state_dict(), rank=RANK, alpha=ALPHA))
+        merged.load_state_dict(get_merged_lora_state_dict(ours))
         torch.testing.assert_close(merged(tokens), logits, atol=1e-5, rtol=1e-5)
 
 

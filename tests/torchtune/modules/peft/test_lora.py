@@ -9,7 +9,7 @@ from torchtune.models.llama2 import llama2, lora_llama2
 from torchtune.modules.peft import (
     LoRALinear,
     get_adapter_params,
-    get_merged_lora_ckpt,
+    get_merged_lora_state_dict,
     set_trainable_params,
 )
 
@@ -109,7 +109,7 @@ def test_adapter_params_and_trainable():
 def test_merged_checkpoint_matches_rederivation_and_logits():
     model = _tiny_lora()
     sd = model.state_dict()
-    merged = get_merged_lora_ckpt(sd, rank=4, alpha=8.0)
+    merged = get_merged_lora_state_dict(model, sd)  # rank 4, alpha 8 from the modules
     assert not any("lora" in k for k in merged)
     key = "layers.1.attn.q_proj"
     expected = sd[f"{key}.weight"] + 2.0 * sd[f"{key}.lora_b.weight"] @ sd[f"{key}.lora_a.weight"]
@@ -136,7 +136,9 @@ def test_merged_checkpoint_matches_rederivation_and_logits():
 def test_merge_rejects_broken_state_dicts():
     sd = _tiny_lora().state_dict()
     broken = {k: v for k, v in sd.items() if k != "layers.0.attn.q_proj.lora_b.weight"}
+    model = _tiny_lora()
     with pytest.raises(ValueError, match="layers.0.attn.q_proj.lora_b.weight"):
-        get_merged_lora_ckpt(broken, rank=4, alpha=8.0)
-    with pytest.raises(ValueError, match="rank 8"):
-        get_merged_lora_ckpt(sd, rank=8, alpha=8.0)
+        get_merged_lora_state_dict(model, broken)
+    wrong_rank = dict(sd, **{"layers.0.attn.q_proj.lora_a.weight": torch.zeros(8, 32)})
+    with pytest.raises(ValueError, match="expected rank 4"):
+        get_merged_lora_state_dict(model, wrong_rank)
