@@ -105,14 +105,12 @@ class FullFinetuneRecipeDistributed:
             self._loop.gradient_accumulation_steps,
             self._state.max_steps_per_epoch,
         )
-        self._lr_scheduler = None
-        if cfg.lr_scheduler is not None:
-            self._lr_scheduler = config.instantiate(
-                cfg.lr_scheduler,
-                self._optimizer,
-                num_training_steps=self._state.total_epochs * self._steps_per_epoch,
-                last_epoch=self._state.global_step - 1,
-            )
+        self._lr_scheduler = training.build_lr_scheduler(
+            cfg.lr_scheduler,
+            self._optimizer,
+            num_training_steps=self._state.total_epochs * self._steps_per_epoch,
+            global_step=self._state.global_step,
+        )
         if self._loop.resume:
             # Last: training continues from rank 0's saved RNG state on every rank.
             training.restore_rng_state(ckpt, self._device)

@@ -15,6 +15,7 @@ from torchtune.training._next_token_loss import next_token_loss_sum
 from torchtune.training._progress import StepLog
 from torchtune.training._recipe_state import LoopSettings, RecipeState, restore_rng_state
 from torchtune.training._setup import (
+    build_lr_scheduler,
     init_device,
     init_distributed_device,
     load_checkpoint_on_rank_zero,
@@ -28,6 +29,7 @@ __all__ = [
     "RecipeState",
     "StepLog",
     "build_dataloader",
+    "build_lr_scheduler",
     "count_tokens",
     "epoch_micro_batches",
     "get_cosine_schedule_with_warmup",

@@ -1,11 +1,12 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-"""Device, process group and checkpoint loading as the fine-tuning recipes start them."""
+"""Device, process group, checkpoint loading and lr schedule as the fine-tuning recipes start
+them."""
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from torchtune import utils
+from torchtune import config, utils
 
 # Only rank 0 reads these (the weights); the other ranks get the rest of the checkpoint.
 _RANK0_ONLY_KEYS = ("model", "adapter", "optimizer")
@@ -49,3 +50,30 @@ def load_checkpoint_on_rank_zero(checkpointer: Any, is_rank_zero: bool) -> Dict[
     small = {k: (None if k in _RANK0_ONLY_KEYS else v) for k, v in ckpt.items()}
     small = utils.broadcast_object(small)
     return ckpt if is_rank_zero else small
+
+
+def build_lr_scheduler(
+    cfg_lr_scheduler: Optional[Any],
+    optimizer: torch.optim.Optimizer,
+    *,
+    num_training_steps: int,
+    global_step: int,
+) -> Optional[Any]:
+    """The config's lr scheduler over ``optimizer``, or None when the config has none.
+
+    Args:
+        cfg_lr_scheduler: the ``lr_scheduler`` config node (a ``_component_`` taking the
+            optimizer, ``num_training_steps`` and ``last_epoch``), or None.
+        optimizer: the recipe's optimizer.
+        num_training_steps: optimizer steps of the whole run.
+        global_step: steps already taken (0, or the resumed run's): the schedule continues
+            from there, so a resumed run gets the same learning rates.
+    """
+    if cfg_lr_scheduler is None:
+        return None
+    return config.instantiate(
+        cfg_lr_scheduler,
+        optimizer,
+        num_training_steps=num_training_steps,
+        last_epoch=global_step - 1,
+    )

@@ -174,3 +174,30 @@ def test_optimizer_step_equals_a_plain_accumulation_loop(clip):
         assert all(p.grad is None for p in ours.parameters())
         assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
     hook.remove()
+
+
+def test_build_lr_scheduler_continues_from_the_global_step():
+    from omegaconf import OmegaConf
+
+    from torchtune import training
+
+    cfg = OmegaConf.create(
+        {"_component_": "torchtune.training.get_cosine_schedule_with_warmup", "num_warmup_steps": 2}
+    )
+
+    def lrs(global_step, n):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        for group in opt.param_groups:  # as after a resumed optimizer state
+            group.setdefault("initial_lr", 1.0)
+        sched = training.build_lr_scheduler(
+            cfg, opt, num_training_steps=10, global_step=global_step
+        )
+        out = []
+        for _ in range(n):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs(3, 4) == lrs(0, 7)[3:]
+    assert training.build_lr_scheduler(None, None, num_training_steps=1, global_step=0) is None
