@@ -42,6 +42,7 @@ def decoder(
     head_dim: Optional[int] = None,
     attn_bias: bool = False,
     output_proj_bias: bool = False,
+    mlp_bias: bool = False,
     attn_dropout: float = 0.0,
     norm_eps: float = 1e-5,
     norm: Optional[Callable[[int], nn.Module]] = None,
@@ -69,6 +70,7 @@ def decoder(
             from that (q/k/v project to ``heads * head_dim``, ``output_proj`` back).
         attn_bias: bias on q_proj, k_proj and v_proj (Qwen2; HF Llama's ``attention_bias``).
         output_proj_bias: bias on output_proj (HF Llama's ``attention_bias`` sets it too).
+        mlp_bias: bias on the MLP's w1, w2 and w3 (HF Llama's ``mlp_bias``).
         attn_dropout: attention dropout (training only).
         norm_eps: epsilon of the default norm.
         norm: ``norm(dim) -> module`` for ``sa_norm``, ``mlp_norm`` and the final ``norm``;
@@ -139,9 +141,9 @@ def decoder(
             attn_dropout=attn_dropout,
         )
         mlp = FeedForward(
-            gate_proj=linear("w1", embed_dim, intermediate_dim),
-            down_proj=linear("w2", intermediate_dim, embed_dim),
-            up_proj=linear("w3", embed_dim, intermediate_dim),
+            gate_proj=linear("w1", embed_dim, intermediate_dim, mlp_bias),
+            down_proj=linear("w2", intermediate_dim, embed_dim, mlp_bias),
+            up_proj=linear("w3", embed_dim, intermediate_dim, mlp_bias),
             activation=mlp_activation,
         )
         layers.append(

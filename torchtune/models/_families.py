@@ -26,6 +26,9 @@ class ModelFamily:
         model_types: legacy checkpointer ``model_type`` values, upper case (``("LLAMA2",)``).
         hf_model_types: ``model_type`` values of HF ``config.json`` files (``("llama",)``).
         builder: ``builder(**hf_config_to_builder_kwargs(config)) -> TransformerDecoder``.
+        lora_builder: ``lora_builder(lora_attn_modules, apply_lora_to_mlp=False,
+            apply_lora_to_output=False, *, <builder kwargs>, lora_rank, lora_alpha,
+            lora_dropout=0.0) -> TransformerDecoder``, the builder with LoRA adapters.
         hf_config_to_builder_kwargs: ``config.json`` dict -> builder kwargs.
         expected_shapes: ``config.json``-style dict -> ``{native key: shape}``.
         meta_params_to_hf_config: ``params.json`` dict -> ``config.json``-style dict, or None
@@ -44,6 +47,7 @@ class ModelFamily:
     model_types: Tuple[str, ...]
     hf_model_types: Tuple[str, ...]
     builder: Callable[..., TransformerDecoder]
+    lora_builder: Callable[..., TransformerDecoder]
     hf_config_to_builder_kwargs: Callable[[Dict[str, Any]], Dict[str, Any]]
     expected_shapes: Callable[[Dict[str, Any]], Dict[str, Tuple[int, ...]]]
     meta_params_to_hf_config: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]]
@@ -62,6 +66,7 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         model_types=("LLAMA2",),
         hf_model_types=("llama",),
         builder=_llama2.llama2,
+        lora_builder=_llama2.lora_llama2,
         hf_config_to_builder_kwargs=_llama2.hf_config_to_builder_kwargs,
         expected_shapes=_llama2.expected_shapes,
         meta_params_to_hf_config=_llama2.meta_params_to_hf_config,

@@ -1,8 +1,79 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-from typing import Optional
+import math
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
+
+# rope_type -> the keys its scaling dict must hold (besides rope_type).
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def check_rope_scaling(scaling: Optional[Dict[str, Any]]) -> None:
+    """Raise unless ``scaling`` is None or a ``{"rope_type": ..., <its keys>}`` we implement.
+
+    Raises:
+        ValueError: on an unknown ``rope_type`` or a missing key, naming it.
+    """
+    if scaling is None:
+        return
+    rope_type = scaling.get("rope_type")
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise ValueError(
+            f"rope scaling rope_type '{rope_type}' is not implemented; supported: "
+            f"{sorted(ROPE_SCALING_KEYS)} (or no scaling)"
+        )
+    missing = [k for k in ROPE_SCALING_KEYS[rope_type] if scaling.get(k) is None]
+    if missing:
+        raise ValueError(f"rope scaling of rope_type '{rope_type}' lacks {missing}: {scaling}")
+
+
+def rope_inv_freq(
+    dim: int,
+    base: float = 10_000.0,
+    scaling: Optional[Dict[str, Any]] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """The rotary frequencies ``base ** (-2i / dim)``, optionally rescaled, in fp32.
+
+    Args:
+        dim: head dimension.
+        base: the rotary base (``rope_theta``).
+        scaling: None, or ``{"rope_type": "linear", "factor": f}`` (every frequency / f:
+            positions interpolated), or ``{"rope_type": "llama3", "factor",
+            "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}``
+            (Llama 3.1: wavelengths longer than ``original / low_freq_factor`` are divided
+            by ``factor``, shorter than ``original / high_freq_factor`` kept, and those in
+            between blended linearly in ``original / wavelength``).
+
+    Returns:
+        ``[dim / 2]`` fp32 frequencies.
+
+    Raises:
+        ValueError: on a scaling we do not implement (see :func:`check_rope_scaling`).
+    """
+    check_rope_scaling(scaling)
+    half = torch.arange(0, dim, 2, device=device, dtype=torch.float32)
+    inv_freq = 1.0 / (base ** (half / dim))  # [h_d/2]
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        # Scaling the frequencies is scaling the positions: angle = (p / f) * inv_freq.
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen, high_freq_wavelen = original / low, original / high
+    # Long wavelengths (low frequencies) see positions past the pretraining context: slow them.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)  # 0 at low_freq_wavelen, 1 at high
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, blended, scaled)
 
 
 def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -73,18 +144,28 @@ class RotaryPositionalEmbeddings(nn.Module):
         dim: head dimension (must be even).
         max_seq_len: largest position + 1 that can be embedded.
         base: the rotary base (``rope_theta``).
+        scaling: None, or a frequency rescaling (``linear`` or Llama 3.1's ``llama3``; see
+            :func:`rope_inv_freq`).
 
     Raises:
-        ValueError: if ``dim`` is odd.
+        ValueError: if ``dim`` is odd or ``scaling`` is not implemented.
     """
 
-    def __init__(self, dim: int, max_seq_len: int = 4096, base: float = 10_000.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        max_seq_len: int = 4096,
+        base: float = 10_000.0,
+        scaling: Optional[Dict[str, Any]] = None,
+    ) -> None:
         super().__init__()
         if dim % 2 != 0:
             raise ValueError(f"RotaryPositionalEmbeddings needs an even dim, got dim={dim}")
+        check_rope_scaling(scaling)
         self.dim = dim
         self.max_seq_len = max_seq_len
         self.base = base
+        self.scaling = dict(scaling) if scaling is not None else None
         self.register_buffer(
             "cache", torch.empty(max_seq_len, 2, dim // 2, dtype=torch.float32), persistent=False
         )
@@ -100,8 +181,7 @@ class RotaryPositionalEmbeddings(nn.Module):
         device = torch.device(device) if device is not None else self.cache.device
         if device.type == "meta":
             return
-        half = torch.arange(0, self.dim, 2, device=device, dtype=torch.float32)
-        theta = 1.0 / (self.base ** (half / self.dim))  # [h_d/2]
+        theta = rope_inv_freq(self.dim, self.base, self.scaling, device)  # [h_d/2]
         positions = torch.arange(self.max_seq_len, device=device, dtype=torch.float32)
         angles = torch.outer(positions, theta)  # [max_seq_len, h_d/2]
         # Assigning a registered buffer name keeps it registered (and non-persistent).
@@ -141,4 +221,5 @@ class RotaryPositionalEmbeddings(nn.Module):
         return _RotateHalves.apply(x.float(), cos, sin).type_as(x)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, max_seq_len={self.max_seq_len}, base={self.base}"
+        scaling = f", scaling={self.scaling}" if self.scaling else ""
+        return f"dim={self.dim}, max_seq_len={self.max_seq_len}, base={self.base}{scaling}"

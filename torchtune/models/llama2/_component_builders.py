@@ -1,15 +1,18 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Llama2 (and its LoRA variant) as knobs of the shared :func:`~torchtune.models._decoder.decoder`.
 
-What makes it Llama2: RMSNorm, SwiGLU (SiLU gate) with Llama's width rule, plain RoPE, no
-biases and an untied output unless the config says otherwise (HF's ``attention_bias``,
-``head_dim``, ``tie_word_embeddings``).
+What makes it Llama: RMSNorm, SwiGLU (SiLU gate) with Llama's width rule, RoPE, no biases and
+an untied output unless the config says otherwise (HF's ``attention_bias``, ``mlp_bias``,
+``head_dim``, ``tie_word_embeddings``, ``rope_scaling``). These builders cover every HF
+``model_type: llama`` checkpoint: Llama 2, Llama 3 / 3.1 / 3.2 / 3.3 (GQA, ``rope_theta``
+500000, the ``llama3`` RoPE scaling, tied embeddings at 1B / 3B), SmolLM / SmolLM2, TinyLlama.
 """
 
-from typing import List, Optional
+from functools import partial
+from typing import Any, Dict, List, Optional
 
 from torchtune.models._decoder import decoder
-from torchtune.modules import TransformerDecoder
+from torchtune.modules import RotaryPositionalEmbeddings, TransformerDecoder
 
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 
@@ -33,6 +36,8 @@ def llama2(
     rope_base: float = 10_000.0,
     head_dim: Optional[int] = None,
     attn_bias: bool = False,
+    mlp_bias: bool = False,
+    rope_scaling: Optional[Dict[str, Any]] = None,
     tie_word_embeddings: bool = False,
 ) -> TransformerDecoder:
     """A Llama2 decoder.
@@ -51,6 +56,11 @@ def llama2(
         rope_base: RoPE base (``rope_theta``).
         head_dim: per-head dimension; ``embed_dim // num_heads`` when None.
         attn_bias: biases on q/k/v and output_proj (HF's ``attention_bias``).
+        mlp_bias: biases on w1, w2, w3 (HF's ``mlp_bias``).
+        rope_scaling: None, or ``{"rope_type": "linear", "factor"}`` or ``{"rope_type":
+            "llama3", "factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings"}`` (see
+            :func:`torchtune.modules.position_embeddings.rope_inv_freq`).
         tie_word_embeddings: output projection shares the embedding's Parameter.
 
     Returns:
@@ -58,7 +68,8 @@ def llama2(
         :func:`torchtune.modules.init_weights_` to train from scratch.
 
     Raises:
-        ValueError: if the head counts do not divide evenly.
+        ValueError: if the head counts do not divide evenly or ``rope_scaling`` is not
+            implemented.
     """
     return decoder(
         vocab_size=vocab_size,
@@ -71,9 +82,10 @@ def llama2(
         head_dim=head_dim,
         attn_bias=attn_bias,
         output_proj_bias=attn_bias,
+        mlp_bias=mlp_bias,
         attn_dropout=attn_dropout,
         norm_eps=norm_eps,
-        rope_base=rope_base,
+        rope=partial(RotaryPositionalEmbeddings, base=rope_base, scaling=rope_scaling),
         tie_word_embeddings=tie_word_embeddings,
     )
 
@@ -95,6 +107,8 @@ def lora_llama2(
     rope_base: float = 10_000.0,
     head_dim: Optional[int] = None,
     attn_bias: bool = False,
+    mlp_bias: bool = False,
+    rope_scaling: Optional[Dict[str, Any]] = None,
     tie_word_embeddings: bool = False,
     lora_rank: int,
     lora_alpha: float,
@@ -112,7 +126,7 @@ def lora_llama2(
         apply_lora_to_output: also adapt the final ``output`` projection.
         vocab_size, num_layers, num_heads, num_kv_heads, embed_dim, max_seq_len,
             intermediate_dim, attn_dropout, norm_eps, rope_base, head_dim, attn_bias,
-            tie_word_embeddings: as in :func:`llama2`.
+            mlp_bias, rope_scaling, tie_word_embeddings: as in :func:`llama2`.
         lora_rank: adapter rank.
         lora_alpha: adapter alpha (update scaled by ``alpha / rank``).
         lora_dropout: dropout on the adapters' input.
@@ -149,9 +163,10 @@ def lora_llama2(
         head_dim=head_dim,
         attn_bias=attn_bias,
         output_proj_bias=attn_bias,
+        mlp_bias=mlp_bias,
         attn_dropout=attn_dropout,
         norm_eps=norm_eps,
-        rope_base=rope_base,
+        rope=partial(RotaryPositionalEmbeddings, base=rope_base, scaling=rope_scaling),
         tie_word_embeddings=tie_word_embeddings,
         lora_modules=modules,
         lora_rank=lora_rank,

@@ -12,6 +12,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from torchtune.modules.position_embeddings import ROPE_SCALING_KEYS
+
 # {} stands for the layer index in every pattern below.
 _META_TO_TUNE = {
     "tok_embeddings.weight": "tok_embeddings.weight",
@@ -34,19 +36,19 @@ _HF_TO_TUNE = {
     "lm_head.weight": "output.weight",
     "model.layers.{}.input_layernorm.weight": "layers.{}.sa_norm.scale",
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.scale",
-    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.w1.weight",
-    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.w2.weight",
-    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.w3.weight",
 }
-# Attention projections, with their biases when ``attention_bias`` is true.
+# Projections, with their biases when ``attention_bias`` / ``mlp_bias`` is true.
 _HF_TO_TUNE.update(
     {
-        f"model.layers.{{}}.self_attn.{hf}.{p}": f"layers.{{}}.attn.{ours}.{p}"
+        f"model.layers.{{}}.{hf}.{p}": f"layers.{{}}.{ours}.{p}"
         for hf, ours in (
-            ("q_proj", "q_proj"),
-            ("k_proj", "k_proj"),
-            ("v_proj", "v_proj"),
-            ("o_proj", "output_proj"),
+            ("self_attn.q_proj", "attn.q_proj"),
+            ("self_attn.k_proj", "attn.k_proj"),
+            ("self_attn.v_proj", "attn.v_proj"),
+            ("self_attn.o_proj", "attn.output_proj"),
+            ("mlp.gate_proj", "mlp.w1"),
+            ("mlp.down_proj", "mlp.w2"),
+            ("mlp.up_proj", "mlp.w3"),
         )
         for p in ("weight", "bias")
     }
@@ -288,41 +290,112 @@ def _require(config: Dict[str, Any], key: str, source: str) -> Any:
     return config[key]
 
 
-def _rope_theta(config: Dict[str, Any]) -> float:
-    # transformers >= 5 nests it in rope_parameters; older config.json files have it on top.
+# Keys of HF configs of other architectures (mixture of experts) that a Llama model would ignore.
+_MOE_KEYS = (
+    "num_local_experts",
+    "num_experts",
+    "num_experts_per_tok",
+    "n_routed_experts",
+    "moe_intermediate_size",
+)
+
+
+def _rope(config: Dict[str, Any]) -> Tuple[float, Optional[Dict[str, Any]]]:
+    """``(rope_theta, scaling)`` from either ``config.json`` layout.
+
+    The hub's files have ``rope_theta`` on top and ``rope_scaling: {"type" or "rope_type",
+    "factor", ...}``; transformers >= 5 writes one ``rope_parameters`` dict holding
+    ``rope_theta``, ``rope_type`` and the scaling's keys.
+    """
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
-    types = (params.get("rope_type"), scaling.get("rope_type") or scaling.get("type"))
-    for rope_type in types:
-        if rope_type not in (None, "default"):
+    theta = float(
+        params.get("rope_theta") or scaling.get("rope_theta") or config.get("rope_theta") or 1e4
+    )
+    scaled = {
+        key: d
+        for key, d in (("rope_parameters", params), ("rope_scaling", scaling))
+        if (d.get("rope_type") or d.get("type") or "default") != "default"
+    }
+    types = {key: d.get("rope_type") or d.get("type") for key, d in scaled.items()}
+    if len(set(types.values())) > 1:
+        raise ValueError(f"config.json has two RoPE scalings that disagree: {types}")
+    key, merged = next(iter(scaled.items()), ("rope_parameters", dict(params)))
+    merged = dict(merged)
+    rope_type = types.get(key, "default")
+    partial = merged.get("partial_rotary_factor", config.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(
+            f"config.json has partial_rotary_factor {partial}; the llama2 family rotates "
+            "whole heads"
+        )
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise ValueError(
+            f"config.json {key} has rope_type '{rope_type}', which is not implemented; "
+            f"supported: default, {', '.join(sorted(ROPE_SCALING_KEYS))}"
+        )
+    out: Dict[str, Any] = {"rope_type": rope_type}
+    if rope_type == "llama3":
+        # As transformers: a top-level original_max_position_embeddings wins, then the
+        # scaling's own, then max_position_embeddings.
+        merged["original_max_position_embeddings"] = (
+            config.get("original_max_position_embeddings")
+            or merged.get("original_max_position_embeddings")
+            or config.get("max_position_embeddings")
+        )
+    for name in ROPE_SCALING_KEYS[rope_type]:
+        if merged.get(name) is None:
+            raise ValueError(f"config.json {key} of rope_type '{rope_type}' lacks '{name}'")
+        value = merged[name]
+        out[name] = int(value) if name == "original_max_position_embeddings" else float(value)
+    return theta, out
+
+
+def _refuse_unimplemented(config: Dict[str, Any]) -> None:
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(
+            f"config.json has hidden_act '{config['hidden_act']}'; the llama2 family is SiLU"
+        )
+    for key in _MOE_KEYS:
+        if config.get(key):
             raise ValueError(
-                f"config.json asks for rope_type '{rope_type}'; the llama2 family supports "
-                "only the default (unscaled) rotary embedding"
+                f"config.json has {key}={config[key]}: mixture-of-experts models are not "
+                "implemented"
             )
-    return float(params.get("rope_theta", config.get("rope_theta", 10_000.0)))
+    if config.get("quantization_config"):
+        method = config["quantization_config"]
+        method = method.get("quant_method", method) if isinstance(method, dict) else method
+        raise ValueError(
+            f"config.json has quantization_config ({method}): quantized checkpoints are not "
+            "implemented; use the unquantized weights"
+        )
 
 
 def hf_config_to_builder_kwargs(config: Dict[str, Any]) -> Dict[str, Any]:
     """HF ``config.json`` contents -> keyword arguments of :func:`llama2`.
 
     ``llama2(**hf_config_to_builder_kwargs(config))`` computes what ``LlamaForCausalLM``
-    built from ``config`` computes.
+    built from ``config`` computes. ``pretraining_tp`` is accepted and ignored: transformers'
+    Llama no longer reads it (it only split the projections' matmuls, the same math).
 
     Args:
-        config: the parsed ``config.json`` of an HF Llama checkpoint.
+        config: the parsed ``config.json`` of an HF Llama checkpoint (either layout of the
+            RoPE settings: ``rope_theta`` + ``rope_scaling``, or ``rope_parameters``).
 
     Returns:
         ``{"vocab_size": ..., "num_layers": ..., ...}``.
 
     Raises:
         ValueError: on a missing size, or a setting this family does not implement
-            (``hidden_act`` other than SiLU, ``mlp_bias``, scaled RoPE).
+            (``hidden_act`` other than SiLU, RoPE scaling other than ``linear`` and
+            ``llama3``, partial rotary, mixture-of-experts keys, ``quantization_config``),
+            naming the key and its value.
     """
     src = "config.json"
-    if config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json has hidden_act '{config['hidden_act']}'; llama2 is SiLU")
-    if config.get("mlp_bias", False):
-        raise ValueError("config.json has mlp_bias=true; the llama2 family has no MLP biases")
+    _refuse_unimplemented(config)
+    rope_base, rope_scaling = _rope(config)
     heads = int(_require(config, "num_attention_heads", src))
     return {
         "vocab_size": int(_require(config, "vocab_size", src)),
@@ -334,9 +407,11 @@ def hf_config_to_builder_kwargs(config: Dict[str, Any]) -> Dict[str, Any]:
         "intermediate_dim": int(_require(config, "intermediate_size", src)),
         "attn_dropout": float(config.get("attention_dropout", 0.0)),
         "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
-        "rope_base": _rope_theta(config),
+        "rope_base": rope_base,
+        "rope_scaling": rope_scaling,
         "head_dim": config.get("head_dim"),
         "attn_bias": bool(config.get("attention_bias", False)),
+        "mlp_bias": bool(config.get("mlp_bias", False)),
         "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
     }
 
@@ -385,6 +460,7 @@ def expected_shapes(config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
     head_dim = int(config.get("head_dim") or dim // heads)
     vocab, hidden = config.get("vocab_size"), config.get("intermediate_size")
     bias = bool(config.get("attention_bias", False))
+    mlp_bias = bool(config.get("mlp_bias", False))
     shapes: Dict[str, Tuple[int, ...]] = {"norm.scale": (dim,)}
     if vocab:
         shapes["tok_embeddings.weight"] = (vocab, dim)
@@ -403,7 +479,12 @@ def expected_shapes(config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
         shapes[p + "sa_norm.scale"] = (dim,)
         shapes[p + "mlp_norm.scale"] = (dim,)
         if hidden:
-            shapes[p + "mlp.w1.weight"] = (hidden, dim)
-            shapes[p + "mlp.w2.weight"] = (dim, hidden)
-            shapes[p + "mlp.w3.weight"] = (hidden, dim)
+            for name, out_dim, in_dim in (
+                ("mlp.w1", hidden, dim),
+                ("mlp.w2", dim, hidden),
+                ("mlp.w3", hidden, dim),
+            ):
+                shapes[p + name + ".weight"] = (out_dim, in_dim)
+                if mlp_bias:
+                    shapes[p + name + ".bias"] = (out_dim,)
     return shapes

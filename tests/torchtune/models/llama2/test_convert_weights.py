@@ -113,14 +113,16 @@ def test_meta_rotary_on_interleaved_pairs_equals_ours_on_halves():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_hf_is_a_pure_rename_both_ways(bias):
-    hf = tiny_hf_llama(0, attention_bias=bias)
+    hf = tiny_hf_llama(0, attention_bias=bias, mlp_bias=bias)
     hf_sd = hf.state_dict()
     ours = hf_to_tune(hf_sd)
     assert all(ours[k] is hf_sd[k2] for k, k2 in zip(ours, hf_sd))  # no tensor copied
     assert any(k.endswith("attn.output_proj.bias") for k in ours) == bias
+    assert any(k.endswith("mlp.w2.bias") for k in ours) == bias
     _assert_bit_exact(tune_to_hf(ours), hf_sd)
-    with pytest.raises(ValueError, match="Unexpected key 'model.layers.0.mlp.gate_proj.bias'"):
-        hf_to_tune({"model.layers.0.mlp.gate_proj.bias": torch.zeros(3)})
+    moe = "model.layers.0.mlp.experts.0.gate_proj.weight"  # a Mixtral key
+    with pytest.raises(ValueError, match=f"Unexpected key '{moe}'"):
+        hf_to_tune({moe: torch.zeros(3)})
     with pytest.raises(ValueError, match="Unexpected key 'layers.0.attn.q_proj.bias'"):
         tune_to_meta({"layers.0.attn.q_proj.bias": torch.zeros(3)}, 4, 2)
 
@@ -177,9 +179,9 @@ def test_config_errors_name_the_setting():
     cfg = tiny_hf_llama(0).config.to_dict()
     for bad, match in (
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-        ({"mlp_bias": True}, "mlp_bias"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1.0}}, "rope_type 'llama3'"),
-        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type 'linear'"),
+        # The full list of refusals, one message each: tests/torchtune/models/test_llama3.py.
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}, "rope_type 'yarn'"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
         ({"num_hidden_layers": None}, "lacks 'num_hidden_layers'"),
     ):
         with pytest.raises(ValueError, match=match):
