@@ -18,7 +18,7 @@ def test_llama_names_map_to_the_llama2_row():
     row = family_for_model_type("LLAMA2")
     assert row.name == "llama2" and family_for_model_type("llama2") is row  # any case
     assert family_for_hf_model_type("llama") is row
-    assert row.builder is llama2.llama2
+    assert row.builder is llama2.llama2 and row.lora_builder is llama2.lora_llama2
     assert row.hf_to_tune is llama2.hf_to_tune and row.tune_to_meta is llama2.tune_to_meta
     assert row.peft_to_tune_adapter is llama2.peft_to_tune_adapter_weights
 

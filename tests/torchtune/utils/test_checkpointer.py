@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from tests.test_utils import tiny_hf_llama
@@ -527,3 +528,53 @@ def test_tied_builder_model_saves_back_a_tied_file(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(TOKENS).logits, ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_llama3_config_through_the_hf_checkpointer_and_back_to_from_pretrained(tmp_path, tied):
+    """A Llama 3-style checkpoint (llama3 RoPE scaling, head_dim, attention and MLP biases,
+    tied or not): from_hf_config + the checkpointer give HF's logits; after a training step
+    the saved folder loads with from_pretrained to our logits, config.json unchanged and, when
+    tied, no lm_head written."""
+    from transformers import AutoModelForCausalLM
+
+    from torchtune.models import from_hf_config
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}
+    scaling.update(high_freq_factor=4.0, original_max_position_embeddings=32)
+    hf = tiny_hf_llama(
+        0,
+        head_dim=24,
+        attention_bias=True,
+        mlp_bias=True,
+        rope_theta=500_000.0,
+        rope_scaling=scaling,
+        tie_word_embeddings=tied,
+    )
+    hf.save_pretrained(tmp_path / "in", safe_serialization=True)
+    tokens = torch.randint(0, 321, (2, 48), generator=torch.Generator().manual_seed(1))
+    ckpt = FullModelHFCheckpointer(tmp_path / "in", ["model.safetensors"], None, tmp_path / "out")
+    model = from_hf_config(tmp_path / "in").eval()
+    model.load_state_dict(ckpt.load_checkpoint()["model"], strict=True)
+    assert (model.output.weight is model.tok_embeddings.weight) == tied
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=0, atol=1e-5)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    logits = model(tokens)
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    opt.step()
+    with torch.no_grad():
+        ours = model(tokens)
+    out = ckpt.save_checkpoint({"model": model.state_dict()}, epoch=0)
+    saved = load_file(str(out / "model.safetensors"))
+    assert ("lm_head.weight" in saved) == (not tied)
+    assert (out / "config.json").read_bytes() == (tmp_path / "in" / "config.json").read_bytes()
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens).logits, ours, rtol=0, atol=1e-5)
+    if tied:  # the tied parameter listed once saves the same files
+        once = dict(model.named_parameters())
+        assert "output.weight" not in once
+        out1 = load_file(str(ckpt.save_checkpoint({"model": once}, epoch=1) / "model.safetensors"))
+        assert out1.keys() == saved.keys() and all(torch.equal(out1[k], saved[k]) for k in saved)

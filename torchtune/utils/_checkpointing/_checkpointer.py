@@ -155,8 +155,9 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
         model = {}
         for shard in self._read_shards(check):
             model.update(self._family.hf_to_tune(shard))
-        # Tied embeddings (tie_word_embeddings: true): HF stores no lm_head; our model keeps
-        # its own output projection, starting as a copy of the table.
+        # Tied embeddings (tie_word_embeddings: true): HF stores no lm_head. A copy of the
+        # table fills output.weight, so an untied model starts as HF's tied one and a tied
+        # model (builder's tie_word_embeddings) loads the same values into its one Parameter.
         self._output_from_embeddings = (
             self._tied and "output.weight" not in model and "tok_embeddings.weight" in model
         )
@@ -167,6 +168,10 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
         return model
 
     def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], epoch_dir: Path):
+        if self._tied and "output.weight" not in sd and "tok_embeddings.weight" in sd:
+            # A tied model's parameters listed once (e.g. from named_parameters()): its
+            # output projection is the table.
+            sd = {**sd, "output.weight": sd["tok_embeddings.weight"]}
         hf_sd = self._family.tune_to_hf(sd)
         config, extra = self._config, None
         if self._output_from_embeddings:
