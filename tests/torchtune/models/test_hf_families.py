@@ -156,19 +156,22 @@ def test_packed_documents_with_a_window_equal_each_document_alone(case):
     hf = tiny_hf(case)
     _, ours = ours_from(hf, case)
     lengths = (9, 3, 11, 17, 6)  # some longer than the window, some shorter
-    tokens = torch.randint(0, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (1, sum(lengths)), generator=g)
     pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
-    with torch.no_grad():
-        packed = ours(tokens, mask=DocumentMask(lengths), input_pos=pos)
-        alone = torch.cat([ours(doc) for doc in tokens.split(lengths, dim=1)], dim=1)
-        torch.testing.assert_close(packed, alone, atol=ATOL, rtol=RTOL)
-        # and each document alone is transformers' forward of it
-        torch.testing.assert_close(
-            alone,
-            torch.cat([hf(d).logits for d in tokens.split(lengths, dim=1)], 1),
-            atol=ATOL,
-            rtol=RTOL,
-        )
+    weights = torch.randn(1, sum(lengths), VOCAB, generator=g)
+    packed = ours(tokens, mask=DocumentMask(lengths), input_pos=pos)
+    (packed * weights).mean().backward()
+    packed_grads = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    ours.zero_grad()
+    alone = torch.cat([ours(doc) for doc in tokens.split(lengths, dim=1)], dim=1)
+    (alone * weights).mean().backward()
+    torch.testing.assert_close(packed, alone, atol=ATOL, rtol=RTOL)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(packed_grads[name], p.grad, atol=ATOL, rtol=RTOL, msg=name)
+    with torch.no_grad():  # and each document alone is transformers' forward of it
+        want = torch.cat([hf(d).logits for d in tokens.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(alone, want, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize(
@@ -362,3 +365,68 @@ def test_layer_types_inconsistent_with_the_window_are_refused():
     )
     with pytest.raises(ValueError, match="lacks 'hidden_size'"):
         mistral.hf_config_to_builder_kwargs({k: v for k, v in m.items() if k != "hidden_size"})
+
+
+# Parameter counts of the model cards (total; tied tables counted once), which these presets
+# reproduce: Qwen2.5 0.49B / 1.54B / 3.09B / 7.61B, Qwen3 0.6B / 1.7B / 4.0B / 8.2B,
+# Mistral 7B 7.24B.
+PRESETS = {
+    "qwen2_5_0_5b": 494_032_768,
+    "qwen2_5_1_5b": 1_543_714_304,
+    "qwen2_5_3b": 3_085_938_688,
+    "qwen2_5_7b": 7_615_616_512,
+    "qwen3_0_6b": 596_049_920,
+    "qwen3_1_7b": 1_720_574_976,
+    "qwen3_4b": 4_022_468_096,
+    "qwen3_8b": 8_190_735_360,
+    "mistral_7b": 7_241_732_096,
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_have_the_published_sizes_and_lora_twins(name):
+    from torchtune.models import mistral, qwen2, qwen3
+
+    module = {"qwen2": qwen2, "qwen3": qwen3, "mistr": mistral}[name[:5]]
+    with torch.device("meta"):
+        model = getattr(module, name)(max_seq_len=64)
+        lora = getattr(module, f"lora_{name}")(["q_proj", "v_proj"], max_seq_len=64)
+    assert sum(p.numel() for p in model.parameters()) == PRESETS[name]
+    base = {k: v.shape for k, v in lora.state_dict().items() if ".lora_" not in k}
+    assert base == {k: v.shape for k, v in model.state_dict().items()}
+    assert lora.layers[0].attn.q_proj.lora_a.weight.shape[0] == 8
+
+
+def test_decoder_window_and_norm_knobs_are_checked():
+    from torchtune.models._decoder import decoder
+    from torchtune.modules import CausalSelfAttention
+
+    kw = dict(
+        vocab_size=10,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        embed_dim=8,
+        intermediate_dim=8,
+        max_seq_len=8,
+    )
+    with pytest.raises(ValueError, match=r"sliding_window has 3 entries for 2 layers"):
+        decoder(sliding_window=[4, None, 4], **kw)
+    model = decoder(sliding_window=[None, 3], qk_norm=True, **kw)
+    assert [layer.attn.sliding_window for layer in model.layers] == [None, 3]
+    assert model.layers[1].attn.k_norm.scale.shape == (4,)
+    assert decoder(**kw).layers[0].attn.q_norm is None
+    attn = model.layers[0].attn
+    with pytest.raises(ValueError, match="sliding_window must be a positive int or None, got 0"):
+        CausalSelfAttention(
+            8,
+            2,
+            1,
+            4,
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.output_proj,
+            attn.pos_embeddings,
+            sliding_window=0,
+        )
