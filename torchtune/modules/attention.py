@@ -294,9 +294,12 @@ class CausalSelfAttention(nn.Module):
         if window is not None and k.shape[2] > window:
             # Band the mask per layer (the decoder shares one mask across layers whose
             # windows may differ). Queries index cache slots with a cache, rows without.
-            q_idx = input_pos if self.kv_cache is not None else torch.arange(s, device=x.device)
+            if self.kv_cache is not None:
+                q_idx = input_pos  # [b, s]
+            else:
+                q_idx = torch.arange(s, device=x.device).unsqueeze(0)  # [1, s]
+            # [b or 1, s, kv_len]: broadcast over the batch when the rows agree
             band = sliding_window_band(q_idx, k.shape[2], window, x.device)
-            band = band.expand(b, s, k.shape[2])  # [b, s, kv_len]
             if mask is None:
                 mask = band & torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
                 is_causal = False

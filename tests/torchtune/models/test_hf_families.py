@@ -430,3 +430,49 @@ def test_decoder_window_and_norm_knobs_are_checked():
             attn.pos_embeddings,
             sliding_window=0,
         )
+
+
+@pytest.mark.parametrize(
+    "case,attn,mlp,output",
+    [
+        ("qwen2-tied-window", ["q_proj", "k_proj", "v_proj", "output_proj"], True, False),
+        ("qwen3-tied-bias-window", ["q_proj", "v_proj"], True, False),
+        ("qwen3-head-dim", ["k_proj", "output_proj"], False, True),
+        ("mistral-window", ["q_proj", "output_proj"], True, True),
+    ],
+)
+def test_peft_loads_the_adapter_the_checkpointer_saves(tmp_path, case, attn, mlp, output):
+    from peft import PeftModel
+
+    from torchtune.modules.peft import get_adapter_params, get_merged_lora_state_dict
+    from torchtune.utils import FullModelHFCheckpointer
+
+    hf = tiny_hf(case, seed=4)
+    hf.save_pretrained(tmp_path / "in")
+    ckpt = FullModelHFCheckpointer(tmp_path / "in", ["model.safetensors"], None, tmp_path / "out")
+    row = family_for_hf_model_type(hf.config.model_type)
+    kwargs = row.hf_config_to_builder_kwargs(hf.config.to_dict())
+    model = row.lora_builder(attn, mlp, output, **kwargs, lora_rank=4, lora_alpha=8.0).eval()
+    missing, unexpected = model.load_state_dict(ckpt.load_checkpoint()["model"], strict=False)
+    assert not unexpected and all(".lora_" in k for k in missing)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        base = model(TOKENS)
+        # lora_b starts at zero: make the adapter matter, at the weights' scale (larger
+        # adapters grow the activations until fp32 rounding of the RoPE tables shows).
+        for p in get_adapter_params(model).values():
+            p.copy_(0.1 * torch.randn_like(p))
+        ours = model(TOKENS)
+    assert (ours - base).abs().max() > 0.1
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    adapter = {k: sd[k] for k in get_adapter_params(model)}
+    targets = sorted({k.split(".")[-3] for k in adapter})
+    state = {
+        "model": get_merged_lora_state_dict(model, sd),
+        "adapter": adapter,
+        "adapter_config": {"r": 4, "lora_alpha": 8.0, "target_modules": targets},
+    }
+    out = ckpt.save_checkpoint(state, epoch=0)
+    peft_model = PeftModel.from_pretrained(hf, out / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(TOKENS).logits, ours, atol=ATOL, rtol=RTOL)
