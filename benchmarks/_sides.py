@@ -226,12 +226,14 @@ def eager_attention():
         attention_module.F = saved
 
 
-def _dense_attention_by_document(q, k, v, mask, dropout_p):
+def _dense_attention_by_document(q, k, v, mask, dropout_p, window=None):
     # q: [b, s, n_h, h_d], k/v: [b, s, n_kv, h_d]; the block-causal mask built from the
     # document lengths, dense, and handed to SDPA as one [b, 1, s, s] mask.
     b, s, n_h, h_d = q.shape
     docs = mask.document_ids(q.device).view(b, s)
     causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    if window is not None:  # documents are contiguous: row offsets are document offsets
+        causal = causal & ~torch.ones(s, s, dtype=torch.bool, device=q.device).tril(-window)
     dense = (docs[:, :, None] == docs[:, None, :]) & causal  # [b, s, s]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, n, s, h_d]
     if k.shape[1] != n_h:

@@ -10,7 +10,7 @@ same keys; the family's converter maps them to HF's / Meta's names.
 """
 
 from functools import partial
-from typing import Callable, Collection, Optional
+from typing import Callable, Collection, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,39 @@ from torchtune.modules.peft import LoRALinear
 
 # Projections that ``lora_modules`` may name.
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3", "output")
+
+
+LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
+
+
+def lora_module_names(
+    lora_attn_modules: Collection[str],
+    apply_lora_to_mlp: bool,
+    apply_lora_to_output: bool,
+    builder: str,
+) -> set:
+    """The ``lora_modules`` of :func:`decoder` a ``lora_<family>`` builder's arguments ask for.
+
+    Raises:
+        ValueError: on an unknown attention module, or when nothing would be adapted
+            (naming ``builder``).
+    """
+    unknown = [m for m in lora_attn_modules if m not in LORA_ATTN_MODULES]
+    if unknown:
+        raise ValueError(
+            f"Unknown lora_attn_modules {unknown}; expected a subset of {list(LORA_ATTN_MODULES)}"
+        )
+    modules = set(lora_attn_modules)
+    if apply_lora_to_mlp:
+        modules |= {"w1", "w2", "w3"}
+    if apply_lora_to_output:
+        modules.add("output")
+    if not modules:
+        raise ValueError(
+            f"{builder} adapts nothing: give lora_attn_modules or set apply_lora_to_mlp / "
+            "apply_lora_to_output"
+        )
+    return modules
 
 
 def decoder(
@@ -50,6 +83,8 @@ def decoder(
     rope_base: float = 10_000.0,
     rope: Optional[Callable[[int, int], nn.Module]] = None,
     tie_word_embeddings: bool = False,
+    qk_norm: bool = False,
+    sliding_window: Union[None, int, Sequence[Optional[int]]] = None,
     lora_modules: Collection[str] = (),
     lora_rank: int = 0,
     lora_alpha: float = 0.0,
@@ -82,6 +117,10 @@ def decoder(
             None. It must rotate HF's layout (halves of each head).
         tie_word_embeddings: the output projection uses the embedding's Parameter (one
             parameter, used twice; its gradient is the sum of both uses).
+        qk_norm: normalise each query and key head over its ``head_dim`` channels before
+            RoPE, with ``norm(head_dim)`` (Qwen3's ``q_norm``/``k_norm``).
+        sliding_window: keys a query sees (itself included) in every layer (an int), per
+            layer (a sequence of ``num_layers`` ints or None), or all earlier ones (None).
         lora_modules: projections that become :class:`LoRALinear`, any of
             ``q_proj, k_proj, v_proj, output_proj, w1, w2, w3, output``.
         lora_rank: adapter rank (when ``lora_modules`` is not empty).
@@ -94,8 +133,8 @@ def decoder(
 
     Raises:
         ValueError: if the head counts do not divide evenly, ``head_dim`` is missing while
-            ``embed_dim`` is not a multiple of ``num_heads``, or ``lora_modules`` names an
-            unknown projection.
+            ``embed_dim`` is not a multiple of ``num_heads``, ``lora_modules`` names an
+            unknown projection, or ``sliding_window`` is a sequence of the wrong length.
     """
     num_kv_heads = num_kv_heads or num_heads
     if num_heads % num_kv_heads != 0:
@@ -112,6 +151,15 @@ def decoder(
     unknown = sorted(set(lora_modules) - set(LORA_MODULES))
     if unknown:
         raise ValueError(f"Unknown lora_modules {unknown}; expected a subset of {LORA_MODULES}")
+    windows = (
+        [sliding_window] * num_layers
+        if sliding_window is None or isinstance(sliding_window, int)
+        else list(sliding_window)
+    )
+    if len(windows) != num_layers:
+        raise ValueError(
+            f"sliding_window has {len(windows)} entries for {num_layers} layers: {windows}"
+        )
     norm = norm or partial(RMSNorm, eps=norm_eps)
     rope = rope or partial(RotaryPositionalEmbeddings, base=rope_base)
 
@@ -124,7 +172,7 @@ def decoder(
 
     q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim
     layers = []
-    for _ in range(num_layers):
+    for window in windows:
         attn = CausalSelfAttention(
             embed_dim=embed_dim,
             num_heads=num_heads,
@@ -139,6 +187,9 @@ def decoder(
             pos_embeddings=rope(head_dim, max_seq_len),
             max_seq_len=max_seq_len,
             attn_dropout=attn_dropout,
+            q_norm=norm(head_dim) if qk_norm else None,
+            k_norm=norm(head_dim) if qk_norm else None,
+            sliding_window=window,
         )
         mlp = FeedForward(
             gate_proj=linear("w1", embed_dim, intermediate_dim, mlp_bias),

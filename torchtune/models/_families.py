@@ -12,6 +12,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from torchtune.models import llama2 as _llama2
+from torchtune.models import mistral as _mistral
+from torchtune.models import qwen2 as _qwen2
+from torchtune.models import qwen3 as _qwen3
 from torchtune.modules import TransformerDecoder
 
 StateDict = Dict[str, torch.Tensor]
@@ -77,6 +80,57 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         peft_to_tune_adapter=_llama2.peft_to_tune_adapter_weights,
         tune_to_peft_adapter=_llama2.tune_to_peft_adapter_weights,
         tune_to_peft_adapter_config=_llama2.tune_to_peft_adapter_config,
+    ),
+    ModelFamily(
+        name="qwen2",
+        model_types=("QWEN2",),
+        hf_model_types=("qwen2",),
+        builder=_qwen2.qwen2,
+        lora_builder=_qwen2.lora_qwen2,
+        hf_config_to_builder_kwargs=_qwen2.hf_config_to_builder_kwargs,
+        expected_shapes=_qwen2.expected_shapes,
+        meta_params_to_hf_config=None,
+        hf_to_tune=_qwen2.hf_to_tune,
+        tune_to_hf=_qwen2.tune_to_hf,
+        meta_to_tune=None,
+        tune_to_meta=None,
+        peft_to_tune_adapter=_qwen2.peft_to_tune_adapter_weights,
+        tune_to_peft_adapter=_qwen2.tune_to_peft_adapter_weights,
+        tune_to_peft_adapter_config=_qwen2.tune_to_peft_adapter_config,
+    ),
+    ModelFamily(
+        name="qwen3",
+        model_types=("QWEN3",),
+        hf_model_types=("qwen3",),
+        builder=_qwen3.qwen3,
+        lora_builder=_qwen3.lora_qwen3,
+        hf_config_to_builder_kwargs=_qwen3.hf_config_to_builder_kwargs,
+        expected_shapes=_qwen3.expected_shapes,
+        meta_params_to_hf_config=None,
+        hf_to_tune=_qwen3.hf_to_tune,
+        tune_to_hf=_qwen3.tune_to_hf,
+        meta_to_tune=None,
+        tune_to_meta=None,
+        peft_to_tune_adapter=_qwen3.peft_to_tune_adapter_weights,
+        tune_to_peft_adapter=_qwen3.tune_to_peft_adapter_weights,
+        tune_to_peft_adapter_config=_qwen3.tune_to_peft_adapter_config,
+    ),
+    ModelFamily(
+        name="mistral",
+        model_types=("MISTRAL",),
+        hf_model_types=("mistral",),
+        builder=_mistral.mistral,
+        lora_builder=_mistral.lora_mistral,
+        hf_config_to_builder_kwargs=_mistral.hf_config_to_builder_kwargs,
+        expected_shapes=_mistral.expected_shapes,
+        meta_params_to_hf_config=None,
+        hf_to_tune=_mistral.hf_to_tune,
+        tune_to_hf=_mistral.tune_to_hf,
+        meta_to_tune=None,
+        tune_to_meta=None,
+        peft_to_tune_adapter=_mistral.peft_to_tune_adapter_weights,
+        tune_to_peft_adapter=_mistral.tune_to_peft_adapter_weights,
+        tune_to_peft_adapter_config=_mistral.tune_to_peft_adapter_config,
     ),
 )
 

@@ -55,11 +55,37 @@ def worth_attending_by_document(n_tokens: int, n_documents: int) -> bool:
     return n_tokens >= _MIN_MEAN_DOCUMENT_LEN * n_documents
 
 
+def sliding_window_band(
+    q_idx: torch.Tensor, kv_len: int, window: int, device: Optional[torch.device] = None
+) -> torch.Tensor:
+    """Which keys lie inside a query's window: ``kv_idx > q_idx - window``.
+
+    A query at index ``p`` sees the ``window`` keys ``(p - window, p]`` (itself included), as
+    transformers' ``sliding_window_overlay``; combined with causality this is a band.
+
+    Args:
+        q_idx: ``LongTensor[..., s]`` index (sequence position or cache slot) of each query.
+        kv_len: number of keys (sequence length or cache slots).
+        window: the window size.
+        device: device of the result.
+
+    Returns:
+        ``BoolTensor[..., s, kv_len]``, True = inside the window (causality not included).
+    """
+    kv_idx = torch.arange(kv_len, device=device)
+    return kv_idx > (q_idx.unsqueeze(-1) - window)
+
+
 # Run eagerly inside compiled layers: dynamo would guard on (and recompile for) every new
 # tuple of document lengths; this way a compiled layer breaks its graph here instead.
 @torch.compiler.disable
 def _attention_by_document(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask, dropout_p: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: DocumentMask,
+    dropout_p: float,
+    window: Optional[int] = None,
 ) -> torch.Tensor:
     """Causal SDPA within each document of the flattened batch.
 
@@ -67,6 +93,8 @@ def _attention_by_document(
         q: ``[b, s, n_h, h_d]``; k, v: ``[b, s, n_kv, h_d]``, after positional embeddings.
         mask: document lengths summing to ``b * s``.
         dropout_p: attention dropout.
+        window: sliding window within each document (None: plain causal). Documents no
+            longer than the window stay on the mask-free causal kernel.
 
     Returns:
         ``[b, s, n_h * h_d]``.
@@ -80,8 +108,10 @@ def _attention_by_document(
             f"DocumentMask lengths sum to {sum(mask.lengths)}, expected b * s = {b * s}"
         )
     sdpa_kwargs = {"dropout_p": dropout_p}
+    banded = window is not None and max(mask.lengths) > window
     if k.shape[2] != n_h:
-        if _SDPA_HAS_GQA:
+        # Banded documents pass an explicit mask, whose kernels may not share kv heads.
+        if _SDPA_HAS_GQA and not banded:
             sdpa_kwargs["enable_gqa"] = True
         else:
             k = k.repeat_interleave(n_h // k.shape[2], dim=2)  # [b, s, n_h, h_d], as repeat_kv
@@ -89,14 +119,22 @@ def _attention_by_document(
     # split's backward is a single cat per input (slicing would add a zero-filled copy of
     # the whole input per document).
     pieces = zip(*(t.flatten(0, 1).split(mask.lengths) for t in (q, k, v)))  # each [l, n, h_d]
-    outs = [
-        F.scaled_dot_product_attention(
-            *(t.transpose(0, 1).unsqueeze(0) for t in qkv), is_causal=True, **sdpa_kwargs
+    outs = []
+    for qkv in pieces:
+        n = qkv[0].shape[0]
+        band = None
+        if window is not None and n > window:
+            idx = torch.arange(n, device=q.device)
+            band = sliding_window_band(idx, n, window, q.device) & (
+                idx.view(1, -1) <= idx.view(-1, 1)
+            )
+        out = F.scaled_dot_product_attention(
+            *(t.transpose(0, 1).unsqueeze(0) for t in qkv),
+            attn_mask=band,
+            is_causal=band is None,
+            **sdpa_kwargs,
         )  # [1, n_h, l, h_d]
-        .squeeze(0)
-        .transpose(0, 1)
-        for qkv in pieces
-    ]
+        outs.append(out.squeeze(0).transpose(0, 1))
     return torch.cat(outs).view(b, s, n_h * h_d)
 
 
@@ -125,6 +163,11 @@ class CausalSelfAttention(nn.Module):
     one, converted once for all its layers.
     A query row that may attend nothing yields zeros (SDPA's convention), not NaN.
 
+    With ``sliding_window`` set, every path above also limits a query at index ``p``
+    (sequence index, or cache slot with a KV cache) to keys at ``(p - window, p]``, as
+    transformers does (Mistral, Qwen2's upper layers); in the ``DocumentMask`` path the window
+    lies within each document. Sequences no longer than the window keep the mask-free path.
+
     Args:
         embed_dim: model dimension.
         num_heads: number of query heads.
@@ -138,9 +181,15 @@ class CausalSelfAttention(nn.Module):
         kv_cache: optional :class:`KVCache`; usually set by ``TransformerDecoder.setup_caches``.
         max_seq_len: largest sequence length (bookkeeping; the cache sets its own length).
         attn_dropout: dropout on attention weights, in training only.
+        q_norm: optional norm over each query head's ``head_dim`` channels, applied before
+            the positional embedding (Qwen3's per-head RMSNorm).
+        k_norm: the same for keys.
+        sliding_window: how many keys (itself included) a query sees; None means all
+            earlier ones.
 
     Raises:
-        ValueError: on inconsistent head counts or dropout outside ``[0, 1]``.
+        ValueError: on inconsistent head counts, dropout outside ``[0, 1]`` or a window
+            below 1.
     """
 
     def __init__(
@@ -157,6 +206,9 @@ class CausalSelfAttention(nn.Module):
         kv_cache: Optional[KVCache] = None,
         max_seq_len: int = 4096,
         attn_dropout: float = 0.0,
+        q_norm: Optional[nn.Module] = None,
+        k_norm: Optional[nn.Module] = None,
+        sliding_window: Optional[int] = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads != 0:
@@ -165,6 +217,8 @@ class CausalSelfAttention(nn.Module):
             )
         if not 0.0 <= attn_dropout <= 1.0:
             raise ValueError(f"attn_dropout must be in [0, 1], got {attn_dropout}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -177,6 +231,9 @@ class CausalSelfAttention(nn.Module):
         self.output_proj = output_proj
         self.pos_embeddings = pos_embeddings
         self.kv_cache = kv_cache
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+        self.sliding_window = sliding_window
 
     def forward(
         self,
@@ -206,6 +263,10 @@ class CausalSelfAttention(nn.Module):
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
 
+        if self.q_norm is not None:
+            q = self.q_norm(q)  # per head, over h_d
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         q = self.pos_embeddings(q, input_pos=input_pos)
         k = self.pos_embeddings(k, input_pos=input_pos)
 
@@ -213,7 +274,8 @@ class CausalSelfAttention(nn.Module):
             if self.kv_cache is not None:
                 raise ValueError("a DocumentMask is for cache-free forwards; got a KV cache")
             dropout_p = self.attn_dropout if self.training else 0.0
-            return self.output_proj(_attention_by_document(q, k, v, mask, dropout_p))
+            out = _attention_by_document(q, k, v, mask, dropout_p, self.sliding_window)
+            return self.output_proj(out)
 
         # [b, n, s, h_d]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -228,6 +290,23 @@ class CausalSelfAttention(nn.Module):
                 mask = slots.view(1, 1, -1) <= input_pos.unsqueeze(-1)  # [b, s, cache_len]
         elif mask is None:
             is_causal = True
+        window = self.sliding_window
+        if window is not None and k.shape[2] > window:
+            # Band the mask per layer (the decoder shares one mask across layers whose
+            # windows may differ). Queries index cache slots with a cache, rows without.
+            if self.kv_cache is not None:
+                q_idx = input_pos  # [b, s]
+            else:
+                q_idx = torch.arange(s, device=x.device).unsqueeze(0)  # [1, s]
+            # [b or 1, s, kv_len]: broadcast over the batch when the rows agree
+            band = sliding_window_band(q_idx, k.shape[2], window, x.device)
+            if mask is None:
+                mask = band & torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+                is_causal = False
+            elif mask.dtype == torch.bool:
+                mask = mask & band
+            else:
+                mask = mask.masked_fill(~band, float("-inf"))
 
         sdpa_kwargs = {}
         if self.num_kv_heads != self.num_heads and is_causal and _SDPA_HAS_GQA:

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from torchtune.models import llama2
+from torchtune.models import llama2, mistral, qwen2, qwen3
 from torchtune.models._families import (
     FAMILIES,
     ModelFamily,
@@ -23,13 +23,29 @@ def test_llama_names_map_to_the_llama2_row():
     assert row.peft_to_tune_adapter is llama2.peft_to_tune_adapter_weights
 
 
+@pytest.mark.parametrize("module", [qwen2, qwen3, mistral], ids=lambda m: m.__name__)
+def test_new_family_rows_point_at_their_modules(module):
+    name = module.__name__.rsplit(".", 1)[-1]
+    row = family_for_hf_model_type(name)
+    assert row.name == name and family_for_model_type(name.upper()) is row
+    assert row.builder is getattr(module, name)
+    assert row.lora_builder is getattr(module, f"lora_{name}")
+    assert row.hf_to_tune is module.hf_to_tune and row.tune_to_hf is module.tune_to_hf
+    assert row.meta_to_tune is None and row.meta_params_to_hf_config is None
+    assert row.tune_to_peft_adapter is module.tune_to_peft_adapter_weights
+
+
 def test_unknown_model_types_raise_listing_the_supported_ones():
-    with pytest.raises(ValueError, match=r"Unknown model_type 'gpt9'; supported: \['LLAMA2'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown model_type 'gpt9'; supported: \['LLAMA2', 'QWEN2', 'QWEN3', 'MISTRAL'\]",
+    ):
         family_for_model_type("gpt9")
     with pytest.raises(
-        ValueError, match=r"Unknown HF model_type 'mistral'; supported: \['llama'\]"
+        ValueError,
+        match=r"Unknown HF model_type 'gemma2'; supported: \['llama', 'qwen2', 'qwen3', 'mistral'\]",
     ):
-        family_for_hf_model_type("mistral")
+        family_for_hf_model_type("gemma2")
     # HF names are exact: no fuzzy or case-folded match.
     with pytest.raises(ValueError, match="Unknown HF model_type 'Llama'"):
         family_for_hf_model_type("Llama")

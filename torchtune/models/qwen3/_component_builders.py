@@ -1,0 +1,147 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""Qwen3 (dense; and LoRA) as knobs of the shared :func:`~torchtune.models._decoder.decoder`.
+
+What makes it Qwen3: a per-head RMSNorm on queries and keys before RoPE (``q_norm``,
+``k_norm``), an explicit ``head_dim``, no attention biases unless ``attention_bias`` (then on
+all four projections), RoPE base 1e6, tied embeddings in the small sizes, and Qwen2's optional
+sliding window on the upper layers (off in every released checkpoint).
+"""
+
+from typing import List, Optional, Sequence, Union
+
+from torchtune.models._decoder import decoder, lora_module_names
+from torchtune.modules import TransformerDecoder
+
+Windows = Union[None, int, Sequence[Optional[int]]]
+
+
+def qwen3(
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    intermediate_dim: int,
+    max_seq_len: int,
+    attn_dropout: float = 0.0,
+    norm_eps: float = 1e-6,
+    rope_base: float = 1_000_000.0,
+    head_dim: Optional[int] = None,
+    attn_bias: bool = False,
+    tie_word_embeddings: bool = False,
+    sliding_window: Windows = None,
+) -> TransformerDecoder:
+    """A Qwen3 decoder.
+
+    Args:
+        vocab_size: number of tokens.
+        num_layers: decoder layers.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (GQA).
+        embed_dim: model dimension.
+        intermediate_dim: SwiGLU width.
+        max_seq_len: longest sequence (RoPE table and KV cache length).
+        attn_dropout: attention dropout (training only).
+        norm_eps: RMSNorm epsilon.
+        rope_base: RoPE base (``rope_theta``).
+        head_dim: per-head dimension; ``embed_dim // num_heads`` when None.
+        attn_bias: biases on q/k/v and output_proj (HF's ``attention_bias``).
+        tie_word_embeddings: output projection shares the embedding's Parameter.
+        sliding_window: keys a query sees, for all layers (int) or per layer (a list of
+            ``num_layers`` ints or None); None: full causal attention.
+
+    Returns:
+        A :class:`TransformerDecoder` with PyTorch's default init.
+
+    Raises:
+        ValueError: if the head counts do not divide evenly or the window list is the wrong
+            length.
+    """
+    return decoder(
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        intermediate_dim=intermediate_dim,
+        max_seq_len=max_seq_len,
+        head_dim=head_dim,
+        attn_bias=attn_bias,
+        output_proj_bias=attn_bias,
+        attn_dropout=attn_dropout,
+        norm_eps=norm_eps,
+        rope_base=rope_base,
+        tie_word_embeddings=tie_word_embeddings,
+        qk_norm=True,
+        sliding_window=sliding_window,
+    )
+
+
+def lora_qwen3(
+    lora_attn_modules: List[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    *,
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    intermediate_dim: int,
+    max_seq_len: int,
+    attn_dropout: float = 0.0,
+    norm_eps: float = 1e-6,
+    rope_base: float = 1_000_000.0,
+    head_dim: Optional[int] = None,
+    attn_bias: bool = False,
+    tie_word_embeddings: bool = False,
+    sliding_window: Windows = None,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_dropout: float = 0.0,
+) -> TransformerDecoder:
+    """Qwen3 with :class:`LoRALinear` in place of the chosen projections.
+
+    Args:
+        lora_attn_modules: attention projections to adapt, any of
+            ``"q_proj", "k_proj", "v_proj", "output_proj"``.
+        apply_lora_to_mlp: also adapt ``w1``, ``w2``, ``w3``.
+        apply_lora_to_output: also adapt the final ``output`` projection.
+        vocab_size, num_layers, num_heads, num_kv_heads, embed_dim, intermediate_dim,
+            max_seq_len, attn_dropout, norm_eps, rope_base, head_dim, attn_bias,
+            tie_word_embeddings,
+            sliding_window: as in :func:`qwen3`.
+        lora_rank: adapter rank.
+        lora_alpha: adapter alpha (update scaled by ``alpha / rank``).
+        lora_dropout: dropout on the adapters' input.
+
+    Returns:
+        A :class:`TransformerDecoder`.
+
+    Raises:
+        ValueError: on an unknown entry in ``lora_attn_modules`` or when nothing is adapted.
+    """
+    return decoder(
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        intermediate_dim=intermediate_dim,
+        max_seq_len=max_seq_len,
+        head_dim=head_dim,
+        attn_bias=attn_bias,
+        output_proj_bias=attn_bias,
+        attn_dropout=attn_dropout,
+        norm_eps=norm_eps,
+        rope_base=rope_base,
+        tie_word_embeddings=tie_word_embeddings,
+        qk_norm=True,
+        sliding_window=sliding_window,
+        lora_modules=lora_module_names(
+            lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, "lora_qwen3"
+        ),
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+    )
