@@ -476,3 +476,33 @@ def test_peft_loads_the_adapter_the_checkpointer_saves(tmp_path, case, attn, mlp
     peft_model = PeftModel.from_pretrained(hf, out / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(TOKENS).logits, ours, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_from_hf_config_and_the_hf_checkpointer_build_every_family(tmp_path, case):
+    """The user's path: a downloaded folder, ``from_hf_config(dir)`` (also with LoRA), and
+    ``FullModelHFCheckpointer`` without ``model_type``: the logits are transformers'."""
+    from torchtune.models import from_hf_config
+    from torchtune.modules.peft import get_adapter_params
+    from torchtune.utils import FullModelHFCheckpointer
+
+    hf = tiny_hf(case)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    ckpt = FullModelHFCheckpointer(
+        tmp_path / "hf", "model.safetensors", output_dir=tmp_path / "out"
+    ).load_checkpoint()
+    model = from_hf_config(tmp_path / "hf").eval()
+    model.load_state_dict(ckpt["model"])
+    with torch.no_grad():
+        want = hf(TOKENS).logits
+        torch.testing.assert_close(model(TOKENS), want, atol=1e-5, rtol=1e-5)
+    lora = from_hf_config(
+        tmp_path / "hf" / "config.json",
+        lora_attn_modules=["q_proj", "v_proj"],
+        lora_rank=4,
+        lora_alpha=8.0,
+    ).eval()
+    missing, unexpected = lora.load_state_dict(ckpt["model"], strict=False)
+    assert not unexpected and set(missing) == set(get_adapter_params(lora))
+    with torch.no_grad():  # lora_b starts at zero: the base model's logits
+        torch.testing.assert_close(lora(TOKENS), want, atol=1e-5, rtol=1e-5)
