@@ -27,7 +27,10 @@ from torchtune.modules import attention as attention_module
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 from torchtune.training import _next_token_loss as next_token_loss_module
 
-# Llama2 shapes. ``small`` is the issue's CPU target; ``7b`` is for CUDA in bf16.
+# Llama2 shapes. ``small`` is the issue's CPU target; ``7b`` is for CUDA in bf16;
+# ``small_llama3`` is ``small`` with Llama 3's attention: 4 KV heads for 12 query heads (GQA)
+# and its RoPE (theta 500000, ``llama3`` frequency scaling; see ``ROPE``). Its vocabulary stays
+# 32000: Llama 3's 128256 would make the output layer most of a CPU-sized model.
 SHAPES: Dict[str, Dict[str, int]] = {
     "tiny": dict(
         vocab_size=1000,
@@ -53,7 +56,35 @@ SHAPES: Dict[str, Dict[str, int]] = {
         embed_dim=4096,
         intermediate_dim=11008,
     ),
+    "tiny_llama3": dict(
+        vocab_size=1000,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=128,
+        intermediate_dim=352,
+    ),
+    "small_llama3": dict(
+        vocab_size=32_000,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=4,
+        embed_dim=768,
+        intermediate_dim=2048,
+    ),
 }
+# Rotary settings of a shape (Llama 2's theta 10000 and no scaling when absent).
+_LLAMA3_ROPE = dict(
+    rope_base=500_000.0,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+)
+ROPE: Dict[str, Dict] = {"tiny_llama3": _LLAMA3_ROPE, "small_llama3": _LLAMA3_ROPE}
 LORA = dict(lora_attn_modules=["q_proj", "v_proj"], lora_rank=8, lora_alpha=16.0)
 ADAMW = dict(lr=2e-5, weight_decay=0.01)
 PAD_ID = 0
@@ -130,7 +161,7 @@ def make_weights(shape: str, method: str, seed: int, device: str, dtype: torch.d
     torch.manual_seed(seed)
     max_seq_len = 4096
     with torch.device(device):
-        base = llama2(**SHAPES[shape], max_seq_len=max_seq_len).to(dtype)
+        base = llama2(**SHAPES[shape], **ROPE.get(shape, {}), max_seq_len=max_seq_len).to(dtype)
     weights = {k: v.detach() for k, v in base.state_dict().items()}
     del base
     adapter = None
@@ -298,7 +329,12 @@ def build_ours(
     ``set_trainable_params``, the optimizer over the trained parameters, the loss; stepped by
     ``training.optimizer_step``. Returns ``step(batch) -> loss``."""
     component = "torchtune.models.llama2." + ("lora_llama2" if method == "lora" else "llama2")
-    cfg_model = {"_component_": component, **SHAPES[shape], "max_seq_len": 4096}
+    cfg_model = {
+        "_component_": component,
+        **SHAPES[shape],
+        **ROPE.get(shape, {}),
+        "max_seq_len": 4096,
+    }
     if method == "lora":
         cfg_model.update(LORA, lora_dropout=0.0)
     with utils.set_default_dtype(dtype), device:
@@ -374,7 +410,9 @@ def build_hf(
         num_key_value_heads=s["num_kv_heads"],
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
+        rope_theta=ROPE.get(shape, {}).get("rope_base", 10000.0),
+        # A copy: LlamaConfig writes rope_theta into the dict it is given.
+        rope_scaling=dict(ROPE[shape]["rope_scaling"]) if shape in ROPE else None,
         tie_word_embeddings=False,
         attention_bias=False,
         mlp_bias=False,

@@ -27,17 +27,18 @@ def _window(max_seq_len=128, rows=4, seed=0):
     return [ds[i] for i in range(a, b)]
 
 
+@pytest.mark.parametrize("shape", ["tiny", "tiny_llama3"])
 @pytest.mark.parametrize("drop_unscored", [True, False])
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_ours_matches_hf_step_by_step(method, drop_unscored):
+def test_ours_matches_hf_step_by_step(method, drop_unscored, shape):
     # Same batches on both sides: the losses agree before and after an AdamW step, so the
     # weights, the adapter and the optimizer settings are the same on both sides; with or
-    # without the padding cut off before our model runs.
-    weights, adapter = make_weights("tiny", method, 0, "cpu", F32)
+    # without the padding cut off before our model runs. tiny_llama3: GQA + llama3 RoPE.
+    weights, adapter = make_weights(shape, method, 0, "cpu", F32)
     window = _window()
     levers = Levers(data="padded", drop_unscored=drop_unscored)
-    ours = build_ours("tiny", method, levers, weights, adapter, CPU, F32)
-    hf = build_hf("tiny", method, weights, adapter, CPU, F32)
+    ours = build_ours(shape, method, levers, weights, adapter, CPU, F32)
+    hf = build_hf(shape, method, weights, adapter, CPU, F32)
     for b_ours, b_hf in zip(
         make_batches(window, "padded", 4, 128), make_batches(window, "hf", 4, 128)
     ):
