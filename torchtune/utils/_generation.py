@@ -251,8 +251,14 @@ class _CachedStepper:
         self.prompt_pos = torch.where(is_pad, parked, real_pos)
 
     def _mask(self, pos: torch.Tensor) -> torch.Tensor:
-        # [b, s, cache_len]: causal over slots, never the parked pad slots
-        return (self.slots.view(1, 1, -1) <= pos.unsqueeze(-1)) & self.visible.unsqueeze(1)
+        # [b, s, cache_len]: causal over slots, never the parked pad slots, except that a
+        # query always sees its own slot. Real queries see theirs anyway; a pad parked more
+        # than a sliding window right of its row's real slots would otherwise have an empty
+        # softmax row, NaN on kernels that do not zero those, and its NaN keys and values
+        # would reach real rows as 0 * NaN.
+        slots = self.slots.view(1, 1, -1)
+        pos = pos.unsqueeze(-1)
+        return (slots <= pos) & (self.visible.unsqueeze(1) | (slots == pos))
 
     def prefill(self) -> torch.Tensor:
         pos = self.prompt_pos
