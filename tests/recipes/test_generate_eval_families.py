@@ -18,11 +18,15 @@ import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 from tests.recipes.test_eleuther_eval import LL_ATOL, LL_PAIRS, _hf_tokenizer
 from tests.test_utils import train_sentencepiece
 from tests.torchtune.models.test_hf_families import tiny_hf
+from torchtune.models import from_hf_config
+from torchtune.models._families import family_for_hf_model_type
 from torchtune.models.llama2 import llama2_tokenizer
+from torchtune.utils import generate
 
 REPO = Path(__file__).resolve().parents[2]
 TUNE = str(Path(sys.executable).parent / "tune")
@@ -201,3 +205,53 @@ def test_eval_loglikelihood_from_hf_config_matches_hflm(assets, eval_model, add_
         atol=LL_ATOL,
         rtol=0,
     )
+
+
+def test_generate_merges_a_lora_adapter_on_a_tied_windowed_model(assets, tmp_path):
+    """LoRA on the output projection of a tied model adapts the output only: after the merge
+    the output holds ``W + (alpha/r) B A`` and the embedding keeps ``W`` (they untie), and the
+    merged model's logits and greedy text are those of the unmerged LoRA model."""
+    lora_kw = dict(
+        lora_attn_modules=["q_proj", "v_proj"],
+        apply_lora_to_mlp=True,
+        apply_lora_to_output=True,
+        lora_rank=2,
+        lora_alpha=6.0,
+    )
+    torch.manual_seed(4)
+    lora = from_hf_config(assets["hf_dir"], **lora_kw).eval()
+    assert lora.output.weight is lora.tok_embeddings.weight
+    adapter = {k: torch.randn_like(v) * 0.1 for k, v in lora.state_dict().items() if "lora_" in k}
+    row = family_for_hf_model_type("qwen2")
+    lora.load_state_dict({**row.hf_to_tune(dict(assets["hf"].state_dict())), **adapter})
+    save_file(adapter, tmp_path / "adapter.safetensors")
+
+    cfg = _cfg(
+        assets,
+        tmp_path / "out",
+        prompt="the quick brown fox",
+        instruct_template=None,
+        instruct_input=None,
+        max_new_tokens=25,
+        temperature=0.0,
+        top_k=None,
+        top_p=None,
+        stop_strings=[],
+    )
+    cfg["model"].update(lora_kw)
+    cfg["checkpointer"]["adapter_checkpoint"] = str(tmp_path / "adapter.safetensors")
+    cfg = OmegaConf.create(cfg)
+    recipe = _load("generate.py").GenerateRecipe(cfg)
+    recipe.setup(cfg)
+    merged = recipe._model
+    assert not [m for m in merged.modules() if type(m).__name__ == "LoRALinear"]
+    torch.testing.assert_close(
+        merged.tok_embeddings.weight, lora.tok_embeddings.weight, atol=0, rtol=0
+    )
+    tokens = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens), lora(tokens), atol=1e-5, rtol=1e-5)
+    tok = llama2_tokenizer(assets["sp"])
+    prompt = tok.encode("the quick brown fox", add_bos=True, add_eos=False)
+    (want,) = generate(lora, [prompt], 25, temperature=0.0, stop_tokens=[tok.eos_id])
+    assert recipe.generate() == tok.decode(want)
