@@ -135,6 +135,9 @@ def generate(
     of that row reaches (its positions stop at ``w - p + max_new_tokens - 1``). Caches already set
     up with enough batch rows and slots are reset and reused; otherwise the call sets up caches of
     exactly ``w + max_new_tokens`` slots and restores the model's previous caches (or none) after.
+    Sliding-window layers band over cache slots, i.e. over a row's own positions: the same real
+    tokens transformers' window over the padded columns covers, so a padded row decodes exactly
+    as its prompt alone.
 
     With ``use_cache=False`` the whole sequence is recomputed every step (slow; the reference the
     cached path is tested against). The model must have no caches then.
