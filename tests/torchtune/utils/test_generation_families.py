@@ -28,13 +28,15 @@ LLAMA3_SCALING = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 32,
 }
-CASES = [
-    "llama3-gqa-tied",
-    "qwen2-tied-window",
-    "qwen2-head-dim-mqa-window",
-    "qwen3-tied-bias-window",
-    "mistral-window",
-]
+# case -> (tiny_hf case, config overrides); llama is built separately
+CASES = {
+    "llama3-gqa-tied": None,
+    "qwen2-tied-window": ("qwen2-tied-window", {}),  # window on layers 1, 2
+    "qwen2-head-dim-mqa-window": ("qwen2-head-dim-mqa-window", {}),
+    # windowed on every layer: with one windowed layer of three, greedy tokens barely move
+    "qwen3-tied-bias-window": ("qwen3-tied-bias-window", dict(max_window_layers=0)),
+    "mistral-window": ("mistral-window", {}),
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,7 +59,8 @@ def _hf_model(case: str):
             rope_scaling=copy.deepcopy(LLAMA3_SCALING),  # HF writes rope_theta into it
             max_position_embeddings=64,
         )
-    return tiny_hf(case)
+    base, overrides = CASES[case]
+    return tiny_hf(base, **overrides)
 
 
 def _ours(hf):
@@ -89,7 +92,7 @@ def _hf_greedy(hf, prompts, max_new_tokens):
     return [row[: row.index(EOS)] if EOS in row else row for row in out[:, width:].tolist()]
 
 
-@pytest.fixture(scope="module", params=CASES)
+@pytest.fixture(scope="module", params=list(CASES))
 def pair(request):
     hf = _hf_model(request.param)
     return request.param, hf, _ours(hf)
@@ -115,6 +118,23 @@ def test_greedy_with_the_kv_cache_equals_hf_generate(pair, lengths):
     # Each padded row decodes exactly as its prompt alone, unpadded, in HF.
     assert cached == [_hf_greedy(hf, [p], NEW)[0] for p in prompts]
     assert sum(map(len, cached)) > len(lengths) * 20  # long runs, not early EOS
+
+
+def test_without_the_window_the_tokens_differ(pair):
+    """The windowed cases above could not pass with the window ignored."""
+    case, hf, ours = pair
+    if case.startswith("llama"):
+        pytest.skip("no window")
+    prompts = _prompts([11, 3, 8])
+    windows = [layer.attn.sliding_window for layer in ours.layers]
+    try:
+        for layer in ours.layers:
+            layer.attn.sliding_window = None
+        unbanded = generate(ours, prompts, NEW, temperature=0.0, stop_tokens=[EOS], pad_id=PAD)
+    finally:
+        for layer, window in zip(ours.layers, windows):
+            layer.attn.sliding_window = window
+    assert unbanded != _hf_greedy(hf, prompts, NEW)
 
 
 def _sdpa_nan_on_empty_rows(sdpa):
