@@ -135,6 +135,9 @@ def generate(
     of that row reaches (its positions stop at ``w - p + max_new_tokens - 1``). Caches already set
     up with enough batch rows and slots are reset and reused; otherwise the call sets up caches of
     exactly ``w + max_new_tokens`` slots and restores the model's previous caches (or none) after.
+    Sliding-window layers band over cache slots, i.e. over a row's own positions: the same real
+    tokens transformers' window over the padded columns covers, so a padded row decodes exactly
+    as its prompt alone.
 
     With ``use_cache=False`` the whole sequence is recomputed every step (slow; the reference the
     cached path is tested against). The model must have no caches then.
@@ -251,8 +254,14 @@ class _CachedStepper:
         self.prompt_pos = torch.where(is_pad, parked, real_pos)
 
     def _mask(self, pos: torch.Tensor) -> torch.Tensor:
-        # [b, s, cache_len]: causal over slots, never the parked pad slots
-        return (self.slots.view(1, 1, -1) <= pos.unsqueeze(-1)) & self.visible.unsqueeze(1)
+        # [b, s, cache_len]: causal over slots, never the parked pad slots, except that a
+        # query always sees its own slot. Real queries see theirs anyway; a pad parked more
+        # than a sliding window right of its row's real slots would otherwise have an empty
+        # softmax row, NaN on kernels that do not zero those, and its NaN keys and values
+        # would reach real rows as 0 * NaN.
+        slots = self.slots.view(1, 1, -1)
+        pos = pos.unsqueeze(-1)
+        return (slots <= pos) & (self.visible.unsqueeze(1) | (slots == pos))
 
     def prefill(self) -> torch.Tensor:
         pos = self.prompt_pos

@@ -80,13 +80,14 @@ HF_CLASSES = {
 }
 
 
-def tiny_hf(case: str, seed: int = 0):
+def tiny_hf(case: str, seed: int = 0, **overrides):
     """A random fp32 HF model, eager attention, norms and biases re-randomised (HF inits
-    them to ones / zeros, which would hide a swapped or missing tensor)."""
+    them to ones / zeros, which would hide a swapped or missing tensor). ``overrides`` replace
+    config fields (e.g. ``vocab_size`` to fit a tokenizer)."""
     import transformers
 
     family, config_cls, extra = CASES[case]
-    config = getattr(transformers, config_cls)(**{**BASE, **extra})
+    config = getattr(transformers, config_cls)(**{**BASE, **extra, **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, HF_CLASSES[family])(config).to(torch.float32).eval()
