@@ -17,6 +17,12 @@ from tests.recipes.single_device_utils import (
     logged_losses,
     run_tune,
 )
+from tests.recipes.test_full_finetune_distributed import (
+    PER_RANK_BATCH,
+    WORLD_SIZE,
+    assert_same_weights,
+    run_tune_distributed,
+)
 from tests.test_utils import train_sentencepiece, write_alpaca_json
 from torchtune import config, utils
 from torchtune._recipe_registry import get_config
@@ -187,6 +193,7 @@ def _check_full(family, overrides, out):
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, weight_decay=0.0)
     expected = hf_reference_losses(hf, opt, cfg, steps_per_epoch=STEPS)
     torch.testing.assert_close(logged_losses(out), expected, rtol=0, atol=1e-4)
+    print(f"{family} full: max |loss - HF loop| {(logged_losses(out) - expected).abs().max():.2e}")
 
     epoch = out / "epoch_0"
     saved = load_file(epoch / "model.safetensors")
@@ -197,7 +204,8 @@ def _check_full(family, overrides, out):
     for name, param in ref.items():
         torch.testing.assert_close(saved[name], param, rtol=0, atol=1e-4, msg=name)
 
-    reloaded = load_auto(epoch).eval()  # accepts the copied config.json
+    assert (epoch / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
+    reloaded = load_auto(epoch).eval()
     assert reloaded.config.model_type == hf.config.model_type
     if tied:
         assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
@@ -229,6 +237,9 @@ def _check_lora(family, overrides, out):
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=STEPS)
     expected = hf_reference_losses(peft_model, opt, cfg, steps_per_epoch=STEPS, scheduler=sched)
     torch.testing.assert_close(logged_losses(out), expected, rtol=0, atol=1e-4)
+    print(
+        f"{family} LoRA: max |loss - PEFT loop| {(logged_losses(out) - expected).abs().max():.2e}"
+    )
 
     epoch = out / "epoch_0"
     adapter = load_file(epoch / "adapter.safetensors")
@@ -242,6 +253,7 @@ def _check_lora(family, overrides, out):
         want = ours(tokens)
         loaded = PeftModel.from_pretrained(load_auto(model_dir).eval(), epoch / "adapter").eval()
         torch.testing.assert_close(loaded(input_ids=tokens).logits, want, rtol=0, atol=1e-5)
+        assert (epoch / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
         merged = load_auto(epoch).eval()
         torch.testing.assert_close(merged(input_ids=tokens).logits, want, rtol=0, atol=1e-5)
         torch.testing.assert_close(
@@ -249,11 +261,57 @@ def _check_lora(family, overrides, out):
         )  # the merged file read back by us
 
 
-@pytest.mark.parametrize("kind", list(RECIPES))
-@pytest.mark.parametrize("family", list(FAMILIES))
+# Per layer, the window our model must read from each config.json (HF's qwen2 windows the
+# layers from max_window_layers on); all shorter than the SEQ-token rows.
+WINDOWS = {"llama3": [None, None], "qwen2": [None, 6], "qwen3": [None, None], "mistral": [5, 5]}
+# One case per family in the default suite (about 5 s each); the other recipe is slow.
+FAST = {("llama3", "full"), ("qwen2", "lora"), ("qwen3", "full"), ("mistral", "lora")}
+CASES = [
+    pytest.param(f, k, id=f"{f}-{k}", marks=() if (f, k) in FAST else pytest.mark.slow)
+    for f in FAMILIES
+    for k in RECIPES
+]
+
+
+@pytest.mark.parametrize("family,kind", CASES)
 def test_recipe_trains_like_transformers_and_exports_load(shared, family, kind, tmp_path):
     out = tmp_path / "out"
     overrides = family_overrides(shared, family, kind, out)
+    model_dir = shared[0] / f"hf_{family}"
+    assert [layer.attn.sliding_window for layer in from_hf_config(model_dir).layers] == (
+        WINDOWS[family]
+    )
     recipe, config_name = RECIPES[kind]
     run_tune(recipe, config_name, overrides, cwd=tmp_path)
     (_check_full if kind == "full" else _check_lora)(family, overrides, out)
+
+
+@pytest.mark.slow  # about 15 s: two runs, one of them on two processes
+def test_two_ranks_of_packed_windowed_mistral_lora_match_one_device(shared, tmp_path):
+    """Packed rows (document masks) under mistral's window, sharded over two gloo ranks."""
+    single, dist = tmp_path / "single", tmp_path / "dist"
+    common = family_overrides(shared, "mistral", "lora", single)
+    common = [o for o in common if not o.startswith(("batch_size=", "output_dir="))]
+    # The prompts are 106-161 tokens: at 64 every row would be one truncated sample; at 256
+    # rows hold two or three documents (and pieces), every one longer than the window.
+    common = [o for o in common if not o.startswith(("dataset.max_seq_len=", "~model.max_seq_len"))]
+    common += ["dataset.max_seq_len=256", "model.max_seq_len=256", "dataset.packed=True"]
+    common += ["max_steps_per_epoch=3"]
+    run_tune(
+        "lora_finetune_single_device",
+        "tiny/lora",
+        [*common, f"batch_size={PER_RANK_BATCH * WORLD_SIZE}", f"output_dir={single}"],
+        cwd=tmp_path,
+    )
+    run_tune_distributed(
+        "lora_finetune_distributed",
+        "tiny/lora_distributed",
+        [*common, f"batch_size={PER_RANK_BATCH}", f"output_dir={dist}"],
+        cwd=tmp_path,
+    )
+    losses = logged_losses(dist)
+    assert len(losses) == 3
+    torch.testing.assert_close(losses, logged_losses(single), rtol=0, atol=1e-5)
+    print(f"2 ranks: max |loss - 1 device| {(losses - logged_losses(single)).abs().max():.2e}")
+    for name in ("model.safetensors", "adapter.safetensors", "adapter/adapter_model.safetensors"):
+        assert_same_weights(single / "epoch_0" / name, dist / "epoch_0" / name, atol=1e-5)
