@@ -2,7 +2,8 @@
 """Every model family through ``tune full_finetune_single_device`` and
 ``tune lora_finetune_single_device`` with ``model: torchtune.models.from_hf_config``, against a
 plain transformers (+ PEFT) loop on the same weights and batches; the outputs load back with
-``AutoModelForCausalLM.from_pretrained`` and ``PeftModel.from_pretrained``."""
+``AutoModelForCausalLM.from_pretrained`` and ``PeftModel.from_pretrained`` (an adapter on a
+tied lm_head included); and two gloo ranks of packed, windowed Mistral LoRA against one device."""
 
 import json
 from pathlib import Path
@@ -78,6 +79,7 @@ HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 RECIPES = {
     "full": ("full_finetune_single_device", "tiny/full"),
     "lora": ("lora_finetune_single_device", "tiny/lora"),
+    "lora_output": ("lora_finetune_single_device", "tiny/lora"),  # LoRA on lm_head too
 }
 RUN_OVERRIDES = {
     "full": ["optimizer.lr=1e-3"],
@@ -89,9 +91,10 @@ RUN_OVERRIDES = {
         "model.lora_alpha=8",
         f"model.lora_attn_modules=[{','.join(LORA_ATTN)}]",
         "model.apply_lora_to_mlp=True",
-        "model.apply_lora_to_output=False",  # tied in three of the four cases
+        "model.apply_lora_to_output=False",
     ],
 }
+RUN_OVERRIDES["lora_output"] = RUN_OVERRIDES["lora"][:-1] + ["model.apply_lora_to_output=True"]
 
 
 def tiny_hf(family: str, seed: int = 0):
@@ -182,8 +185,14 @@ def _tokens(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB_SIZE, (2, 29), generator=torch.Generator().manual_seed(seed))
 
 
-def _lora_kwargs() -> dict:
-    return dict(lora_attn_modules=LORA_ATTN, apply_lora_to_mlp=True, lora_rank=4, lora_alpha=8.0)
+def _lora_kwargs(kind: str) -> dict:
+    return dict(
+        lora_attn_modules=LORA_ATTN,
+        apply_lora_to_mlp=True,
+        apply_lora_to_output=kind == "lora_output",
+        lora_rank=4,
+        lora_alpha=8.0,
+    )
 
 
 def _check_full(family, overrides, out):
@@ -216,19 +225,22 @@ def _check_full(family, overrides, out):
         )
 
 
-def _check_lora(family, overrides, out):
+def _check_lora(family, kind, overrides, out):
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
     from transformers import get_cosine_schedule_with_warmup
 
     cfg = config.load_config(get_config("tiny/lora").file_path, overrides)
     model_dir = Path(cfg.checkpointer.checkpoint_dir)
-    row = family_for_hf_model_type(family if family != "llama3" else "llama")
+    row = family_for_hf_model_type(
+        json.loads((model_dir / "config.json").read_text())["model_type"]
+    )
     # The recipe's fresh adapters: lora_b zero, lora_a drawn from the seed.
     utils.set_seed(cfg.seed)
-    ours_init = init_lora_adapters(from_hf_config(model_dir, **_lora_kwargs()), cfg.seed)
+    ours_init = init_lora_adapters(from_hf_config(model_dir, **_lora_kwargs(kind)), cfg.seed)
+    targets = HF_LORA_TARGETS + (["lm_head"] if kind == "lora_output" else [])
     peft_model = get_peft_model(
         load_auto(model_dir).train(),
-        LoraConfig(r=4, lora_alpha=8, target_modules=HF_LORA_TARGETS, lora_dropout=0.0),
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0),
     )
     result = set_peft_model_state_dict(peft_model, row.tune_to_peft_adapter(ours_init))
     assert not result.unexpected_keys
@@ -236,24 +248,31 @@ def _check_lora(family, overrides, out):
     opt = torch.optim.AdamW(trainable, lr=3e-3, weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=STEPS)
     expected = hf_reference_losses(peft_model, opt, cfg, steps_per_epoch=STEPS, scheduler=sched)
-    torch.testing.assert_close(logged_losses(out), expected, rtol=0, atol=1e-4)
-    print(
-        f"{family} LoRA: max |loss - PEFT loop| {(logged_losses(out) - expected).abs().max():.2e}"
-    )
+    ours_losses = logged_losses(out)
+    torch.testing.assert_close(ours_losses, expected, rtol=0, atol=1e-4)
+    print(f"{family} {kind}: max |loss - PEFT loop| {(ours_losses - expected).abs().max():.2e}")
 
     epoch = out / "epoch_0"
     adapter = load_file(epoch / "adapter.safetensors")
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_b" in k)  # trained
-    ours = _ours(model_dir, model_dir, **_lora_kwargs())
+    ours = _ours(model_dir, model_dir, **_lora_kwargs(kind))
     ours.load_state_dict(adapter, strict=False)
     tokens = _tokens(1)
     peft_config = json.loads((epoch / "adapter" / "adapter_config.json").read_text())
-    assert sorted(peft_config["target_modules"]) == sorted(HF_LORA_TARGETS)
+    assert sorted(peft_config["target_modules"]) == sorted(targets)
+    config_in = json.loads((model_dir / "config.json").read_text())
+    config_out = json.loads((epoch / "config.json").read_text())
+    if kind == "lora_output" and config_in.get("tie_word_embeddings"):
+        # Merging the output's adapter moves lm_head off the (unchanged) table: the export is
+        # untied, lm_head written beside the embeddings.
+        assert "lm_head.weight" in load_file(epoch / "model.safetensors")
+        assert config_out == {**config_in, "tie_word_embeddings": False}
+    else:
+        assert (epoch / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
     with torch.no_grad():
         want = ours(tokens)
         loaded = PeftModel.from_pretrained(load_auto(model_dir).eval(), epoch / "adapter").eval()
         torch.testing.assert_close(loaded(input_ids=tokens).logits, want, rtol=0, atol=1e-5)
-        assert (epoch / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
         merged = load_auto(epoch).eval()
         torch.testing.assert_close(merged(input_ids=tokens).logits, want, rtol=0, atol=1e-5)
         torch.testing.assert_close(
@@ -269,7 +288,12 @@ FAST = {("llama3", "full"), ("qwen2", "lora"), ("qwen3", "full"), ("mistral", "l
 CASES = [
     pytest.param(f, k, id=f"{f}-{k}", marks=() if (f, k) in FAST else pytest.mark.slow)
     for f in FAMILIES
-    for k in RECIPES
+    for k in ("full", "lora")
+]
+# An adapter on a tied lm_head: one tied family, one untied.
+CASES += [
+    pytest.param(f, "lora_output", id=f"{f}-lora_output", marks=pytest.mark.slow)
+    for f in ("qwen2", "qwen3")
 ]
 
 
@@ -283,7 +307,10 @@ def test_recipe_trains_like_transformers_and_exports_load(shared, family, kind, 
     )
     recipe, config_name = RECIPES[kind]
     run_tune(recipe, config_name, overrides, cwd=tmp_path)
-    (_check_full if kind == "full" else _check_lora)(family, overrides, out)
+    if kind == "full":
+        _check_full(family, overrides, out)
+    else:
+        _check_lora(family, kind, overrides, out)
 
 
 @pytest.mark.slow  # about 15 s: two runs, one of them on two processes
