@@ -230,7 +230,7 @@ def rope_theta(config: Dict[str, Any], default: float) -> float:
 
 
 def expected_shapes(
-    config: Dict[str, Any], *, qkv_bias: bool, o_bias: bool, qk_norm: bool
+    config: Dict[str, Any], *, qkv_bias: bool, o_bias: bool, qk_norm: bool, mlp_bias: bool = False
 ) -> Dict[str, Tuple[int, ...]]:
     """Native-key tensor shapes of the model ``config`` describes.
 
@@ -267,9 +267,14 @@ def expected_shapes(
         shapes[p + "sa_norm.scale"] = (dim,)
         shapes[p + "mlp_norm.scale"] = (dim,)
         if hidden:
-            shapes[p + "mlp.w1.weight"] = (hidden, dim)
-            shapes[p + "mlp.w2.weight"] = (dim, hidden)
-            shapes[p + "mlp.w3.weight"] = (hidden, dim)
+            for name, out_dim, in_dim in (
+                ("mlp.w1", hidden, dim),
+                ("mlp.w2", dim, hidden),
+                ("mlp.w3", hidden, dim),
+            ):
+                shapes[p + name + ".weight"] = (out_dim, in_dim)
+                if mlp_bias:
+                    shapes[p + name + ".bias"] = (out_dim,)
     return shapes
 
 

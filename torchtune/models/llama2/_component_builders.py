@@ -11,10 +11,8 @@ an untied output unless the config says otherwise (HF's ``attention_bias``, ``ml
 from functools import partial
 from typing import Any, Dict, List, Optional
 
-from torchtune.models._decoder import decoder
+from torchtune.models._decoder import decoder, lora_module_names
 from torchtune.modules import RotaryPositionalEmbeddings, TransformerDecoder
-
-LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 
 
 def scale_hidden_dim_for_mlp(dim: int, multiple_of: int = 256) -> int:
@@ -137,21 +135,9 @@ def lora_llama2(
     Raises:
         ValueError: on an unknown entry in ``lora_attn_modules`` or when nothing is adapted.
     """
-    unknown = [m for m in lora_attn_modules if m not in LORA_ATTN_MODULES]
-    if unknown:
-        raise ValueError(
-            f"Unknown lora_attn_modules {unknown}; expected a subset of {list(LORA_ATTN_MODULES)}"
-        )
-    modules = set(lora_attn_modules)
-    if apply_lora_to_mlp:
-        modules |= {"w1", "w2", "w3"}
-    if apply_lora_to_output:
-        modules.add("output")
-    if not modules:
-        raise ValueError(
-            "lora_llama2 adapts nothing: give lora_attn_modules or set apply_lora_to_mlp / "
-            "apply_lora_to_output"
-        )
+    modules = lora_module_names(
+        lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, "lora_llama2"
+    )
     return decoder(
         vocab_size=vocab_size,
         num_layers=num_layers,

@@ -8,10 +8,15 @@ checkpoints convert by renaming keys alone. Meta's checkpoints rotate interleave
 """
 
 import re
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from torchtune.models import _hf_common as common
+
+# Part of this family's converter unit, shared with the other Llama-layout families.
+from torchtune.models._hf_common import lora_targets_to_hf as lora_targets_to_hf
+from torchtune.models._hf_common import tune_to_peft_adapter_config as tune_to_peft_adapter_config
 from torchtune.modules.position_embeddings import ROPE_SCALING_KEYS
 
 # {} stands for the layer index in every pattern below.
@@ -59,31 +64,6 @@ _TUNE_TO_META = {v: k for k, v in _META_TO_TUNE.items()}
 # Buffers some checkpoints carry that are recomputed from the config, never loaded.
 _IGNORED = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"), re.compile(r"^rope\.freqs$"))
 
-# torchtune module names -> HF module names, as PEFT's ``target_modules`` wants them.
-_TARGET_TO_HF = {
-    "q_proj": ["q_proj"],
-    "k_proj": ["k_proj"],
-    "v_proj": ["v_proj"],
-    "output_proj": ["o_proj"],
-    "w1": ["gate_proj"],
-    "w2": ["down_proj"],
-    "w3": ["up_proj"],
-    # lora_llama2(apply_lora_to_mlp=True) adapts all three MLP projections.
-    "mlp": ["gate_proj", "down_proj", "up_proj"],
-    "output": ["lm_head"],
-}
-_PEFT_PREFIX = "base_model.model."
-_TUNE_SUFFIX = {"lora_a": "lora_A", "lora_b": "lora_B"}
-_PEFT_SUFFIX = {v: k for k, v in _TUNE_SUFFIX.items()}
-
-
-def _map_key(key: str, mapping: Dict[str, str], source: str) -> str:
-    abstract = re.sub(r"(?<=layers\.)\d+(?=\.)", "{}", key)
-    if abstract not in mapping:
-        raise ValueError(f"Unexpected key '{key}' in a {source} Llama2 checkpoint")
-    layer = re.search(r"(?<=layers\.)\d+(?=\.)", key)
-    return mapping[abstract].format(layer.group(0)) if layer else mapping[abstract]
-
 
 def _is_ignored(key: str) -> bool:
     return any(p.search(key) for p in _IGNORED)
@@ -120,7 +100,7 @@ def hf_to_tune(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         ValueError: on a key that is not part of an HF Llama checkpoint.
     """
     return {
-        _map_key(k, _HF_TO_TUNE, "Hugging Face"): v
+        common.map_key(k, _HF_TO_TUNE, "Hugging Face Llama2"): v
         for k, v in state_dict.items()
         if not _is_ignored(k)
     }
@@ -128,7 +108,7 @@ def hf_to_tune(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 def tune_to_hf(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """torchtune keys -> HF keys; inverse of :func:`hf_to_tune`. Tensors are not copied."""
-    return {_map_key(k, _TUNE_TO_HF, "torchtune"): v for k, v in state_dict.items()}
+    return {common.map_key(k, _TUNE_TO_HF, "torchtune Llama2"): v for k, v in state_dict.items()}
 
 
 # ---- Meta: a rename plus the q/k row permutation --------------------------------------------
@@ -153,7 +133,7 @@ def meta_to_tune(
     for key, value in state_dict.items():
         if _is_ignored(key):
             continue
-        new_key = _map_key(key, _META_TO_TUNE, "Meta")
+        new_key = common.map_key(key, _META_TO_TUNE, "Meta Llama2")
         if new_key.endswith("attn.q_proj.weight"):
             value = _meta_to_halves(value, num_heads)
         elif new_key.endswith("attn.k_proj.weight"):
@@ -173,19 +153,11 @@ def tune_to_meta(
             value = _halves_to_meta(value, num_heads)
         elif key.endswith("attn.k_proj.weight"):
             value = _halves_to_meta(value, num_kv_heads)
-        out[_map_key(key, _TUNE_TO_META, "torchtune")] = value
+        out[common.map_key(key, _TUNE_TO_META, "torchtune Llama2")] = value
     return out
 
 
-# ---- PEFT adapters: a rename -----------------------------------------------------------------
-def _split_lora_key(key: str, suffixes: Iterable[str]):
-    for s in suffixes:
-        tail = f".{s}.weight"
-        if key.endswith(tail):
-            return key[: -len(tail)], s
-    return None, None
-
-
+# ---- PEFT adapters: a rename (shared with the other Llama-layout families) ----------------
 def tune_to_peft_adapter_weights(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """torchtune adapter keys -> PEFT ``adapter_model.safetensors`` keys. Tensors are shared.
 
@@ -198,14 +170,7 @@ def tune_to_peft_adapter_weights(state_dict: Dict[str, torch.Tensor]) -> Dict[st
     Raises:
         ValueError: on a key that is not a LoRA weight of a known Llama2 module.
     """
-    out = {}
-    for key, value in state_dict.items():
-        module, which = _split_lora_key(key, _TUNE_SUFFIX)
-        if module is None:
-            raise ValueError(f"Unexpected key '{key}' in a torchtune LoRA adapter state dict")
-        hf_module = _map_key(module + ".weight", _TUNE_TO_HF, "torchtune")[: -len(".weight")]
-        out[f"{_PEFT_PREFIX}{hf_module}.{_TUNE_SUFFIX[which]}.weight"] = value
-    return out
+    return common.tune_to_peft_adapter(state_dict, _TUNE_TO_HF, "Llama2")
 
 
 def peft_to_tune_adapter_weights(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -215,72 +180,7 @@ def peft_to_tune_adapter_weights(state_dict: Dict[str, torch.Tensor]) -> Dict[st
     Raises:
         ValueError: on a key that is not a PEFT LoRA weight of a known Llama module.
     """
-    out = {}
-    for key, value in state_dict.items():
-        module, which = _split_lora_key(key, _PEFT_SUFFIX)
-        if module is None or not module.startswith(_PEFT_PREFIX):
-            raise ValueError(f"Unexpected key '{key}' in a PEFT LoRA adapter state dict")
-        hf_module = module[len(_PEFT_PREFIX) :]
-        tune_module = _map_key(hf_module + ".weight", _HF_TO_TUNE, "PEFT")[: -len(".weight")]
-        out[f"{tune_module}.{_PEFT_SUFFIX[which]}.weight"] = value
-    return out
-
-
-def lora_targets_to_hf(target_modules: Iterable[str]) -> List[str]:
-    """torchtune LoRA target names -> HF module names for PEFT's ``target_modules``.
-
-    Args:
-        target_modules: any of ``q_proj``, ``k_proj``, ``v_proj``, ``output_proj``,
-            ``w1``/``w2``/``w3`` or ``mlp`` (all three), ``output``.
-
-    Returns:
-        HF names in first-seen order, without repeats (``["q_proj", "o_proj", ...]``).
-
-    Raises:
-        ValueError: on an unknown name.
-    """
-    targets: List[str] = []
-    for name in target_modules:
-        if name not in _TARGET_TO_HF:
-            raise ValueError(
-                f"Unknown LoRA target module '{name}'; expected one of {sorted(_TARGET_TO_HF)}"
-            )
-        targets += [t for t in _TARGET_TO_HF[name] if t not in targets]
-    return targets
-
-
-def tune_to_peft_adapter_config(
-    adapter_config: Dict[str, Any], base_model_name_or_path: Optional[str] = None
-) -> Dict[str, Any]:
-    """Our ``{"r", "lora_alpha", "target_modules"}`` -> a PEFT ``adapter_config.json`` dict.
-
-    Args:
-        adapter_config: ``r`` (rank), ``lora_alpha`` and ``target_modules`` in torchtune names
-            (see :func:`lora_targets_to_hf`); optionally ``lora_dropout``.
-        base_model_name_or_path: the HF base model (a hub id or local folder) the adapter was
-            trained on; lets ``AutoPeftModelForCausalLM.from_pretrained`` find it.
-
-    Returns:
-        A dict ``peft.LoraConfig`` accepts (``peft_type`` LORA, HF module names).
-
-    Raises:
-        ValueError: if a field is missing or a target module is unknown.
-    """
-    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in adapter_config]
-    if missing:
-        raise ValueError(f"adapter_config lacks {missing}; got keys {sorted(adapter_config)}")
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": int(adapter_config["r"]),
-        "lora_alpha": adapter_config["lora_alpha"],
-        "lora_dropout": float(adapter_config.get("lora_dropout", 0.0)),
-        "target_modules": lora_targets_to_hf(adapter_config["target_modules"]),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "base_model_name_or_path": base_model_name_or_path,
-    }
+    return common.peft_to_tune_adapter(state_dict, _HF_TO_TUNE, "Llama2")
 
 
 # ---- configs ---------------------------------------------------------------------------------
@@ -453,38 +353,11 @@ def expected_shapes(config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
         ValueError: if ``hidden_size``, ``num_hidden_layers`` or ``num_attention_heads`` is
             missing.
     """
-    src = "config.json"
-    dim = int(_require(config, "hidden_size", src))
-    heads = int(_require(config, "num_attention_heads", src))
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or dim // heads)
-    vocab, hidden = config.get("vocab_size"), config.get("intermediate_size")
-    bias = bool(config.get("attention_bias", False))
-    mlp_bias = bool(config.get("mlp_bias", False))
-    shapes: Dict[str, Tuple[int, ...]] = {"norm.scale": (dim,)}
-    if vocab:
-        shapes["tok_embeddings.weight"] = (vocab, dim)
-        shapes["output.weight"] = (vocab, dim)
-    for i in range(int(_require(config, "num_hidden_layers", src))):
-        p = f"layers.{i}."
-        for name, out_dim, in_dim in (
-            ("attn.q_proj", heads * head_dim, dim),
-            ("attn.k_proj", kv_heads * head_dim, dim),
-            ("attn.v_proj", kv_heads * head_dim, dim),
-            ("attn.output_proj", dim, heads * head_dim),
-        ):
-            shapes[p + name + ".weight"] = (out_dim, in_dim)
-            if bias:
-                shapes[p + name + ".bias"] = (out_dim,)
-        shapes[p + "sa_norm.scale"] = (dim,)
-        shapes[p + "mlp_norm.scale"] = (dim,)
-        if hidden:
-            for name, out_dim, in_dim in (
-                ("mlp.w1", hidden, dim),
-                ("mlp.w2", dim, hidden),
-                ("mlp.w3", hidden, dim),
-            ):
-                shapes[p + name + ".weight"] = (out_dim, in_dim)
-                if mlp_bias:
-                    shapes[p + name + ".bias"] = (out_dim,)
-    return shapes
+    bias = bool(config.get("attention_bias", False))  # HF Llama: q/k/v and o_proj alike
+    return common.expected_shapes(
+        config,
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm=False,
+        mlp_bias=bool(config.get("mlp_bias", False)),
+    )

@@ -6,8 +6,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from tests.test_utils import tiny_hf_llama
+from torchtune.models._hf_common import map_key
 from torchtune.models.llama2 import hf_to_tune, llama2, lora_llama2
-from torchtune.models.llama2._convert_weights import _HF_TO_TUNE, _map_key
+from torchtune.models.llama2._convert_weights import _HF_TO_TUNE
 from torchtune.modules.peft import get_merged_lora_state_dict
 
 RANK, ALPHA = 4, 8.0
@@ -25,7 +26,7 @@ def _peft_to_tune(peft_sd):
         ):
             if key.endswith(hf_name):
                 module = key[: -len(hf_name)]
-                native = _map_key(module + ".weight", _HF_TO_TUNE, "HF")[: -len("weight")]
+                native = map_key(module + ".weight", _HF_TO_TUNE, "HF")[: -len("weight")]
                 # Our rotary layout is HF's: no row permutation, for lora_b of q/k either.
                 lora[native + ours + ".weight"] = value
                 break
