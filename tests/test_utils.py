@@ -108,8 +108,12 @@ def tiny_hf_llama(seed: int = 0, **config_kwargs):
     config = tiny_hf_llama_config(**config_kwargs)
     config._attn_implementation = "eager"
     model = LlamaForCausalLM(config).to(torch.float32).eval()
-    # HF inits norms to ones and biases to zeros; randomise them so a swapped norm or a
-    # dropped bias cannot pass a test.
+    return randomise_norms_and_biases_(model)
+
+
+def randomise_norms_and_biases_(model: torch.nn.Module) -> torch.nn.Module:
+    """HF inits norms to ones and biases to zeros; draw them at random (from torch's global
+    RNG) so that a swapped norm or a dropped bias cannot pass a parity test."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -24,7 +24,7 @@ from tests.recipes.test_full_finetune_distributed import (
     assert_same_weights,
     run_tune_distributed,
 )
-from tests.test_utils import train_sentencepiece, write_alpaca_json
+from tests.test_utils import randomise_norms_and_biases_, train_sentencepiece, write_alpaca_json
 from torchtune import config, utils
 from torchtune._recipe_registry import get_config
 from torchtune.models import from_hf_config
@@ -107,13 +107,7 @@ def tiny_hf(family: str, seed: int = 0):
     hf_config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(hf_config).to(torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    return model
+    return randomise_norms_and_biases_(model)
 
 
 def load_auto(model_dir: Path):

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.test_utils import randomise_norms_and_biases_
 from torchtune.models._families import family_for_hf_model_type
 from torchtune.modules.attention import DocumentMask
 
@@ -91,13 +92,7 @@ def tiny_hf(case: str, seed: int = 0, **overrides):
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, HF_CLASSES[family])(config).to(torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    return model
+    return randomise_norms_and_biases_(model)
 
 
 def ours_from(hf, case: str):
