@@ -20,6 +20,21 @@ _NAMED_TOKENS = (
     "cls_token",
     "mask_token",
 )
+# Named tokens that transformers 5's model-specific classes default to when tokenizer_config.json
+# leaves the key out (their __init__ defaults); a key given as null stays null.
+_CLASS_DEFAULTS = {
+    "GemmaTokenizer": dict(
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+    ),
+    "LlamaTokenizer": dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>"),
+    "Qwen2Tokenizer": dict(
+        unk_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    ),
+}
 _ROLES = ("system", "user", "assistant", "tool")
 # transformers' clean_up_tokenization: the spaces a WordPiece tokenizer leaves before punctuation.
 _CLEANUP = tuple(
@@ -107,6 +122,8 @@ class HFTokenizer:
         if not isinstance(config, dict):
             raise ValueError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
 
+        tokenizer_class = str(config.get("tokenizer_class", "")).removesuffix("Fast")
+        config = {**_CLASS_DEFAULTS.get(tokenizer_class, {}), **config}
         self._add_missing_tokens(config, config_file)
         self.special_tokens: Dict[str, str] = {}
         for key in _NAMED_TOKENS:
