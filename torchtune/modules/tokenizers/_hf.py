@@ -92,6 +92,8 @@ class HFTokenizer:
             generation_config.json, deduplicated, in that order.
         vocab_size (int): vocabulary size including added tokens.
         chat_template (Optional[str]): the default chat template's text.
+        special_tokens (Dict[str, str]): the named tokens (``bos_token``, ``eos_token``, ...)
+            the template is rendered with, as transformers' ``special_tokens_map``.
         max_seq_len (Optional[int]), path (Path).
 
     Raises:
@@ -109,10 +111,11 @@ class HFTokenizer:
             raise FileNotFoundError(f"tokenizer folder not found: {path}")
         self.path, self.max_seq_len = path, max_seq_len
         tok_file, config_file = path / "tokenizer.json", path / "tokenizer_config.json"
-        for f, what in ((tok_file, "the tokenizers library's tokenizer.json"), (config_file, "")):
+        for f in (tok_file, config_file):
             if not f.is_file():
                 raise FileNotFoundError(
-                    f"{f} not found; a Hugging Face tokenizer folder needs {what or 'its config'}"
+                    f"{f} not found; expected a Hugging Face model folder with tokenizer.json "
+                    "(the tokenizers library's file) and tokenizer_config.json"
                 )
         try:
             self._tok = Tokenizer.from_file(str(tok_file))
@@ -157,7 +160,8 @@ class HFTokenizer:
             raise ValueError(f"{config_file}: added_tokens_decoder must be an object id -> token")
         for _, value in sorted(decoder.items(), key=lambda kv: int(kv[0])):
             _token_content(value, "added_tokens_decoder", config_file)
-            declared.append(_added_token(value, special=bool(value.get("special", False))))
+            special = isinstance(value, dict) and bool(value.get("special", False))
+            declared.append(_added_token(value, special=special))
         for key in _NAMED_TOKENS:
             value = config.get(key)
             if _token_content(value, key, config_file) is not None:
