@@ -344,8 +344,14 @@ class HFTokenizer:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = template.render(messages[:i], True, tools, self.special_tokens)
-            turn = template.render(messages[: i + 1], False, tools, self.special_tokens)
+            try:
+                prompt = template.render(messages[:i], True, tools, self.special_tokens)
+                turn = template.render(messages[: i + 1], False, tools, self.special_tokens)
+            except ValueError as e:
+                # E.g. a conversation that opens with an assistant turn: its prompt is empty.
+                raise ValueError(
+                    f"rendering the prefixes of assistant turn {i} (to mask it) failed: {e}"
+                ) from e
             for text, which in (
                 (prompt, f"messages[:{i}] + generation prompt"),
                 (turn, f"messages[:{i + 1}]"),

@@ -201,6 +201,11 @@ def test_errors(tmp_path):
         tok.tokenize_messages(["hello"])
     with pytest.raises(ValueError, match="non-empty list"):
         tok.tokenize_messages([])
+    # The whole conversation renders, but the prompt before turn 0 (no messages) does not.
+    llama = hf_tokenizer(build_hf_tokenizer_dir(tmp_path / "l", "byte_bpe", "llama3"))
+    llama.render([A1, U1])
+    with pytest.raises(ValueError, match="prefixes of assistant turn 0"):
+        llama.tokenize_messages([A1, U1])
 
 
 def _with_template(tmp_path, source):
