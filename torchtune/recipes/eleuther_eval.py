@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 from torchtune import config, utils
+from torchtune.data import padding_id
 from torchtune.modules.peft import get_adapter_params, merge_lora_in_place
 
 try:
@@ -159,7 +160,7 @@ class TorchTuneLM(TemplateLM):
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             width = len(inputs[idx[0]])
-            tokens = torch.full((len(idx), width), self._tokenizer.pad_id, dtype=torch.long)
+            tokens = torch.full((len(idx), width), padding_id(self._tokenizer), dtype=torch.long)
             for row, i in enumerate(idx):
                 tokens[row, : len(inputs[i])] = torch.tensor(inputs[i])
             # Right padding needs no mask: causal attention never looks ahead at it.
@@ -225,7 +226,7 @@ class TorchTuneLM(TemplateLM):
                     [prompts[i] for i in batch],
                     max_gen,
                     stop_tokens=[self.eot_token_id],
-                    pad_id=self._tokenizer.pad_id,
+                    pad_id=padding_id(self._tokenizer),
                     generator=self._generator,
                     stop_fn=stop_fn if until else None,
                     **sampling,

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from torchtune import config, utils
+from torchtune.data import padding_id
 from torchtune.modules.peft import get_adapter_params, merge_lora_in_place
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class GenerateRecipe:
             top_k=self._top_k,
             top_p=self._top_p,
             stop_tokens=[self._tokenizer.eos_id],
-            pad_id=self._tokenizer.pad_id,
+            pad_id=padding_id(self._tokenizer),
             generator=generator,
             stop_fn=stop_fn,
         )
