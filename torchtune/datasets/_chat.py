@@ -51,6 +51,9 @@ class ChatDataset(Dataset):
         train_on_input (bool): score every token, prompts included. Default False.
         max_seq_len (Optional[int]): cut samples to this many tokens; None keeps them whole.
         new_system_prompt (Optional[str]): replace every row's system messages by this one.
+        rewritten_turns (str): ``"error"`` or ``"as_rendered"``, for templates that render an
+            assistant turn differently once later turns follow (Qwen 3); see
+            ``HFTokenizer.tokenize_messages``. Default "error".
         **load_dataset_kwargs: passed to ``datasets.load_dataset``.
 
     Raises:
@@ -70,6 +73,7 @@ class ChatDataset(Dataset):
         train_on_input: bool = False,
         max_seq_len: Optional[int] = None,
         new_system_prompt: Optional[str] = None,
+        rewritten_turns: str = "error",
         **load_dataset_kwargs: Any,
     ):
         if conversation_style not in _STYLES:
@@ -88,6 +92,7 @@ class ChatDataset(Dataset):
         self.train_on_input = train_on_input
         self.max_seq_len = max_seq_len
         self._new_system_prompt = new_system_prompt
+        self._rewritten_turns = rewritten_turns
         suffix = Path(source).suffix.lower()
         if data_files is None and suffix in _BUILDERS and Path(source).is_file():
             source, data_files = _BUILDERS[suffix], source
@@ -113,7 +118,9 @@ class ChatDataset(Dataset):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
         index = index % len(self)
         try:
-            tokens, mask = self._tokenizer.tokenize_messages(self._conversations[index])
+            tokens, mask = self._tokenizer.tokenize_messages(
+                self._conversations[index], rewritten_turns=self._rewritten_turns
+            )
         except ValueError as e:
             raise ValueError(f"{self._source}: row {index}: {e}") from e
         if self.max_seq_len is not None:
@@ -173,6 +180,7 @@ def chat_dataset(
     max_seq_len: Optional[int] = None,
     packed: bool = False,
     new_system_prompt: Optional[str] = None,
+    rewritten_turns: str = "error",
     **load_dataset_kwargs: Any,
 ) -> Union[ChatDataset, PackedDataset]:
     """Build a conversation dataset, optionally packed.
@@ -205,6 +213,7 @@ def chat_dataset(
         train_on_input=train_on_input,
         max_seq_len=max_seq_len,
         new_system_prompt=new_system_prompt,
+        rewritten_turns=rewritten_turns,
         **load_dataset_kwargs,
     )
     if packed:

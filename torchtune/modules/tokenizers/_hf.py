@@ -307,6 +307,7 @@ class HFTokenizer:
         messages: List[Dict[str, Any]],
         add_generation_prompt: bool = False,
         tools: Optional[List[dict]] = None,
+        rewritten_turns: str = "error",
     ) -> Tuple[List[int], List[bool]]:
         """Tokenize a conversation and mark which tokens are not trained on.
 
@@ -323,6 +324,13 @@ class HFTokenizer:
                 a string ``content``.
             add_generation_prompt (bool): end with the header that opens an assistant turn.
             tools (Optional[List[dict]]): JSON schemas of tools the template may render.
+            rewritten_turns (str): what to do when the rendering of ``messages[:i + 1]`` is not
+                a prefix of the whole conversation's, i.e. the template renders assistant turn
+                ``i`` differently once later turns follow (Qwen 3 gives the last turn an empty
+                ``<think></think>`` block and drops reasoning from earlier ones). ``"error"``
+                (default) raises; ``"as_rendered"`` scores the turn as the whole rendering shows
+                it: from the prompt to the first stop token after it (any reasoning the template
+                dropped is then not trained on). The prompt rendering must be a prefix either way.
 
         Returns:
             Tuple[List[int], List[bool]]: tokens and mask (True = not trained on), each of length
@@ -335,6 +343,10 @@ class HFTokenizer:
                 token (naming the turn and the stop tokens).
         """
         _check_messages(messages)
+        if rewritten_turns not in ("error", "as_rendered"):
+            raise ValueError(
+                f"rewritten_turns must be 'error' or 'as_rendered', got {rewritten_turns!r}"
+            )
         template = self._template(tools)
         full = template.render(messages, add_generation_prompt, tools, self.special_tokens)
         encoding = self._tok.encode(full, add_special_tokens=False)
@@ -352,16 +364,24 @@ class HFTokenizer:
                 raise ValueError(
                     f"rendering the prefixes of assistant turn {i} (to mask it) failed: {e}"
                 ) from e
-            for text, which in (
-                (prompt, f"messages[:{i}] + generation prompt"),
-                (turn, f"messages[:{i + 1}]"),
-            ):
-                if not full.startswith(text):
-                    raise ValueError(
-                        f"chat template from {template.name} rewrites earlier turns: the "
-                        f"rendering of {which} is not a prefix of the whole conversation's, so "
-                        f"assistant turn {i} cannot be masked by prefixes"
-                    )
+            if not full.startswith(prompt):
+                raise ValueError(
+                    f"chat template from {template.name} rewrites earlier turns: the rendering "
+                    f"of messages[:{i}] + generation prompt is not a prefix of the whole "
+                    f"conversation's, so assistant turn {i} cannot be masked by prefixes"
+                )
+            # The turn's own rendering bounds where its stop token may be, when it is a prefix.
+            turn_end = len(full)
+            if full.startswith(turn):
+                turn_end = len(turn)
+            elif rewritten_turns == "error":
+                raise ValueError(
+                    f"chat template from {template.name} renders assistant turn {i} differently "
+                    f"once later turns follow (messages[:{i + 1}] is not a prefix of the whole "
+                    "conversation's rendering, e.g. reasoning dropped from past turns); pass "
+                    "rewritten_turns='as_rendered' to train on the turn as the whole rendering "
+                    "shows it"
+                )
             start = next(
                 (j for j, (_, end) in enumerate(offsets) if end > len(prompt)), len(tokens)
             )
@@ -369,7 +389,7 @@ class HFTokenizer:
                 (
                     j
                     for j in range(start, len(tokens))
-                    if offsets[j][0] < len(turn) and tokens[j] in stops
+                    if offsets[j][0] < turn_end and tokens[j] in stops
                 ),
                 None,
             )

@@ -266,3 +266,51 @@ def test_template_precedence(tmp_path):
         tok.render([U1]) == hf.apply_chat_template([U1], tokenize=False) == "jinja " + U1["content"]
     )
     assert tok.chat_template == hf.chat_template
+
+
+# Qwen 3's structure: turns after the last user query open with a <think> block (empty without
+# reasoning); earlier assistant turns render their content alone.
+QWEN3_LIKE = (
+    "{%- set ns = namespace(last_query=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_query = loop.index0 %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and loop.index0 > ns.last_query %}"
+    "{%- set r = m.reasoning_content if m.reasoning_content is defined else '' %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + r + '\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def _scored_texts(tok, tokens, mask):
+    runs, run = [], []
+    for t, m in zip(tokens, mask):
+        if not m:
+            run.append(t)
+        elif run:
+            runs.append(tok.decode(run, skip_special_tokens=False))
+            run = []
+    return runs + ([tok.decode(run, skip_special_tokens=False)] if run else [])
+
+
+def test_turn_rendered_differently_later_needs_rewritten_turns(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = _with_template(tmp_path, QWEN3_LIKE)
+    ref = AutoTokenizer.from_pretrained(tmp_path)
+    tokens, mask = tok.tokenize_messages([U1, A1])  # one turn: it is the last one
+    assert _scored_texts(tok, tokens, mask) == [f"<think>\n\n</think>\n\n{A1['content']}<|im_end|>"]
+    conversation = [U1, {**A1, "reasoning_content": "think hard"}, U2, A2]
+    with pytest.raises(ValueError, match=r"renders assistant turn 1 differently.*as_rendered"):
+        tok.tokenize_messages(conversation)
+    with pytest.raises(ValueError, match="rewritten_turns must be"):
+        tok.tokenize_messages([U1, A1], rewritten_turns="ignore")
+    tokens, mask = tok.tokenize_messages(conversation, rewritten_turns="as_rendered")
+    assert tokens == ref.apply_chat_template(conversation, tokenize=True)["input_ids"]
+    # Turn 1 as the whole rendering shows it (its reasoning dropped), the last one with its block.
+    assert _scored_texts(tok, tokens, mask) == [
+        f"{A1['content']}<|im_end|>",
+        f"<think>\n\n</think>\n\n{A2['content']}<|im_end|>",
+    ]
