@@ -34,7 +34,7 @@ def build_dataloader(
     Args:
         dataset: map-style dataset of ``{"tokens", "labels"}`` samples.
         batch_size: samples per batch on this rank.
-        pad_id: the tokenizer's padding id.
+        pad_id: the id to pad with, ``torchtune.data.padding_id(tokenizer)``.
         shuffle: shuffle each epoch.
         seed: the run's seed.
         world_size: number of ranks.
