@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from tests.test_utils import tiny_hf_llama, train_sentencepiece, write_alpaca_json
 from torchtune import config
-from torchtune.data import padded_collate
+from torchtune.data import padded_collate, padding_id
 
 VOCAB_SIZE = 400  # the tokenizer's; the HF model is built to match it
 
@@ -89,7 +89,7 @@ def reference_batches(cfg: DictConfig) -> DataLoader:
     """The recipe's batches in order (shuffle off), built with the same dataset and collate."""
     tokenizer = config.instantiate(cfg.tokenizer)
     ds = config.instantiate(cfg.dataset, tokenizer=tokenizer)
-    collate = partial(padded_collate, padding_idx=tokenizer.pad_id)
+    collate = partial(padded_collate, padding_idx=padding_id(tokenizer))
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
 
 
