@@ -159,6 +159,21 @@ MISTRAL_TEMPLATE = (
     "{% endif %}{% endfor %}"
 )
 
+# Qwen 3's structure: turns after the last user query open with a <think> block (empty without
+# reasoning); earlier assistant turns render their content alone.
+QWEN3_LIKE_TEMPLATE = (
+    "{%- set ns = namespace(last_query=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_query = loop.index0 %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and loop.index0 > ns.last_query %}"
+    "{%- set r = m.reasoning_content if m.reasoning_content is defined else '' %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + r + '\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 # Per template: the special tokens (in id order), the named tokens of tokenizer_config.json and
 # the stop tokens of generation_config.json, as the imitated model ships them.
 _MODELS: Dict[str, dict] = {

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.tokenizer_fixtures import QWEN3_LIKE_TEMPLATE as QWEN3_LIKE
 from tests.tokenizer_fixtures import build_hf_tokenizer_dir
 from torchtune.models import hf_tokenizer
 
@@ -266,22 +267,6 @@ def test_template_precedence(tmp_path):
         tok.render([U1]) == hf.apply_chat_template([U1], tokenize=False) == "jinja " + U1["content"]
     )
     assert tok.chat_template == hf.chat_template
-
-
-# Qwen 3's structure: turns after the last user query open with a <think> block (empty without
-# reasoning); earlier assistant turns render their content alone.
-QWEN3_LIKE = (
-    "{%- set ns = namespace(last_query=-1) %}"
-    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_query = loop.index0 %}"
-    "{%- endif %}{%- endfor %}"
-    "{%- for m in messages %}"
-    "{%- if m.role == 'assistant' and loop.index0 > ns.last_query %}"
-    "{%- set r = m.reasoning_content if m.reasoning_content is defined else '' %}"
-    "{{- '<|im_start|>assistant\\n<think>\\n' + r + '\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 
 def _scored_texts(tok, tokens, mask):

@@ -1,0 +1,144 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""The shipped per-family configs: their header says how to download and run them, and each one
+trains as shipped (only paths, device, dtype and sizes overridden) from a tiny model folder laid
+out as on the hub (config.json, safetensors, tokenizer.json with its chat template)."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.recipes.single_device_utils import read_disk_log, run_tune
+from tests.recipes.test_family_recipes import BASE, FAMILIES
+from tests.recipes.test_full_finetune_distributed import run_tune_distributed
+from tests.test_utils import randomise_norms_and_biases_, sample_conversations
+from tests.tokenizer_fixtures import QWEN3_LIKE_TEMPLATE, build_hf_tokenizer_dir
+from torchtune import config
+from torchtune._recipe_registry import RECIPES, get_config
+from torchtune.models import hf_tokenizer
+
+# Config folder -> (our test family, tokenizer pipeline, chat template of the real model).
+FOLDERS = {
+    "llama3_1": ("llama3", "byte_bpe", "llama3"),
+    "llama3_2": ("llama3", "byte_bpe", "llama3"),
+    "smollm2": ("llama3", "byte_bpe", "chatml"),  # SmolLM2 speaks ChatML
+    "mistral": ("mistral", "metaspace", "mistral"),
+    "qwen2_5": ("qwen2", "byte_bpe", "chatml"),
+    "qwen3": ("qwen3", "byte_bpe", "qwen3"),
+}
+CONFIGS = sorted(
+    (c.name, r.name, r.supports_distributed)
+    for r in RECIPES
+    for c in r.configs
+    if c.alias_of is None and c.name.split("/")[0] in FOLDERS
+)
+# One config per family in the default suite (a few seconds each); the rest are slow.
+FAST = {
+    "llama3_2/1B_full_single_device",
+    "mistral/7B_lora_single_device",
+    "qwen2_5/0_5B_lora_single_device",
+    "qwen3/0_6B_full_single_device",
+    "smollm2/135M_full_single_device",
+}
+
+
+def test_every_family_folder_ships_full_and_lora_configs():
+    for folder in FOLDERS:
+        names = [n for n, _, _ in CONFIGS if n.startswith(folder + "/")]
+        assert any("_full" in n for n in names) and any("_lora" in n for n in names), folder
+    # Distributed configs where full fine-tuning needs more than one GPU's memory.
+    assert {n for n, _, dist in CONFIGS if dist} >= {"llama3_1/8B_full", "mistral/7B_full"}
+
+
+@pytest.mark.parametrize("name,recipe,distributed", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_header_gives_the_download_and_run_commands(name, recipe, distributed):
+    path = get_config(name).file_path
+    lines = path.read_text().splitlines()
+    launch = "tune --nnodes 1 --nproc_per_node 2 " if distributed else "tune "
+    assert lines[0] == f"# {launch}{recipe} --config {name}"
+    download = [line for line in lines if line.startswith("#   tune download ")]
+    assert len(download) == 1, name
+    cfg = config.load_config(path)
+    config.validate(cfg)
+    local = download[0].split("--output-dir ")[1].split()[0]
+    # Every path the config reads is the folder the download line writes.
+    assert cfg.model.config == cfg.tokenizer.path == cfg.checkpointer.checkpoint_dir == local
+    assert cfg.model._component_ == "torchtune.models.from_hf_config"
+    assert cfg.tokenizer._component_ == "torchtune.models.hf_tokenizer"
+    assert cfg.dataset._component_ == "torchtune.datasets.chat_dataset"
+
+
+def _model_folder(root: Path, folder: str) -> Path:
+    """A tiny model of the folder's family and a tokenizer with its template, in one folder."""
+    import transformers
+
+    family, kind, template = FOLDERS[folder]
+    out = root / folder
+    if out.exists():
+        return out
+    tok_dir = build_hf_tokenizer_dir(
+        root / f"{folder}_tok",
+        kind,
+        "chatml" if template == "qwen3" else template,
+        chat_template=QWEN3_LIKE_TEMPLATE if template == "qwen3" else None,
+    )
+    tok = hf_tokenizer(tok_dir)
+    config_cls, model_cls, extra = FAMILIES[family]
+    fields = {**BASE, **extra, "vocab_size": tok.vocab_size, "max_position_embeddings": 128}
+    fields.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    hf_config = getattr(transformers, config_cls)(**fields)
+    torch.manual_seed(0)
+    model = randomise_norms_and_biases_(getattr(transformers, model_cls)(hf_config).float())
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(tok_dir / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family_configs")
+    # Mistral's template takes alternating user/assistant turns only: no system prompts.
+    rows = [[m for m in c if m["role"] != "system"] for c in sample_conversations(8, seed=4)]
+    (root / "chats.jsonl").write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    return root
+
+
+CASES = [pytest.param(*c, id=c[0], marks=() if c[0] in FAST else pytest.mark.slow) for c in CONFIGS]
+
+
+@pytest.mark.parametrize("name,recipe,distributed", CASES)
+def test_config_trains_as_shipped(root, name, recipe, distributed, tmp_path):
+    model_dir = _model_folder(root, name.split("/")[0])
+    out = tmp_path / "out"
+    overrides = [
+        f"model.config={model_dir}",
+        "model.max_seq_len=128",
+        f"tokenizer.path={model_dir}",
+        f"checkpointer.checkpoint_dir={model_dir}",
+        "checkpointer.checkpoint_files=[model.safetensors]",
+        f"dataset.source={root / 'chats.jsonl'}",
+        "dataset.split=train",
+        "dataset.max_seq_len=128",
+        "device=cpu",
+        "dtype=fp32",
+        "batch_size=2",
+        "gradient_accumulation_steps=1",
+        "max_steps_per_epoch=2",
+        f"output_dir={out}",
+    ]
+    if distributed:
+        run_tune_distributed(recipe, name, overrides, cwd=tmp_path)
+    else:
+        run_tune(recipe, name, overrides, cwd=tmp_path)
+    rows = read_disk_log(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    epoch = out / "epoch_0"
+    assert (epoch / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
+    assert (epoch / "model.safetensors").is_file()
+    if "lora" in name:
+        assert (epoch / "adapter" / "adapter_config.json").is_file()
