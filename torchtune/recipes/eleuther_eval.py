@@ -153,19 +153,20 @@ class TorchTuneLM(TemplateLM):
         return f"{type(self._tokenizer).__name__}-{digest}"
 
     def chat_template(self, chat_template: Union[bool, str] = False) -> Optional[str]:
-        """The template text the harness logs: the tokenizer's, or the named one of several."""
+        """The template text the harness logs (None when chat templating is off).
+
+        A template name changes nothing: as with ``HFLM``, prompts are rendered with the
+        tokenizer's default template, whose text this is.
+        """
         if chat_template is False or chat_template is None:
             return None
-        template = getattr(self._tokenizer, "chat_template", None)
-        if isinstance(template, dict):
-            name = chat_template if isinstance(chat_template, str) else "default"
-            if name not in template:
-                raise ValueError(
-                    f"apply_chat_template={chat_template!r}: the tokenizer's chat templates are "
-                    f"{sorted(template)}"
-                )
-            return template[name]
-        return template
+        if isinstance(chat_template, str):
+            log.warning(
+                "apply_chat_template=%r: prompts use the tokenizer's default chat template, as "
+                "lm-eval's HF model does",
+                chat_template,
+            )
+        return getattr(self._tokenizer, "chat_template", None)
 
     def apply_chat_template(
         self, chat_history: List[Dict[str, str]], add_generation_prompt: bool = True
@@ -184,16 +185,26 @@ class TorchTuneLM(TemplateLM):
         """
         try:
             text = self._tokenizer.render(chat_history, add_generation_prompt=add_generation_prompt)
-        except TemplateError:
-            # HFLM's fallback for templates that reject a system turn (Gemma's).
-            log.warning("The chat template failed; rendering again without the system turns")
+        except ValueError as e:
+            # HFLM's fallback for templates that raise on a system turn (Mistral's); the
+            # tokenizer wraps the template's error in a ValueError.
+            if not isinstance(e.__cause__, TemplateError):
+                raise
+            log.warning("The chat template failed (%s); rendering without the system turns", e)
             chat_history = [m for m in chat_history if m["role"] != "system"]
             text = self._tokenizer.render(chat_history, add_generation_prompt=add_generation_prompt)
         if add_generation_prompt:
             return text
+        # Cut what the template adds after the final message (its end-of-turn), so the model
+        # continues that message; templates may strip it, hence the second try.
         final = chat_history[-1]["content"]
         if final not in text:
             final = final.strip()
+        if final not in text:
+            raise ValueError(
+                f"The chat template does not write the final message {final!r} into its text, "
+                "so it cannot be continued (the task's gen_prefix)"
+            )
         return text[: text.rindex(final) + len(final)]
 
     def tok_encode(
