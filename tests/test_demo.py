@@ -53,12 +53,15 @@ def test_prompts_match_the_training_tokenization():
     tok = llama2_tokenizer(paths["tokenizer"])
     ds = alpaca_dataset(tok, source="json", data_files=str(paths["heldout"]), train_on_input=False)
     rows = demo.load_rows(paths["heldout"])
-    for i in (0, len(rows) - 1):  # one row with an input, one without
-        sample = ds[i]
+    assert {bool(r["input"]) for r in rows} == {True, False}
+    for row, sample in zip(rows, ds):
         n_prompt = sum(label == -100 for label in sample["labels"])
-        prompt = tok.encode(demo.format_prompt(rows[i]), add_bos=True, add_eos=False)
+        prompt = tok.encode(demo.format_prompt(row), add_bos=True, add_eos=False)
+        # The whole prompt is masked and is exactly what the demo (and tune generate) feed;
+        # the scored tokens are the answer with no word-boundary piece in front.
         assert sample["tokens"][:n_prompt] == prompt
-        assert tok.decode(sample["tokens"][n_prompt:-1]) == rows[i]["output"]
+        assert tok.decode(sample["tokens"][n_prompt:-1]) == row["output"]
+        assert tok.decode(sample["tokens"]) == demo.format_prompt(row) + row["output"]
 
 
 def test_answer_matches_a_plain_greedy_loop():

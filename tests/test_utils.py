@@ -146,3 +146,40 @@ def write_alpaca_json(path: Path, n: int = 20, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records, ensure_ascii=False, indent=1))
     return path
+
+
+def sample_conversations(n: int = 20, seed: int = 0) -> List[List[dict]]:
+    """``n`` OpenAI-style conversations: 1-3 user/assistant rounds, about a third with a system
+    prompt, contents drawn from ``sample_corpus`` (unicode, digits, punctuation)."""
+    rng = random.Random(seed)
+    lines = sample_corpus(4 * n + 8, seed=seed)
+    conversations = []
+    for _ in range(n):
+        messages = []
+        if rng.random() < 1 / 3:
+            messages.append({"role": "system", "content": rng.choice(lines)})
+        for _ in range(rng.randint(1, 3)):
+            messages.append({"role": "user", "content": rng.choice(lines)})
+            messages.append({"role": "assistant", "content": rng.choice(lines)})
+        conversations.append(messages)
+    return conversations
+
+
+def write_chat_jsonl(path: Path, n: int = 20, seed: int = 0, style: str = "openai") -> Path:
+    """Write ``sample_conversations`` as JSON lines ``{"messages": [...]}`` (openai) or
+    ``{"conversations": [{"from", "value"}]}`` (sharegpt)."""
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for messages in sample_conversations(n, seed):
+            if style == "sharegpt":
+                row = {
+                    "conversations": [
+                        {"from": names[m["role"]], "value": m["content"]} for m in messages
+                    ]
+                }
+            else:
+                row = {"messages": messages}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path

@@ -29,6 +29,20 @@ KINDS = ("byte_bpe", "metaspace")
 TEMPLATES = ("llama3", "chatml", "gemma", "mistral")
 
 # The regex Llama 3 (tiktoken cl100k-style) splits text with before byte-level BPE.
+# transformers 5's model-specific tokenizer classes rebuild the pipeline from the vocabulary
+# instead of reading tokenizer.json's; each natural pair names the real model's class so that the
+# reference is what transformers does with a real checkpoint, the crossings load tokenizer.json.
+_CLASSES = {
+    ("byte_bpe", "llama3"): "PreTrainedTokenizerFast",
+    ("byte_bpe", "chatml"): "Qwen2Tokenizer",
+    ("metaspace", "gemma"): "GemmaTokenizer",
+    ("metaspace", "mistral"): "LlamaTokenizer",
+}
+# Qwen 2's split regex: single digits (Llama 3 groups up to three).
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -169,7 +183,7 @@ _MODELS: Dict[str, dict] = {
     ),
     "gemma": dict(
         template=GEMMA_TEMPLATE,
-        specials=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+        specials=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"],
         bos="<bos>",
         eos="<eos>",
         pad="<pad>",
@@ -196,15 +210,28 @@ def _training_corpus(seed: int) -> List[str]:
     return lines + extra
 
 
-def _train(kind: str, specials: List[str], seed: int):
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+def _train(kind: str, template: str, specials: List[str], seed: int):
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     corpus = _training_corpus(seed)
     if kind == "byte_bpe":
         tok = Tokenizer(models.BPE())
+        split = _LLAMA3_SPLIT
+        if template == "chatml":  # Qwen 2 / 2.5: its own regex after an NFC normalizer
+            split = _QWEN2_SPLIT
+            tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
@@ -330,14 +357,13 @@ def build_hf_tokenizer_dir(
     spec = _MODELS[template]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    data = _finish_json(kind, template, _train(kind, spec["specials"], seed))
+    data = _finish_json(kind, template, _train(kind, template, spec["specials"], seed))
     (path / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False, indent=1))
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
 
     source = chat_template if chat_template is not None else spec["template"]
     config = {
-        # Loads tokenizer.json as it is (Llama 3's real config names this class too).
-        "tokenizer_class": "PreTrainedTokenizerFast",
+        "tokenizer_class": _CLASSES.get((kind, template), "PreTrainedTokenizerFast"),
         "bos_token": spec["bos"],
         "eos_token": spec["eos"],
         "pad_token": spec["pad"],
@@ -355,8 +381,8 @@ def build_hf_tokenizer_dir(
             for s in spec["specials"]
         },
     }
-    if spec["unk"] is not None:
-        config["unk_token"] = spec["unk"]
+    # Written even when null: Qwen2Tokenizer's defaults would otherwise fill in <|endoftext|>.
+    config["unk_token"] = spec["unk"]
     if template in ("gemma", "mistral"):
         config["add_bos_token"] = True
         config["add_eos_token"] = False

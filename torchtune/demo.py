@@ -122,6 +122,7 @@ def answer(
     model, tokenizer, rows: Sequence[Dict[str, str]], max_new_tokens: int = 16, batch_size: int = 50
 ) -> List[str]:
     """Greedy one-line answers to Alpaca rows, prompted exactly as the training data is tokenized."""
+    from torchtune.data import padding_id
     from torchtune.utils import generate
 
     answers = []
@@ -134,7 +135,7 @@ def answer(
             max_new_tokens,
             temperature=0.0,
             stop_tokens=[tokenizer.eos_id],
-            pad_id=tokenizer.pad_id,
+            pad_id=padding_id(tokenizer),
         )
         # Cut at the first newline like the lm-eval task's stop string: answers are one line.
         answers.extend(tokenizer.decode(ids).split("\n")[0].strip() for ids in out)

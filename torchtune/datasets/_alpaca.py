@@ -6,11 +6,11 @@ from typing import Any, Optional, Union
 from torchtune.data import AlpacaInstructTemplate
 from torchtune.datasets._instruct import InstructDataset, instruct_dataset
 from torchtune.datasets._packed import PackedDataset
-from torchtune.modules.tokenizers import SentencePieceTokenizer
+from torchtune.modules.tokenizers import Tokenizer
 
 
 def alpaca_dataset(
-    tokenizer: SentencePieceTokenizer,
+    tokenizer: Tokenizer,
     source: str = "tatsu-lab/alpaca",
     train_on_input: bool = True,
     max_seq_len: Optional[int] = 512,
@@ -25,7 +25,7 @@ def alpaca_dataset(
     ``alpaca_dataset(tok, source="json", data_files="alpaca_data.json")``.
 
     Args:
-        tokenizer (SentencePieceTokenizer): the tokenizer.
+        tokenizer (Tokenizer): any torchtune tokenizer (SentencePiece or tokenizer.json).
         source (str): Hub id or ``datasets`` builder name. Default "tatsu-lab/alpaca".
         train_on_input (bool): compute the loss on the prompt too. Default True, as in the
             original Alpaca recipe.

@@ -5,16 +5,17 @@ from typing import Any, Dict, List, Optional, Union
 
 from torch.utils.data import Dataset
 
+from torchtune.data import padding_id
 from torchtune.datasets._packed import PackedDataset
 from torchtune.datasets._utils import load_hf_dataset, validate_columns
-from torchtune.modules.tokenizers import SentencePieceTokenizer
+from torchtune.modules.tokenizers import Tokenizer
 
 
 class TextCompletionDataset(Dataset):
     """One sample per row of a text column: ``tokens = encode(text)`` (BOS and EOS), labels = tokens.
 
     Args:
-        tokenizer (SentencePieceTokenizer): the tokenizer.
+        tokenizer (Tokenizer): any torchtune tokenizer (SentencePiece or tokenizer.json).
         source (str): Hub id or ``datasets`` builder name (``"json"``, ``"text"``, ...).
         column (str): the column holding the text. Default "text".
         max_seq_len (Optional[int]): truncate to this many tokens (a cut sample loses its EOS).
@@ -28,7 +29,7 @@ class TextCompletionDataset(Dataset):
 
     def __init__(
         self,
-        tokenizer: SentencePieceTokenizer,
+        tokenizer: Tokenizer,
         source: str,
         column: str = "text",
         max_seq_len: Optional[int] = None,
@@ -59,7 +60,7 @@ class TextCompletionDataset(Dataset):
 
 
 def text_completion_dataset(
-    tokenizer: SentencePieceTokenizer,
+    tokenizer: Tokenizer,
     source: str,
     column: str = "text",
     max_seq_len: Optional[int] = 512,
@@ -87,5 +88,5 @@ def text_completion_dataset(
     if packed:
         if max_seq_len is None:
             raise ValueError("packed=True needs a max_seq_len")
-        return PackedDataset(ds, max_seq_len=max_seq_len, padding_idx=tokenizer.pad_id)
+        return PackedDataset(ds, max_seq_len=max_seq_len, padding_idx=padding_id(tokenizer))
     return ds

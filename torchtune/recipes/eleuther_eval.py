@@ -33,6 +33,7 @@ from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 from torchtune import config, utils
+from torchtune.data import padding_id
 from torchtune.modules.peft import get_adapter_params, merge_lora_in_place
 
 try:
@@ -111,8 +112,6 @@ class TorchTuneLM(TemplateLM):
         self._add_bos = add_bos
         self._max_gen_toks = max_gen_toks
         self._generator = generator
-        pad_id = tokenizer.pad_id
-        self._pad_id = tokenizer.eos_id if pad_id is None else pad_id  # padding is never attended
         # Chat models end a turn with their own token (Llama 3's <|eot_id|>) besides EOS.
         self._stop_ids = list(getattr(tokenizer, "stop_token_ids", None) or [tokenizer.eos_id])
         self._bos_text = ""
@@ -244,7 +243,7 @@ class TorchTuneLM(TemplateLM):
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             width = len(inputs[idx[0]])
-            tokens = torch.full((len(idx), width), self._pad_id, dtype=torch.long)
+            tokens = torch.full((len(idx), width), padding_id(self._tokenizer), dtype=torch.long)
             for row, i in enumerate(idx):
                 tokens[row, : len(inputs[i])] = torch.tensor(inputs[i])
             # Right padding needs no mask: causal attention never looks ahead at it.
@@ -310,7 +309,7 @@ class TorchTuneLM(TemplateLM):
                     [prompts[i] for i in batch],
                     max_gen,
                     stop_tokens=self._stop_ids,
-                    pad_id=self._pad_id,
+                    pad_id=padding_id(self._tokenizer),
                     generator=self._generator,
                     stop_fn=stop_fn if until else None,
                     **sampling,

@@ -40,6 +40,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from torchtune import config, training, utils
+from torchtune.data import padding_id
 from torchtune.modules import TransformerDecoderLayer
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class FullFinetuneRecipeDistributed:
         self._dataloader = training.build_dataloader(
             config.instantiate(cfg.dataset, tokenizer=self._tokenizer),
             batch_size=cfg.batch_size,
-            pad_id=self._tokenizer.pad_id,
+            pad_id=padding_id(self._tokenizer),
             shuffle=cfg.shuffle,
             seed=self._state.seed,
             world_size=self._world_size,

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from torchtune import config, training, utils
+from torchtune.data import padding_id
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class FullFinetuneRecipeSingleDevice:
         self._dataloader = training.build_dataloader(
             config.instantiate(cfg.dataset, tokenizer=self._tokenizer),
             batch_size=cfg.batch_size,
-            pad_id=self._tokenizer.pad_id,
+            pad_id=padding_id(self._tokenizer),
             shuffle=cfg.shuffle,
             seed=self._state.seed,
         )

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from torchtune import config, utils
+from torchtune.data import padding_id
 from torchtune.modules.peft import get_adapter_params, merge_lora_in_place
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,6 @@ class GenerateRecipe:
         # Chat models end a turn with a token of their own (e.g. Llama 3's <|eot_id|>), which the
         # HF tokenizer lists next to EOS; the SentencePiece tokenizer has only EOS.
         stop_tokens = getattr(self._tokenizer, "stop_token_ids", None) or [self._tokenizer.eos_id]
-        pad_id = self._tokenizer.pad_id
-        pad_id = self._tokenizer.eos_id if pad_id is None else pad_id  # never attended
         generator = torch.Generator(device=self._device).manual_seed(self._seed)
         stop_fn = None
         if self._stop_strings:
@@ -153,7 +152,7 @@ class GenerateRecipe:
             top_k=self._top_k,
             top_p=self._top_p,
             stop_tokens=stop_tokens,
-            pad_id=pad_id,
+            pad_id=padding_id(self._tokenizer),
             generator=generator,
             stop_fn=stop_fn,
         )

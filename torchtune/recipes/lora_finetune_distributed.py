@@ -34,6 +34,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from torchtune import config, training, utils
+from torchtune.data import padding_id
 from torchtune.modules import TransformerDecoderLayer
 from torchtune.modules.peft import (
     get_adapter_params,
@@ -102,7 +103,7 @@ class LoRAFinetuneRecipeDistributed:
         self._dataloader = training.build_dataloader(
             config.instantiate(cfg.dataset, tokenizer=self._tokenizer),
             batch_size=cfg.batch_size,
-            pad_id=self._tokenizer.pad_id,
+            pad_id=padding_id(self._tokenizer),
             shuffle=cfg.shuffle,
             seed=self._state.seed,
             world_size=self._world_size,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.test_utils import write_alpaca_json
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate, padding_id
 from torchtune.datasets import PackedDataset, alpaca_dataset
 from torchtune.datasets._packed import pack_plan
 from torchtune.models.llama2 import llama2
@@ -205,6 +205,38 @@ def test_packed_losses_match_unpacked(sp_model_path, tmp_path, strategy):
         (torch.tensor(unpacked[k]["labels"][1:]) != -100).sum() for k in range(len(lens))
     )
     torch.testing.assert_close(got.sum() / n_tokens, ref.sum() / n_tokens, atol=1e-6, rtol=0)
+
+
+def test_the_padding_id_does_not_change_any_scored_loss(byte_bpe, tmp_path):
+    # padding_id falls back to EOS for a tokenizer without a pad token: any in-vocabulary id
+    # must do, since padding is unscored and a document of its own. Same rows padded with EOS
+    # and with another id give the same losses wherever a label is scored.
+    path = write_alpaca_json(tmp_path / "a.json", n=6)
+    kwargs = dict(source="json", data_files=str(path), cache_dir=str(tmp_path / "c"))
+    unpacked = alpaca_dataset(byte_bpe, max_seq_len=192, **kwargs)
+    packed = alpaca_dataset(byte_bpe, max_seq_len=192, packed=True, **kwargs)
+    batch = padded_collate([packed[i] for i in range(len(packed))], padding_id(byte_bpe))
+    is_pad = torch.ones_like(batch["tokens"], dtype=torch.bool)
+    for r, row in enumerate(pack_plan([len(s["tokens"]) for s in unpacked], 192)):
+        is_pad[r, : sum(len(unpacked[i]["tokens"]) for i in row)] = False
+    assert (batch["tokens"][is_pad] == byte_bpe.eos_id).all()
+    other = dict(batch, tokens=batch["tokens"].masked_fill(is_pad, 5))
+    torch.manual_seed(0)
+    model = llama2(
+        vocab_size=byte_bpe.vocab_size,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=64,
+        max_seq_len=192,
+        intermediate_dim=88,
+    ).eval()
+    with torch.no_grad():
+        got, ref = _per_token_losses(model, batch), _per_token_losses(model, other)
+    scored = batch["labels"][:, 1:] != CROSS_ENTROPY_IGNORE_IDX
+    assert is_pad.sum() > 0 and scored.sum() > 0
+    assert not (is_pad[:, 1:] & scored).any()
+    torch.testing.assert_close(got[scored], ref[scored], atol=0, rtol=0)
 
 
 def test_packed_labels_use_the_one_ignore_value(monkeypatch):

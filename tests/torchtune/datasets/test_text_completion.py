@@ -21,18 +21,50 @@ def text_file(tmp_path):
     return path, lines
 
 
-def test_tokens_match_sentencepiece(sp_model_path, text_file, hf_cache):
+@pytest.fixture(params=["sentencepiece", "byte_bpe"])
+def tokenizers(request):
+    """(the tokenizer under test, its reference encode(text, add_bos, add_eos))."""
+    if request.param == "byte_bpe":
+        return request.getfixturevalue("byte_bpe"), request.getfixturevalue("byte_bpe_reference")
+    path = request.getfixturevalue("sp_model_path")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+
+    def encode(text, add_bos=True, add_eos=True):
+        return sp.encode(text, add_bos=add_bos, add_eos=add_eos)
+
+    return SentencePieceTokenizer(path), encode
+
+
+def test_tokens_match_the_reference_tokenizer(tokenizers, text_file, hf_cache):
     path, lines = text_file
-    sp = spm.SentencePieceProcessor(model_file=str(sp_model_path))
-    tok = SentencePieceTokenizer(sp_model_path)
+    tok, reference = tokenizers
     ds = text_completion_dataset(
         tok, "json", column="body", max_seq_len=None, data_files=str(path), cache_dir=hf_cache
     )
     assert isinstance(ds, TextCompletionDataset) and len(ds) == len(lines)
     for line, s in zip(lines, ds):
-        assert s["tokens"] == sp.encode(line, add_bos=True, add_eos=True)
+        assert s["tokens"] == reference(line, add_bos=True, add_eos=True)
         assert s["labels"] == s["tokens"]
         assert tok.decode(s["tokens"]) == line
+
+
+def test_packing_without_a_pad_id_pads_with_eos(byte_bpe, text_file, hf_cache):
+    path, _ = text_file
+    assert byte_bpe.pad_id is None
+    kwargs = dict(column="body", data_files=str(path), cache_dir=hf_cache)
+    full = text_completion_dataset(byte_bpe, "json", max_seq_len=None, **kwargs)
+    packed = text_completion_dataset(byte_bpe, "json", max_seq_len=64, packed=True, **kwargs)
+    lens = [len(full[i]["tokens"]) for i in range(len(full))]
+    plan = pack_plan(lens, 64)
+    assert len(packed) == len(plan)
+    n_padded = 0
+    for row, samples in zip(packed, plan):
+        flat = [t for i in samples for t in full[i]["tokens"][:64]]
+        pad = 64 - len(flat)
+        assert row["tokens"] == flat + [byte_bpe.eos_id] * pad
+        assert row["labels"][len(flat) :] == [-100] * pad
+        n_padded += pad
+    assert n_padded > 0
 
 
 def test_truncation_and_packing(sp_model_path, text_file, hf_cache):

@@ -20,6 +20,21 @@ _NAMED_TOKENS = (
     "cls_token",
     "mask_token",
 )
+# Named tokens that transformers 5's model-specific classes default to when tokenizer_config.json
+# leaves the key out (their __init__ defaults); a key given as null stays null.
+_CLASS_DEFAULTS = {
+    "GemmaTokenizer": dict(
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+    ),
+    "LlamaTokenizer": dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>"),
+    "Qwen2Tokenizer": dict(
+        unk_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    ),
+}
 _ROLES = ("system", "user", "assistant", "tool")
 # transformers' clean_up_tokenization: the spaces a WordPiece tokenizer leaves before punctuation.
 _CLEANUP = tuple(
@@ -77,6 +92,8 @@ class HFTokenizer:
             generation_config.json, deduplicated, in that order.
         vocab_size (int): vocabulary size including added tokens.
         chat_template (Optional[str]): the default chat template's text.
+        special_tokens (Dict[str, str]): the named tokens (``bos_token``, ``eos_token``, ...)
+            the template is rendered with, as transformers' ``special_tokens_map``.
         max_seq_len (Optional[int]), path (Path).
 
     Raises:
@@ -94,10 +111,11 @@ class HFTokenizer:
             raise FileNotFoundError(f"tokenizer folder not found: {path}")
         self.path, self.max_seq_len = path, max_seq_len
         tok_file, config_file = path / "tokenizer.json", path / "tokenizer_config.json"
-        for f, what in ((tok_file, "the tokenizers library's tokenizer.json"), (config_file, "")):
+        for f in (tok_file, config_file):
             if not f.is_file():
                 raise FileNotFoundError(
-                    f"{f} not found; a Hugging Face tokenizer folder needs {what or 'its config'}"
+                    f"{f} not found; expected a Hugging Face model folder with tokenizer.json "
+                    "(the tokenizers library's file) and tokenizer_config.json"
                 )
         try:
             self._tok = Tokenizer.from_file(str(tok_file))
@@ -107,6 +125,8 @@ class HFTokenizer:
         if not isinstance(config, dict):
             raise ValueError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
 
+        tokenizer_class = str(config.get("tokenizer_class", "")).removesuffix("Fast")
+        config = {**_CLASS_DEFAULTS.get(tokenizer_class, {}), **config}
         self._add_missing_tokens(config, config_file)
         self.special_tokens: Dict[str, str] = {}
         for key in _NAMED_TOKENS:
@@ -140,7 +160,8 @@ class HFTokenizer:
             raise ValueError(f"{config_file}: added_tokens_decoder must be an object id -> token")
         for _, value in sorted(decoder.items(), key=lambda kv: int(kv[0])):
             _token_content(value, "added_tokens_decoder", config_file)
-            declared.append(_added_token(value, special=bool(value.get("special", False))))
+            special = isinstance(value, dict) and bool(value.get("special", False))
+            declared.append(_added_token(value, special=special))
         for key in _NAMED_TOKENS:
             value = config.get(key)
             if _token_content(value, key, config_file) is not None:
@@ -323,8 +344,14 @@ class HFTokenizer:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = template.render(messages[:i], True, tools, self.special_tokens)
-            turn = template.render(messages[: i + 1], False, tools, self.special_tokens)
+            try:
+                prompt = template.render(messages[:i], True, tools, self.special_tokens)
+                turn = template.render(messages[: i + 1], False, tools, self.special_tokens)
+            except ValueError as e:
+                # E.g. a conversation that opens with an assistant turn: its prompt is empty.
+                raise ValueError(
+                    f"rendering the prefixes of assistant turn {i} (to mask it) failed: {e}"
+                ) from e
             for text, which in (
                 (prompt, f"messages[:{i}] + generation prompt"),
                 (turn, f"messages[:{i + 1}]"),

@@ -12,8 +12,9 @@ class SentencePieceTokenizer:
 
     Encoding is plain SentencePiece: with the model's ``add_dummy_prefix`` every encoded piece of
     text starts with a word-boundary marker, so ``encode(a) + encode(b)`` is *not* ``encode(a + b)``
-    in general. The datasets rely on exactly that behaviour (prompt and response are encoded
-    separately), matching Hugging Face's ``legacy=True`` Llama tokenizer.
+    in general (as with Hugging Face's ``legacy=True`` Llama tokenizer). That is why the instruct
+    datasets encode prompt + response as one text and find the prompt's tokens in it (see
+    ``InstructDataset``) instead of encoding the response on its own.
 
     Args:
         path (Union[str, Path]): path of the SentencePiece model file.

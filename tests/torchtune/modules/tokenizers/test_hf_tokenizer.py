@@ -230,3 +230,19 @@ def test_encode_rejects_non_strings(pair):
     _, tok, _ = pair
     with pytest.raises(TypeError, match="str"):
         tok.encode(None)
+
+
+@pytest.mark.parametrize("kind, template", [("byte_bpe", "chatml"), ("metaspace", "gemma")])
+def test_class_defaults_fill_absent_tokens_as_reference(tmp_path, kind, template):
+    # Qwen2Tokenizer / GemmaTokenizer default the named tokens a config leaves out.
+    from transformers import AutoTokenizer
+
+    path = build_hf_tokenizer_dir(tmp_path, kind, template)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    for key in ("unk_token", "pad_token", "eos_token"):
+        config.pop(key)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok, hf = hf_tokenizer(path), AutoTokenizer.from_pretrained(path)
+    assert tok.special_tokens == hf.special_tokens_map
+    assert (tok.eos_id, tok.pad_id) == (hf.eos_token_id, hf.pad_token_id)
+    assert tok.pad_id is not None and tok.vocab_size == len(hf)

@@ -103,8 +103,8 @@ def test_identity_model_round_trips_exactly(identity_model_path):
 
 
 def test_dummy_prefix_is_kept_per_piece(identity_model_path):
-    # Encoding two pieces separately keeps the second piece's word-boundary marker: the
-    # datasets depend on this (prompt and response are encoded separately).
+    # Encoding two pieces separately keeps the second piece's word-boundary marker: the reason
+    # the instruct datasets encode prompt + response as one text.
     sp = spm.SentencePieceProcessor(model_file=str(identity_model_path))
     tok = SentencePieceTokenizer(identity_model_path)
     second = tok.encode("world", add_bos=False, add_eos=False)
