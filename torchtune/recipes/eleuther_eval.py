@@ -11,18 +11,24 @@ config), which is merged into the base weights before evaluation. It is wrapped 
 batched; generation uses the KV cache) and run through the harness's own evaluator. The
 harness's results table goes to stdout and its results JSON to ``output_dir``.
 
+``apply_chat_template`` (true, or a template name), ``system_instruction`` and
+``fewshot_as_multiturn`` are the harness's own options: the prompts are then rendered by the
+tokenizer's chat template, which needs a tokenizer that has one (``torchtune.models.hf_tokenizer``).
+
 lm-eval is the optional extra ``eval``: ``pip install -e ".[eval]"`` (or ``pip install lm-eval``).
 """
 
+import hashlib
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from jinja2 import TemplateError
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 
@@ -61,9 +67,15 @@ class TorchTuneLM(TemplateLM):
     inputs longer than ``max_seq_length + 1`` lose tokens on the left, and rolling
     loglikelihoods use the harness's disjoint windows with BOS as the first context.
 
+    With a tokenizer that has a chat template (``render``, ``chat_template``), the harness's
+    ``apply_chat_template`` option renders prompts through it, as ``HFLM`` does through
+    ``transformers``. Such a prompt already begins with the template's BOS text, so, like
+    ``HFLM``, a string that begins with it is encoded without adding another.
+
     Args:
         model: the decoder, in eval mode, on ``device``.
-        tokenizer: a torchtune tokenizer (``encode``, ``decode``, ``bos_id``, ``eos_id``, ``pad_id``).
+        tokenizer: a torchtune tokenizer (``encode``, ``decode``, ``bos_id``, ``eos_id``,
+            ``pad_id``; optionally ``stop_token_ids`` and the chat methods).
         device: where the model lives.
         max_seq_length: the longest token sequence fed to the model.
         batch_size: requests per forward.
@@ -100,6 +112,11 @@ class TorchTuneLM(TemplateLM):
         self._add_bos = add_bos
         self._max_gen_toks = max_gen_toks
         self._generator = generator
+        # Chat models end a turn with their own token (Llama 3's <|eot_id|>) besides EOS.
+        self._stop_ids = list(getattr(tokenizer, "stop_token_ids", None) or [tokenizer.eos_id])
+        self._bos_text = ""
+        if getattr(tokenizer, "chat_template", None) and tokenizer.bos_id is not None:
+            self._bos_text = tokenizer.decode([tokenizer.bos_id], skip_special_tokens=False)
 
     @property
     def eot_token_id(self) -> int:
@@ -107,7 +124,9 @@ class TorchTuneLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        return self._tokenizer.bos_id
+        # HFLM's choice: BOS, or EOS for tokenizers without one (Qwen).
+        bos_id = self._tokenizer.bos_id
+        return self._tokenizer.eos_id if bos_id is None else bos_id
 
     @property
     def max_length(self) -> int:
@@ -125,10 +144,74 @@ class TorchTuneLM(TemplateLM):
     def device(self) -> torch.device:
         return self._device
 
+    @property
+    def tokenizer_name(self) -> str:
+        # Only names the harness's request cache; the template text is what changes requests.
+        template = self.chat_template(True) or ""
+        digest = hashlib.sha256(template.encode()).hexdigest()[:16]
+        return f"{type(self._tokenizer).__name__}-{digest}"
+
+    def chat_template(self, chat_template: Union[bool, str] = False) -> Optional[str]:
+        """The template text the harness logs (None when chat templating is off).
+
+        A template name changes nothing: as with ``HFLM``, prompts are rendered with the
+        tokenizer's default template, whose text this is.
+        """
+        if chat_template is False or chat_template is None:
+            return None
+        if isinstance(chat_template, str):
+            log.warning(
+                "apply_chat_template=%r: prompts use the tokenizer's default chat template, as "
+                "lm-eval's HF model does",
+                chat_template,
+            )
+        return getattr(self._tokenizer, "chat_template", None)
+
+    def apply_chat_template(
+        self, chat_history: List[Dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """Render a conversation with the tokenizer's chat template.
+
+        Args:
+            chat_history: ``[{"role": ..., "content": ...}, ...]``.
+            add_generation_prompt: open the assistant's turn after the last message. False
+                means the last message is an assistant's answer prefix (a task's ``gen_prefix``)
+                that the model continues, so the text ends right after it (what ``HFLM`` gets
+                from transformers' ``continue_final_message``).
+
+        Returns:
+            The rendered text, with the template's BOS text when it writes one.
+        """
+        try:
+            text = self._tokenizer.render(chat_history, add_generation_prompt=add_generation_prompt)
+        except ValueError as e:
+            # HFLM's fallback for templates that raise on a system turn (Mistral's); the
+            # tokenizer wraps the template's error in a ValueError.
+            if not isinstance(e.__cause__, TemplateError):
+                raise
+            log.warning("The chat template failed (%s); rendering without the system turns", e)
+            chat_history = [m for m in chat_history if m["role"] != "system"]
+            text = self._tokenizer.render(chat_history, add_generation_prompt=add_generation_prompt)
+        if add_generation_prompt:
+            return text
+        # Cut what the template adds after the final message (its end-of-turn), so the model
+        # continues that message; templates may strip it, hence the second try.
+        final = chat_history[-1]["content"]
+        if final not in text:
+            final = final.strip()
+        if final not in text:
+            raise ValueError(
+                f"The chat template does not write the final message {final!r} into its text, "
+                "so it cannot be continued (the task's gen_prefix)"
+            )
+        return text[: text.rindex(final) + len(final)]
+
     def tok_encode(
         self, string: str, add_special_tokens: Optional[bool] = None, **kwargs
     ) -> List[int]:
         add_bos = self._add_bos if add_special_tokens is None else add_special_tokens
+        if add_special_tokens is None and self._bos_text and string.startswith(self._bos_text):
+            add_bos = False  # a rendered chat prompt: its template wrote the BOS already
         return self._tokenizer.encode(string, add_bos=add_bos, add_eos=False)
 
     def tok_decode(self, tokens: Sequence[int]) -> str:
@@ -225,7 +308,7 @@ class TorchTuneLM(TemplateLM):
                     self._model,
                     [prompts[i] for i in batch],
                     max_gen,
-                    stop_tokens=[self.eot_token_id],
+                    stop_tokens=self._stop_ids,
                     pad_id=padding_id(self._tokenizer),
                     generator=self._generator,
                     stop_fn=stop_fn if until else None,
@@ -265,7 +348,8 @@ class EleutherEvalRecipe:
 
     Raises:
         ImportError: if lm-eval is not installed (with the install command).
-        ValueError: on bad ``tasks``, ``limit``, ``batch_size`` or ``max_seq_length``.
+        ValueError: on bad ``tasks``, ``limit``, ``batch_size``, ``max_seq_length`` or chat
+            options, or ``apply_chat_template`` with a tokenizer that has no chat template.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -291,12 +375,42 @@ class EleutherEvalRecipe:
         self._include_path = cfg.include_path
         self._include_default_tasks = bool(cfg.include_default_tasks)
         self._output_dir = Path(cfg.output_dir)
+        # The harness's chat options; configs written before them have none of these keys.
+        self._apply_chat_template = cfg.get("apply_chat_template", False)
+        if (
+            not isinstance(self._apply_chat_template, (bool, str))
+            or self._apply_chat_template == ""
+        ):
+            raise ValueError(
+                "Config key 'apply_chat_template' must be true, false or a chat template name, "
+                f"got {self._apply_chat_template!r}"
+            )
+        self._system_instruction = cfg.get("system_instruction")
+        if self._system_instruction is not None and not isinstance(self._system_instruction, str):
+            raise ValueError(
+                "Config key 'system_instruction' must be a string or null, "
+                f"got {self._system_instruction!r}"
+            )
+        self._fewshot_as_multiturn = bool(cfg.get("fewshot_as_multiturn", False))
+        if self._fewshot_as_multiturn and not self._apply_chat_template:
+            raise ValueError(
+                "Config key 'fewshot_as_multiturn' needs apply_chat_template (the few-shot "
+                "examples become chat turns)"
+            )
 
     def setup(self, cfg: DictConfig) -> None:
+        # The tokenizer first: chat options it cannot serve fail before any weights load.
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        if self._apply_chat_template and not getattr(self._tokenizer, "chat_template", None):
+            raise ValueError(
+                f"apply_chat_template={self._apply_chat_template!r} needs a tokenizer with a chat "
+                f"template, and tokenizer '{cfg.tokenizer._component_}' has none. Use "
+                "torchtune.models.hf_tokenizer with the model's Hugging Face folder (tokenizer.json "
+                "and a tokenizer_config.json with a chat_template), or apply_chat_template=false"
+            )
         checkpointer = config.instantiate(cfg.checkpointer)
         ckpt = checkpointer.load_checkpoint()
         self._model = self._setup_model(cfg.model, ckpt["model"], ckpt.get("adapter"))
-        self._tokenizer = config.instantiate(cfg.tokenizer)
 
     def _setup_model(
         self,
@@ -363,6 +477,9 @@ class EleutherEvalRecipe:
             numpy_random_seed=self._seed,
             torch_random_seed=self._seed,
             fewshot_random_seed=self._seed,
+            apply_chat_template=self._apply_chat_template,
+            system_instruction=self._system_instruction,
+            fewshot_as_multiturn=self._fewshot_as_multiturn,
         )
         log.info("Evaluation took %.1f s", time.perf_counter() - t0)
         print(make_table(results))
