@@ -31,6 +31,7 @@ from torchtune.training import _next_token_loss as next_token_loss_module
 # ``small_llama3`` is ``small`` with Llama 3's attention: 4 KV heads for 12 query heads (GQA)
 # and its RoPE (theta 500000, ``llama3`` frequency scaling; see ``ROPE``). Its vocabulary stays
 # 32000: Llama 3's 128256 would make the output layer most of a CPU-sized model.
+# ``llama3_8b`` is Llama 3.1 8B's full shape (vocabulary included), for CUDA in bf16.
 SHAPES: Dict[str, Dict[str, int]] = {
     "tiny": dict(
         vocab_size=1000,
@@ -72,6 +73,14 @@ SHAPES: Dict[str, Dict[str, int]] = {
         embed_dim=768,
         intermediate_dim=2048,
     ),
+    "llama3_8b": dict(
+        vocab_size=128_256,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        embed_dim=4096,
+        intermediate_dim=14336,
+    ),
 }
 # Rotary settings of a shape (Llama 2's theta 10000 and no scaling when absent).
 _LLAMA3_ROPE = dict(
@@ -84,7 +93,11 @@ _LLAMA3_ROPE = dict(
         "original_max_position_embeddings": 8192,
     },
 )
-ROPE: Dict[str, Dict] = {"tiny_llama3": _LLAMA3_ROPE, "small_llama3": _LLAMA3_ROPE}
+ROPE: Dict[str, Dict] = {
+    "tiny_llama3": _LLAMA3_ROPE,
+    "small_llama3": _LLAMA3_ROPE,
+    "llama3_8b": _LLAMA3_ROPE,
+}
 LORA = dict(lora_attn_modules=["q_proj", "v_proj"], lora_rank=8, lora_alpha=16.0)
 ADAMW = dict(lr=2e-5, weight_decay=0.01)
 PAD_ID = 0

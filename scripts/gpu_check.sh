@@ -8,7 +8,9 @@
 #      per-step losses must agree (NCCL with one rank, FSDP2 sharding over one device);
 #   2. full_finetune_distributed and lora_finetune_distributed in bf16 (fp32 masters, bf16
 #      compute, fp32 reduction) with activation checkpointing;
-#   3. the tests marked `gpu` in tests/recipes/test_*_distributed.py.
+#   3. the tests marked `gpu` in tests/recipes/test_*_distributed.py;
+#   4. (cuda only; SKIP_8B=1 skips it) the benchmark on Llama 3.1 8B shapes with random weights,
+#      bf16, LoRA (rank 8, q/v), batch 2 x 2048: tokens/s and peak memory, ours and HF + PEFT.
 # Prints per-step losses, tokens/s and peak memory from the recipes' logs. Run from the repo
 # root in an environment with torchtune installed (pip install -e ".[dev]"); it builds a tiny
 # model, tokenizer and dataset locally (no downloads). DEVICE=cpu runs steps 1-2 on CPU
@@ -68,4 +70,8 @@ EOF
 
 [[ $DEVICE == cuda ]] && python -m pytest -q -m gpu tests/recipes/test_full_finetune_distributed.py \
     tests/recipes/test_lora_finetune_distributed.py -p no:cacheprovider
+if [[ $DEVICE == cuda && -z ${SKIP_8B:-} ]]; then
+    python -m benchmarks.finetune --shape llama3_8b --device cuda --dtype bf16 --methods lora \
+        --max-seq-len 2048 --batch-size 2 --out "$OUT/cuda_llama3_8b"
+fi
 echo "gpu_check: OK"
