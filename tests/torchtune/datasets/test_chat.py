@@ -8,10 +8,10 @@ from unittest import mock
 import datasets
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.test_utils import sample_conversations, write_chat_jsonl
 from tests.tokenizer_fixtures import build_hf_tokenizer_dir
+from tests.torchtune.datasets.test_packed import _per_token_losses
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate, padding_id
 from torchtune.datasets import ChatDataset, PackedDataset, chat_dataset
 from torchtune.datasets._packed import pack_plan
@@ -217,18 +217,6 @@ def test_truncation_masks_the_turn_it_cuts(llama3_tokenizer, tmp_path):
     assert (
         truncate_chat(whole["tokens"], [l == IGNORE for l in whole["labels"]], cut)[0]
         == got["tokens"]
-    )
-
-
-def _per_token_losses(model, batch):
-    kwargs = {k: batch[k] for k in ("mask", "input_pos") if k in batch}
-    logits = model(batch["tokens"], **kwargs)
-    # [b, s-1]: logits at t predict the label at t + 1; ignored labels give 0.
-    return F.cross_entropy(
-        logits[:, :-1].transpose(1, 2),
-        batch["labels"][:, 1:],
-        ignore_index=IGNORE,
-        reduction="none",
     )
 
 
