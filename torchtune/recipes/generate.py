@@ -92,9 +92,11 @@ class GenerateRecipe:
                 "torchtune.models.hf_tokenizer with the model's Hugging Face folder (tokenizer.json "
                 "and a tokenizer_config.json with a chat_template), or give a plain prompt"
             )
-        # The template writes its own BOS, so these tokens hold exactly the one it writes.
-        tokens, _ = self._tokenizer.tokenize_messages(self._messages, add_generation_prompt=True)
-        return tokens
+        # The template writes its own BOS, so the text is encoded without adding one. Rendered,
+        # not tokenize_messages: no loss mask is needed, and its prefix checks would refuse
+        # templates (Qwen 3's) that render earlier turns differently, which is fine here.
+        text = self._tokenizer.render(self._messages, add_generation_prompt=True)
+        return self._tokenizer.encode(text, add_bos=False, add_eos=False)
 
     def _setup_model(
         self,
