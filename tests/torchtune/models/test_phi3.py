@@ -422,3 +422,119 @@ def test_presets_have_the_published_sizes_and_lora_twins(name):
     if name == "phi4_mini":
         assert model.layers[0].attn.pos_embeddings.rotary_dim == 96
         assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_partial_rotary_without_longrope_is_the_plain_rope_on_its_channels():
+    from torchtune.modules import RotaryPositionalEmbeddings
+    from torchtune.modules.position_embeddings import PartialRotaryPositionalEmbeddings
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 9, 3, 14, generator=g)
+    pos = torch.randint(0, 32, (2, 9), generator=g)
+    full = PartialRotaryPositionalEmbeddings(14, 32, base=500.0)
+    plain = RotaryPositionalEmbeddings(14, 32, base=500.0)
+    for p in (None, pos):
+        torch.testing.assert_close(full(x, input_pos=p), plain(x, input_pos=p), atol=0, rtol=0)
+    part = PartialRotaryPositionalEmbeddings(14, 32, base=500.0, rotary_dim=8)
+    want = torch.cat([RotaryPositionalEmbeddings(8, 32, base=500.0)(x[..., :8]), x[..., 8:]], -1)
+    torch.testing.assert_close(part(x), want, atol=0, rtol=0)
+    # fp32 tables through .to(bf16); built on meta, filled by to_empty
+    assert part.to(torch.bfloat16).cache.dtype == torch.float32
+    with torch.device("meta"):
+        lazy = PartialRotaryPositionalEmbeddings(14, 32, base=500.0, rotary_dim=8)
+    lazy.to_empty(device="cpu")
+    torch.testing.assert_close(lazy(x), want, atol=0, rtol=0)
+
+
+def test_longrope_tables_and_checks():
+    from torchtune.modules.position_embeddings import PartialRotaryPositionalEmbeddings
+
+    longrope = dict(
+        short_factor=[1.0, 2.0], long_factor=[3.0, 4.0], original_max_position_embeddings=8
+    )
+    longrope["attention_factor"] = 1.25
+    short_only = PartialRotaryPositionalEmbeddings(6, 8, rotary_dim=4, longrope=longrope)
+    assert not hasattr(short_only, "long_cache")  # no position can pass the original 8
+    rope = PartialRotaryPositionalEmbeddings(6, 16, rotary_dim=4, longrope=longrope)
+    # a plain-PyTorch derivation of HF's longrope: angle p / (factor * base ** (2i / 4)), x1.25
+    for factors, table in ((longrope["short_factor"], rope.cache), ([3.0, 4.0], rope.long_cache)):
+        inv = 1.0 / (torch.tensor(factors) * 10_000.0 ** (torch.arange(0, 4, 2) / 4))
+        angles = torch.arange(16.0)[:, None] * inv
+        torch.testing.assert_close(table[:, 0], 1.25 * angles.cos(), atol=0, rtol=0)
+        torch.testing.assert_close(table[:, 1], 1.25 * angles.sin(), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="longrope lacks"):
+        PartialRotaryPositionalEmbeddings(6, 16, rotary_dim=4, longrope={"short_factor": [1.0]})
+    with pytest.raises(ValueError, match="longrope short_factor has 2 entries, expected"):
+        PartialRotaryPositionalEmbeddings(10, 16, rotary_dim=6, longrope=longrope)
+    with pytest.raises(ValueError, match=r"rotary_dim must be even and in \(0, dim=6\], got 5"):
+        PartialRotaryPositionalEmbeddings(6, 16, rotary_dim=5)
+
+
+def test_fused_projection_knobs_are_checked():
+    from torch import nn
+
+    from torchtune.models._decoder import decoder
+    from torchtune.modules import CausalSelfAttention, FeedForward
+
+    kw = dict(vocab_size=10, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=8)
+    kw.update(intermediate_dim=6, max_seq_len=8, lora_rank=2, lora_alpha=2.0)
+    with pytest.raises(ValueError, match=r"lora_modules \['q_proj'\] are not in this model"):
+        decoder(fused_qkv=True, lora_modules=["q_proj"], **kw)
+    with pytest.raises(ValueError, match=r"lora_modules \['qkv_proj', 'w13'\] are not in this"):
+        decoder(lora_modules=["qkv_proj", "w13"], **kw)
+    model = decoder(fused_qkv=True, fused_gate_up=True, lora_modules=["qkv_proj", "w13"], **kw)
+    layer = model.layers[0]
+    assert layer.attn.q_proj is None and layer.mlp.w1 is None and layer.mlp.w3 is None
+    assert layer.attn.qkv_proj.lora_b.weight.shape == (16, 2)  # (2 + 2 * 1) heads x 4
+    assert layer.mlp.w13.lora_b.weight.shape == (12, 2)
+    plain = decoder(**kw)
+    assert plain.layers[0].attn.qkv_proj is None and plain.layers[0].mlp.w13 is None
+    assert not any("qkv" in k or "w13" in k for k in plain.state_dict())
+    with pytest.raises(ValueError, match="Give either qkv_proj or q_proj"):
+        CausalSelfAttention(
+            8,
+            2,
+            1,
+            4,
+            nn.Linear(8, 8),
+            None,
+            None,
+            nn.Linear(8, 8),
+            nn.Identity(),
+            qkv_proj=nn.Linear(8, 16),
+        )
+    with pytest.raises(ValueError, match="Give either gate_up_proj or gate_proj"):
+        FeedForward(nn.Linear(8, 6), nn.Linear(6, 8), None, gate_up_proj=nn.Linear(8, 12))
+
+
+def test_fused_mlp_equals_the_split_one():
+    """``w13``'s first half is the gate, as HF's ``gate_up_proj.chunk(2)``."""
+    from torch import nn
+
+    from torchtune.modules import FeedForward
+
+    torch.manual_seed(0)
+    gate, up, down = nn.Linear(8, 6, bias=False), nn.Linear(8, 6, bias=False), nn.Linear(6, 8)
+    fused = nn.Linear(8, 12, bias=False)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([gate.weight, up.weight]))
+    x = torch.randn(3, 5, 8)
+    want = FeedForward(gate, down, up)(x)
+    torch.testing.assert_close(FeedForward(None, down, None, gate_up_proj=fused)(x), want)
+
+
+def test_init_weights_from_meta_fills_the_rope_tables_and_zeroes_the_padding_row():
+    from torchtune.modules import init_weights_
+
+    row = family_for_hf_model_type("phi3")
+    kwargs = row.hf_config_to_builder_kwargs(tiny_hf(FAST).config.to_dict())
+    with torch.device("meta"):
+        model = row.builder(**kwargs)
+    model.to_empty(device="cpu")
+    init_weights_(model)
+    fresh = row.builder(**kwargs).layers[0].attn.pos_embeddings
+    rope = model.layers[0].attn.pos_embeddings
+    torch.testing.assert_close(rope.cache, fresh.cache, atol=0, rtol=0)
+    torch.testing.assert_close(rope.long_cache, fresh.long_cache, atol=0, rtol=0)
+    assert model.tok_embeddings.weight[PAD].abs().max() == 0
+    assert model.tok_embeddings.weight.std() > 0.01
