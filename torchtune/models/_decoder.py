@@ -214,17 +214,13 @@ def decoder(
                 linear("qkv_proj", embed_dim, q_dim + 2 * kv_dim, attn_bias) if fused_qkv else None
             ),
         )
-        mlp = FeedForward(
-            gate_proj=None
-            if fused_gate_up
-            else linear("w1", embed_dim, intermediate_dim, mlp_bias),
-            down_proj=linear("w2", intermediate_dim, embed_dim, mlp_bias),
-            up_proj=None if fused_gate_up else linear("w3", embed_dim, intermediate_dim, mlp_bias),
-            activation=mlp_activation,
-            gate_up_proj=(
-                linear("w13", embed_dim, 2 * intermediate_dim, mlp_bias) if fused_gate_up else None
-            ),
-        )
+        # Created in this order (w1, w2, w3) so that unfused models draw their default init
+        # as they always have.
+        w1 = None if fused_gate_up else linear("w1", embed_dim, intermediate_dim, mlp_bias)
+        w2 = linear("w2", intermediate_dim, embed_dim, mlp_bias)
+        w3 = None if fused_gate_up else linear("w3", embed_dim, intermediate_dim, mlp_bias)
+        w13 = linear("w13", embed_dim, 2 * intermediate_dim, mlp_bias) if fused_gate_up else None
+        mlp = FeedForward(w1, w2, w3, activation=mlp_activation, gate_up_proj=w13)
         layers.append(
             TransformerDecoderLayer(
                 attn=attn, mlp=mlp, sa_norm=norm(embed_dim), mlp_norm=norm(embed_dim)
