@@ -337,10 +337,13 @@ def test_recipe_trains_like_transformers_and_exports_load(shared, family, kind, 
 
 
 @pytest.mark.slow  # about 15 s: two runs, one of them on two processes
-def test_two_ranks_of_packed_windowed_mistral_lora_match_one_device(shared, tmp_path):
-    """Packed rows (document masks) under mistral's window, sharded over two gloo ranks."""
+@pytest.mark.parametrize("family", ["mistral", "phi3"])
+def test_two_ranks_of_packed_windowed_mistral_lora_match_one_device(shared, tmp_path, family):
+    """Packed rows (document masks) under mistral's window, sharded over two gloo ranks; and
+    phi3's fused adapters (every packed row passes LongRoPE's original length, so both runs
+    use its long factors)."""
     single, dist = tmp_path / "single", tmp_path / "dist"
-    common = family_overrides(shared, "mistral", "lora", single)
+    common = family_overrides(shared, family, "lora", single)
     common = [o for o in common if not o.startswith(("batch_size=", "output_dir="))]
     # The prompts are 106-161 tokens: at 64 every row would be one truncated sample; at 256
     # rows hold two or three documents (and pieces), every one longer than the window.
