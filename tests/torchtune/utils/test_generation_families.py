@@ -176,3 +176,16 @@ def test_pad_queries_past_a_window_attend_something(monkeypatch):
         _sdpa_nan_on_empty_rows(torch.nn.functional.scaled_dot_product_attention),
     )
     assert generate(ours, prompts, 12, temperature=0.0, stop_tokens=[EOS], pad_id=PAD) == expected
+
+
+def test_longrope_past_its_original_length_recomputed_equals_hf_generate():
+    """Across LongRoPE's switch (original length 16, 11 + 30 tokens) transformers re-encodes
+    the whole sequence with the long factors; our cache-free path does the same each step.
+    (The cached path keeps the keys it cached with the short factors: see
+    PartialRotaryPositionalEmbeddings.)"""
+    hf = test_phi3.tiny_hf("all-on-tied", tie_word_embeddings=False)
+    ours = _ours(hf)
+    assert ours.layers[0].attn.pos_embeddings.longrope["original_max_position_embeddings"] == 16
+    prompts = _prompts([11, 3, 8])
+    kw = dict(temperature=0.0, stop_tokens=[EOS], pad_id=PAD, use_cache=False)
+    assert generate(ours, prompts, 30, **kw) == _hf_greedy(hf, prompts, 30)
