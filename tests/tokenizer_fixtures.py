@@ -11,7 +11,8 @@ bos/eos/pad choice and the stop ids of the model it imitates:
   (Gemma / Mistral: SentencePiece-style BPE with byte fallback; with the ``gemma`` template the
   Gemma normalizer form, with the others the Metaspace pre-tokenizer form).
 - templates: ``"llama3"`` (Llama 3.1 instruct), ``"chatml"`` (Qwen 2.5 instruct, with tools),
-  ``"gemma"`` (Gemma 3), ``"mistral"`` (Mistral 7B instruct v0.1).
+  ``"gemma"`` (Gemma 3), ``"mistral"`` (Mistral 7B instruct v0.1), ``"phi3"`` (Phi-3 / Phi-3.5
+  mini instruct: ``<|user|>`` / ``<|assistant|>`` / ``<|end|>`` turns, as recalled, unverified).
 
 ``template_storage`` says where the template goes: ``"config"`` (tokenizer_config.json, as
 older checkpoints have it), ``"jinja"`` (a chat_template.jinja file, as transformers 5's
@@ -26,7 +27,7 @@ from typing import Dict, List, Optional
 from tests.test_utils import sample_corpus
 
 KINDS = ("byte_bpe", "metaspace")
-TEMPLATES = ("llama3", "chatml", "gemma", "mistral")
+TEMPLATES = ("llama3", "chatml", "gemma", "mistral", "phi3")
 
 # The regex Llama 3 (tiktoken cl100k-style) splits text with before byte-level BPE.
 # transformers 5's model-specific tokenizer classes rebuild the pipeline from the vocabulary
@@ -37,6 +38,7 @@ _CLASSES = {
     ("byte_bpe", "chatml"): "Qwen2Tokenizer",
     ("metaspace", "gemma"): "GemmaTokenizer",
     ("metaspace", "mistral"): "LlamaTokenizer",
+    ("metaspace", "phi3"): "LlamaTokenizer",
 }
 # Qwen 2's split regex: single digits (Llama 3 groups up to three).
 _QWEN2_SPLIT = (
@@ -159,6 +161,18 @@ MISTRAL_TEMPLATE = (
     "{% endif %}{% endfor %}"
 )
 
+# Phi-3 mini / Phi-3.5 mini instruct: every turn closes with <|end|>; a finished conversation
+# ends with the eos token (<|endoftext|>).
+PHI3_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
 # Qwen 3's structure: turns after the last user query open with a <think> block (empty without
 # reasoning); earlier assistant turns render their content alone.
 QWEN3_LIKE_TEMPLATE = (
@@ -213,6 +227,16 @@ _MODELS: Dict[str, dict] = {
         pad=None,
         unk="<unk>",
         stops=["</s>"],
+    ),
+    "phi3": dict(
+        template=PHI3_TEMPLATE,
+        specials=["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|end|>"]
+        + ["<|user|>", "<|system|>"],
+        bos="<s>",
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        unk="<unk>",
+        stops=["<|endoftext|>", "<|assistant|>", "<|end|>"],
     ),
 }
 
@@ -398,6 +422,9 @@ def build_hf_tokenizer_dir(
     }
     # Written even when null: Qwen2Tokenizer's defaults would otherwise fill in <|endoftext|>.
     config["unk_token"] = spec["unk"]
+    if template == "phi3":  # Llama 2's tokenizer without the automatic <s>
+        config["add_bos_token"] = False
+        config["add_eos_token"] = False
     if template in ("gemma", "mistral"):
         config["add_bos_token"] = True
         config["add_eos_token"] = False

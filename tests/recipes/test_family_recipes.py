@@ -71,11 +71,29 @@ FAMILIES = {
     ),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=14)),  # q/k norm, head_dim 14
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=5)),
+    "phi3": (  # fused qkv / gate_up, RoPE on 6 of 12 channels, LongRoPE (64 > 32), window, tied
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(
+            partial_rotary_factor=0.5,
+            original_max_position_embeddings=32,
+            rope_scaling=dict(
+                type="longrope", short_factor=[1.0, 1.5, 2.5], long_factor=[1.2, 3.0, 7.0]
+            ),
+            sliding_window=5,
+            tie_word_embeddings=True,
+            pad_token_id=2,  # Phi-3's pad is its EOS: that embedding row gets no gradient
+        ),
+    ),
 }
 MODEL_KEYS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim")
 MODEL_KEYS += ("intermediate_dim", "max_seq_len")
 LORA_ATTN = ["q_proj", "k_proj", "v_proj", "output_proj"]
 HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Families with fused projections: one adapter on each fused module, PEFT's names for them.
+FUSED_LORA = {
+    "phi3": (["qkv_proj", "output_proj"], ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+}
 RECIPES = {
     "full": ("full_finetune_single_device", "tiny/full"),
     "lora": ("lora_finetune_single_device", "tiny/lora"),
@@ -154,8 +172,15 @@ def family_overrides(shared, family: str, kind: str, out: Path) -> list:
         f"max_steps_per_epoch={STEPS}",
         "clip_grad_norm=null",
         f"output_dir={out}",
-        *RUN_OVERRIDES[kind],
+        *_run_overrides(family, kind),
     ]
+
+
+def _run_overrides(family: str, kind: str) -> list:
+    if kind == "full" or family not in FUSED_LORA:
+        return RUN_OVERRIDES[kind]
+    attn = f"model.lora_attn_modules=[{','.join(FUSED_LORA[family][0])}]"
+    return [attn if o.startswith("model.lora_attn_modules=") else o for o in RUN_OVERRIDES[kind]]
 
 
 def _ours(model_dir: Path, sd_dir: Path, **lora) -> torch.nn.Module:
@@ -179,9 +204,9 @@ def _tokens(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB_SIZE, (2, 29), generator=torch.Generator().manual_seed(seed))
 
 
-def _lora_kwargs(kind: str) -> dict:
+def _lora_kwargs(kind: str, family: str) -> dict:
     return dict(
-        lora_attn_modules=LORA_ATTN,
+        lora_attn_modules=FUSED_LORA[family][0] if family in FUSED_LORA else LORA_ATTN,
         apply_lora_to_mlp=True,
         apply_lora_to_output=kind == "lora_output",
         lora_rank=4,
@@ -230,8 +255,10 @@ def _check_lora(family, kind, overrides, out):
     )
     # The recipe's fresh adapters: lora_b zero, lora_a drawn from the seed.
     utils.set_seed(cfg.seed)
-    ours_init = init_lora_adapters(from_hf_config(model_dir, **_lora_kwargs(kind)), cfg.seed)
-    targets = HF_LORA_TARGETS + (["lm_head"] if kind == "lora_output" else [])
+    lora_kwargs = _lora_kwargs(kind, family)
+    ours_init = init_lora_adapters(from_hf_config(model_dir, **lora_kwargs), cfg.seed)
+    targets = FUSED_LORA[family][1] if family in FUSED_LORA else HF_LORA_TARGETS
+    targets = targets + (["lm_head"] if kind == "lora_output" else [])
     peft_model = get_peft_model(
         load_auto(model_dir).train(),
         LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0),
@@ -249,7 +276,7 @@ def _check_lora(family, kind, overrides, out):
     epoch = out / "epoch_0"
     adapter = load_file(epoch / "adapter.safetensors")
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_b" in k)  # trained
-    ours = _ours(model_dir, model_dir, **_lora_kwargs(kind))
+    ours = _ours(model_dir, model_dir, **lora_kwargs)
     ours.load_state_dict(adapter, strict=False)
     tokens = _tokens(1)
     peft_config = json.loads((epoch / "adapter" / "adapter_config.json").read_text())
@@ -277,8 +304,10 @@ def _check_lora(family, kind, overrides, out):
 # Per layer, the window our model must read from each config.json (HF's qwen2 windows the
 # layers from max_window_layers on); all shorter than the SEQ-token rows.
 WINDOWS = {"llama3": [None, None], "qwen2": [None, 6], "qwen3": [None, None], "mistral": [5, 5]}
+WINDOWS["phi3"] = [5, 5]
 # One case per family in the default suite (about 5 s each); the other recipe is slow.
 FAST = {("llama3", "full"), ("qwen2", "lora"), ("qwen3", "full"), ("mistral", "lora")}
+FAST.add(("phi3", "lora"))  # the fused adapters against PEFT's; full fine-tuning is slow
 CASES = [
     pytest.param(f, k, id=f"{f}-{k}", marks=() if (f, k) in FAST else pytest.mark.slow)
     for f in FAMILIES
@@ -287,7 +316,7 @@ CASES = [
 # An adapter on a tied lm_head: one tied family, one untied.
 CASES += [
     pytest.param(f, "lora_output", id=f"{f}-lora_output", marks=pytest.mark.slow)
-    for f in ("qwen2", "qwen3")
+    for f in ("qwen2", "qwen3", "phi3")
 ]
 
 
@@ -308,10 +337,13 @@ def test_recipe_trains_like_transformers_and_exports_load(shared, family, kind, 
 
 
 @pytest.mark.slow  # about 15 s: two runs, one of them on two processes
-def test_two_ranks_of_packed_windowed_mistral_lora_match_one_device(shared, tmp_path):
-    """Packed rows (document masks) under mistral's window, sharded over two gloo ranks."""
+@pytest.mark.parametrize("family", ["mistral", "phi3"])
+def test_two_ranks_of_packed_windowed_mistral_lora_match_one_device(shared, tmp_path, family):
+    """Packed rows (document masks) under mistral's window, sharded over two gloo ranks; and
+    phi3's fused adapters (every packed row passes LongRoPE's original length, so both runs
+    use its long factors)."""
     single, dist = tmp_path / "single", tmp_path / "dist"
-    common = family_overrides(shared, "mistral", "lora", single)
+    common = family_overrides(shared, family, "lora", single)
     common = [o for o in common if not o.startswith(("batch_size=", "output_dir="))]
     # The prompts are 106-161 tokens: at 64 every row would be one truncated sample; at 256
     # rows hold two or three documents (and pieces), every one longer than the window.

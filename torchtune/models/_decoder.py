@@ -28,6 +28,7 @@ from torchtune.modules.peft import LoRALinear
 
 # Projections that ``lora_modules`` may name.
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3", "output")
+LORA_MODULES += ("qkv_proj", "w13")  # the fused projections (``fused_qkv`` / ``fused_gate_up``)
 
 
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
@@ -89,6 +90,9 @@ def decoder(
     lora_rank: int = 0,
     lora_alpha: float = 0.0,
     lora_dropout: float = 0.0,
+    fused_qkv: bool = False,
+    fused_gate_up: bool = False,
+    padding_idx: Optional[int] = None,
 ) -> TransformerDecoder:
     """A pre-norm decoder-only transformer with grouped-query attention and a gated MLP.
 
@@ -126,6 +130,12 @@ def decoder(
         lora_rank: adapter rank (when ``lora_modules`` is not empty).
         lora_alpha: adapter alpha (update scaled by ``alpha / rank``).
         lora_dropout: dropout on the adapters' input.
+        fused_qkv: one ``attn.qkv_proj`` (rows q, k, v) instead of q_proj, k_proj and v_proj
+            (Phi-3); ``lora_modules`` then names it ``qkv_proj``: one adapter over all three.
+        fused_gate_up: one ``mlp.w13`` (rows w1, then w3) instead of w1 and w3 (Phi-3's
+            ``gate_up_proj``); ``lora_modules`` then names it ``w13``.
+        padding_idx: the embedding row that gets no gradient (``nn.Embedding``'s
+            ``padding_idx``; HF builds its embeddings with ``pad_token_id`` there).
 
     Returns:
         A :class:`TransformerDecoder` with PyTorch's default init; load a checkpoint, or call
@@ -134,7 +144,8 @@ def decoder(
     Raises:
         ValueError: if the head counts do not divide evenly, ``head_dim`` is missing while
             ``embed_dim`` is not a multiple of ``num_heads``, ``lora_modules`` names an
-            unknown projection, or ``sliding_window`` is a sequence of the wrong length.
+            unknown projection or one the fusing knobs leave out, or ``sliding_window`` is a
+            sequence of the wrong length.
     """
     num_kv_heads = num_kv_heads or num_heads
     if num_heads % num_kv_heads != 0:
@@ -151,6 +162,15 @@ def decoder(
     unknown = sorted(set(lora_modules) - set(LORA_MODULES))
     if unknown:
         raise ValueError(f"Unknown lora_modules {unknown}; expected a subset of {LORA_MODULES}")
+    absent = {"qkv_proj": not fused_qkv, "w13": not fused_gate_up}
+    absent.update(dict.fromkeys(("q_proj", "k_proj", "v_proj"), fused_qkv))
+    absent.update(dict.fromkeys(("w1", "w3"), fused_gate_up))
+    absent = sorted(m for m in lora_modules if absent.get(m))
+    if absent:
+        raise ValueError(
+            f"lora_modules {absent} are not in this model (fused_qkv={fused_qkv}, "
+            f"fused_gate_up={fused_gate_up})"
+        )
     windows = (
         [sliding_window] * num_layers
         if sliding_window is None or isinstance(sliding_window, int)
@@ -178,9 +198,9 @@ def decoder(
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            q_proj=linear("q_proj", embed_dim, q_dim, attn_bias),
-            k_proj=linear("k_proj", embed_dim, kv_dim, attn_bias),
-            v_proj=linear("v_proj", embed_dim, kv_dim, attn_bias),
+            q_proj=None if fused_qkv else linear("q_proj", embed_dim, q_dim, attn_bias),
+            k_proj=None if fused_qkv else linear("k_proj", embed_dim, kv_dim, attn_bias),
+            v_proj=None if fused_qkv else linear("v_proj", embed_dim, kv_dim, attn_bias),
             output_proj=linear("output_proj", q_dim, embed_dim, output_proj_bias),
             # One RoPE per layer keeps layers independent (FSDP wraps them one by one);
             # its cache is a non-persistent buffer, never checkpointed.
@@ -190,19 +210,23 @@ def decoder(
             q_norm=norm(head_dim) if qk_norm else None,
             k_norm=norm(head_dim) if qk_norm else None,
             sliding_window=window,
+            qkv_proj=(
+                linear("qkv_proj", embed_dim, q_dim + 2 * kv_dim, attn_bias) if fused_qkv else None
+            ),
         )
-        mlp = FeedForward(
-            gate_proj=linear("w1", embed_dim, intermediate_dim, mlp_bias),
-            down_proj=linear("w2", intermediate_dim, embed_dim, mlp_bias),
-            up_proj=linear("w3", embed_dim, intermediate_dim, mlp_bias),
-            activation=mlp_activation,
-        )
+        # Created in this order (w1, w2, w3) so that unfused models draw their default init
+        # as they always have.
+        w1 = None if fused_gate_up else linear("w1", embed_dim, intermediate_dim, mlp_bias)
+        w2 = linear("w2", intermediate_dim, embed_dim, mlp_bias)
+        w3 = None if fused_gate_up else linear("w3", embed_dim, intermediate_dim, mlp_bias)
+        w13 = linear("w13", embed_dim, 2 * intermediate_dim, mlp_bias) if fused_gate_up else None
+        mlp = FeedForward(w1, w2, w3, activation=mlp_activation, gate_up_proj=w13)
         layers.append(
             TransformerDecoderLayer(
                 attn=attn, mlp=mlp, sa_norm=norm(embed_dim), mlp_norm=norm(embed_dim)
             )
         )
-    tok_embeddings = nn.Embedding(vocab_size, embed_dim)
+    tok_embeddings = nn.Embedding(vocab_size, embed_dim, padding_idx=padding_idx)
     output = linear("output", embed_dim, vocab_size)
     if tie_word_embeddings:
         # The same Parameter object in both modules: state_dict lists it under both keys,

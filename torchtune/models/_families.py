@@ -13,6 +13,7 @@ import torch
 
 from torchtune.models import llama2 as _llama2
 from torchtune.models import mistral as _mistral
+from torchtune.models import phi3 as _phi3
 from torchtune.models import qwen2 as _qwen2
 from torchtune.models import qwen3 as _qwen3
 from torchtune.modules import TransformerDecoder
@@ -131,6 +132,23 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         peft_to_tune_adapter=_mistral.peft_to_tune_adapter_weights,
         tune_to_peft_adapter=_mistral.tune_to_peft_adapter_weights,
         tune_to_peft_adapter_config=_mistral.tune_to_peft_adapter_config,
+    ),
+    ModelFamily(
+        name="phi3",
+        model_types=("PHI3",),
+        hf_model_types=("phi3",),  # Phi-3, Phi-3.5, Phi-4 and Phi-4 mini: Phi3ForCausalLM
+        builder=_phi3.phi3,
+        lora_builder=_phi3.lora_phi3,
+        hf_config_to_builder_kwargs=_phi3.hf_config_to_builder_kwargs,
+        expected_shapes=_phi3.expected_shapes,
+        meta_params_to_hf_config=None,
+        hf_to_tune=_phi3.hf_to_tune,
+        tune_to_hf=_phi3.tune_to_hf,
+        meta_to_tune=None,
+        tune_to_meta=None,
+        peft_to_tune_adapter=_phi3.peft_to_tune_adapter_weights,
+        tune_to_peft_adapter=_phi3.tune_to_peft_adapter_weights,
+        tune_to_peft_adapter_config=_phi3.tune_to_peft_adapter_config,
     ),
 )
 

@@ -136,28 +136,38 @@ def peft_to_tune_adapter(
     return out
 
 
-def lora_targets_to_hf(target_modules: Iterable[str]) -> List[str]:
+def lora_targets_to_hf(
+    target_modules: Iterable[str], target_to_hf: Optional[Dict[str, List[str]]] = None
+) -> List[str]:
     """torchtune LoRA target names (``q_proj`` ... ``output_proj``, ``w1``-``w3`` or ``mlp``,
     ``output``) -> HF module names in first-seen order, without repeats.
+
+    Args:
+        target_modules: torchtune names.
+        target_to_hf: the family's name map; :data:`TARGET_TO_HF` (Llama's modules) when None.
 
     Raises:
         ValueError: on an unknown name.
     """
+    target_to_hf = TARGET_TO_HF if target_to_hf is None else target_to_hf
     targets: List[str] = []
     for name in target_modules:
-        if name not in TARGET_TO_HF:
+        if name not in target_to_hf:
             raise ValueError(
-                f"Unknown LoRA target module '{name}'; expected one of {sorted(TARGET_TO_HF)}"
+                f"Unknown LoRA target module '{name}'; expected one of {sorted(target_to_hf)}"
             )
-        targets += [t for t in TARGET_TO_HF[name] if t not in targets]
+        targets += [t for t in target_to_hf[name] if t not in targets]
     return targets
 
 
 def tune_to_peft_adapter_config(
-    adapter_config: Dict[str, Any], base_model_name_or_path: Optional[str] = None
+    adapter_config: Dict[str, Any],
+    base_model_name_or_path: Optional[str] = None,
+    target_to_hf: Optional[Dict[str, List[str]]] = None,
 ) -> Dict[str, Any]:
     """Our ``{"r", "lora_alpha", "target_modules"[, "lora_dropout"]}`` -> a PEFT
-    ``adapter_config.json`` dict (HF module names).
+    ``adapter_config.json`` dict (HF module names, through ``target_to_hf`` as in
+    :func:`lora_targets_to_hf`).
 
     Raises:
         ValueError: if a field is missing or a target module is unknown.
@@ -171,7 +181,7 @@ def tune_to_peft_adapter_config(
         "r": int(adapter_config["r"]),
         "lora_alpha": adapter_config["lora_alpha"],
         "lora_dropout": float(adapter_config.get("lora_dropout", 0.0)),
-        "target_modules": lora_targets_to_hf(adapter_config["target_modules"]),
+        "target_modules": lora_targets_to_hf(adapter_config["target_modules"], target_to_hf),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,

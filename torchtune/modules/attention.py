@@ -186,10 +186,14 @@ class CausalSelfAttention(nn.Module):
         k_norm: the same for keys.
         sliding_window: how many keys (itself included) a query sees; None means all
             earlier ones.
+        qkv_proj: instead of ``q_proj``, ``k_proj`` and ``v_proj`` (then None), one fused
+            ``embed_dim -> (num_heads + 2 * num_kv_heads) * head_dim`` projection whose
+            output rows are q, then k, then v (Phi-3's ``qkv_proj``): one GEMM, and a LoRA
+            adapter on it is PEFT's adapter on the fused module.
 
     Raises:
-        ValueError: on inconsistent head counts, dropout outside ``[0, 1]`` or a window
-            below 1.
+        ValueError: on inconsistent head counts, dropout outside ``[0, 1]``, a window
+            below 1, or ``qkv_proj`` given together with ``q_proj`` / ``k_proj`` / ``v_proj``.
     """
 
     def __init__(
@@ -198,9 +202,9 @@ class CausalSelfAttention(nn.Module):
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
-        q_proj: nn.Module,
-        k_proj: nn.Module,
-        v_proj: nn.Module,
+        q_proj: Optional[nn.Module],
+        k_proj: Optional[nn.Module],
+        v_proj: Optional[nn.Module],
         output_proj: nn.Module,
         pos_embeddings: nn.Module,
         kv_cache: Optional[KVCache] = None,
@@ -209,8 +213,12 @@ class CausalSelfAttention(nn.Module):
         q_norm: Optional[nn.Module] = None,
         k_norm: Optional[nn.Module] = None,
         sliding_window: Optional[int] = None,
+        *,
+        qkv_proj: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
+        if qkv_proj is not None and any(p is not None for p in (q_proj, k_proj, v_proj)):
+            raise ValueError("Give either qkv_proj or q_proj, k_proj and v_proj, not both")
         if num_heads % num_kv_heads != 0:
             raise ValueError(
                 f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
@@ -234,6 +242,7 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = q_norm
         self.k_norm = k_norm
         self.sliding_window = sliding_window
+        self.qkv_proj = qkv_proj  # a submodule only when set: unfused models keep their keys
 
     def forward(
         self,
@@ -259,9 +268,14 @@ class CausalSelfAttention(nn.Module):
                 comes with a KV cache or does not cover ``b * s`` tokens.
         """
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            kv_dim = self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_dim, kv_dim], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, s, self.num_heads, self.head_dim)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim)
 
         if self.q_norm is not None:
             q = self.q_norm(q)  # per head, over h_d

@@ -1,5 +1,5 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,19 +40,30 @@ class FeedForward(nn.Module):
         activation: elementwise function on the gate; ``F.silu`` (SwiGLU) runs the fused
             ``_SiluMul`` that keeps one tensor less for backward, any other (e.g. Gemma's
             ``partial(F.gelu, approximate="tanh")``) runs through plain autograd.
+        gate_up_proj: instead of ``gate_proj`` and ``up_proj`` (then None), one fused
+            ``dim -> 2 * hidden`` projection, gate rows first (Phi-3's ``gate_up_proj``),
+            stored as ``w13``: one GEMM, and a LoRA adapter on it is PEFT's on the fused module.
+
+    Raises:
+        ValueError: if ``gate_up_proj`` comes with ``gate_proj`` or ``up_proj``.
     """
 
     def __init__(
         self,
-        gate_proj: nn.Module,
+        gate_proj: Optional[nn.Module],
         down_proj: nn.Module,
-        up_proj: nn.Module,
+        up_proj: Optional[nn.Module],
         activation: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+        *,
+        gate_up_proj: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
+        if gate_up_proj is not None and (gate_proj is not None or up_proj is not None):
+            raise ValueError("Give either gate_up_proj or gate_proj and up_proj, not both")
         self.w1 = gate_proj
         self.w2 = down_proj
         self.w3 = up_proj
+        self.w13 = gate_up_proj  # a submodule only when set: unfused models keep their keys
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +74,10 @@ class FeedForward(nn.Module):
         Returns:
             ``[..., dim]``.
         """
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)  # each [..., hidden]
+        else:
+            gate, up = self.w1(x), self.w3(x)
         if self.activation is F.silu:
-            return self.w2(_SiluMul.apply(self.w1(x), self.w3(x)))  # [..., hidden] in between
-        return self.w2(self.activation(self.w1(x)) * self.w3(x))
+            return self.w2(_SiluMul.apply(gate, up))  # [..., hidden] in between
+        return self.w2(self.activation(gate) * up)

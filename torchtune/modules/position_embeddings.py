@@ -223,3 +223,158 @@ class RotaryPositionalEmbeddings(nn.Module):
     def extra_repr(self) -> str:
         scaling = f", scaling={self.scaling}" if self.scaling else ""
         return f"dim={self.dim}, max_seq_len={self.max_seq_len}, base={self.base}{scaling}"
+
+
+def longrope_attention_factor(factor: float, original: int) -> float:
+    """LongRoPE's default scale on cos/sin: ``sqrt(1 + ln(f) / ln(original))`` for the context
+    extension ``f`` (``max_position_embeddings / original`` unless the config gives
+    ``factor``; 1 when ``f <= 1``), as transformers derives it when the config gives no
+    ``attention_factor``."""
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+class PartialRotaryPositionalEmbeddings(nn.Module):
+    """RoPE on the first ``rotary_dim`` channels of each head, optionally with LongRoPE.
+
+    Channels ``[0, rotary_dim)`` rotate as in :class:`RotaryPositionalEmbeddings` (halves of
+    that slice, frequencies ``base ** (-2i / rotary_dim)``); the rest pass through (Phi-4
+    mini's ``partial_rotary_factor`` 0.75). With ``longrope`` (Phi-3.5 / Phi-4 mini), each
+    frequency is divided by its per-channel factor, and cos/sin are multiplied by
+    ``attention_factor``. Which factor list applies depends on the forward's longest
+    position, as in transformers: ``long_factor`` when ``max(input_pos) + 1`` exceeds
+    ``original_max_position_embeddings``, ``short_factor`` otherwise, for all tokens of that
+    forward. (A KV cache filled below that length keeps its short-factor keys when decoding
+    crosses it; transformers' ``generate`` re-encodes the whole sequence there instead.)
+
+    Args:
+        dim: head dimension.
+        max_seq_len: largest position + 1 that can be embedded.
+        base: the rotary base (``rope_theta``).
+        rotary_dim: channels rotated (even, at most ``dim``); ``dim`` when None.
+        longrope: None, or ``{"short_factor": [rotary_dim / 2 floats], "long_factor": [...],
+            "original_max_position_embeddings": int, "attention_factor": float}``.
+
+    Raises:
+        ValueError: on an odd or too large ``rotary_dim``, or a ``longrope`` dict with a
+            missing key or factor lists of the wrong length.
+    """
+
+    _LONGROPE_KEYS = (
+        "short_factor",
+        "long_factor",
+        "original_max_position_embeddings",
+        "attention_factor",
+    )
+
+    def __init__(
+        self,
+        dim: int,
+        max_seq_len: int = 4096,
+        base: float = 10_000.0,
+        rotary_dim: Optional[int] = None,
+        longrope: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        rotary_dim = dim if rotary_dim is None else rotary_dim
+        if rotary_dim % 2 != 0 or not 0 < rotary_dim <= dim:
+            raise ValueError(f"rotary_dim must be even and in (0, dim={dim}], got {rotary_dim}")
+        if longrope is not None:
+            missing = [k for k in self._LONGROPE_KEYS if longrope.get(k) is None]
+            if missing:
+                raise ValueError(f"longrope lacks {missing}: {longrope}")
+            for key in ("short_factor", "long_factor"):
+                if len(longrope[key]) != rotary_dim // 2:
+                    raise ValueError(
+                        f"longrope {key} has {len(longrope[key])} entries, expected "
+                        f"rotary_dim / 2 = {rotary_dim // 2}"
+                    )
+            longrope = {k: longrope[k] for k in self._LONGROPE_KEYS}
+        self.dim = dim
+        self.max_seq_len = max_seq_len
+        self.base = base
+        self.rotary_dim = rotary_dim
+        self.longrope = longrope
+        shape = (max_seq_len, 2, rotary_dim // 2)
+        self.register_buffer("cache", torch.empty(shape), persistent=False)
+        # The long table serves only positions past the original length: none fit below it.
+        self._has_long = (
+            longrope is not None and max_seq_len > longrope["original_max_position_embeddings"]
+        )
+        if self._has_long:
+            self.register_buffer("long_cache", torch.empty(shape), persistent=False)
+        self.rope_init()
+
+    def _table(self, factors: Optional[list], device: torch.device) -> torch.Tensor:
+        half = torch.arange(0, self.rotary_dim, 2, device=device, dtype=torch.float32)
+        powers = self.base ** (half / self.rotary_dim)  # [rd/2]
+        scale = 1.0
+        if factors is not None:
+            # 1 / (factor * base ** (2i / rd)), the product as transformers forms it.
+            powers = torch.tensor(factors, dtype=torch.float32, device=device) * powers
+            scale = float(self.longrope["attention_factor"])
+        positions = torch.arange(self.max_seq_len, device=device, dtype=torch.float32)
+        angles = torch.outer(positions, 1.0 / powers)  # [max_seq_len, rd/2]
+        cos, sin = angles.cos(), angles.sin()
+        if factors is not None:
+            cos, sin = cos * scale, sin * scale
+        return torch.stack([cos, sin], dim=1)  # [max_seq_len, 2, rd/2]
+
+    def rope_init(self, device: Optional[torch.device] = None) -> None:
+        """(Re)compute the fp32 cos/sin tables (nothing happens on the meta device)."""
+        device = torch.device(device) if device is not None else self.cache.device
+        if device.type == "meta":
+            return
+        if self.longrope is None:
+            self.cache = self._table(None, device)
+        else:
+            self.cache = self._table(self.longrope["short_factor"], device)
+        if self._has_long:
+            self.long_cache = self._table(self.longrope["long_factor"], device)
+
+    def reset_parameters(self) -> None:
+        self.rope_init()
+
+    def _apply(self, fn, recurse=True):
+        # As RotaryPositionalEmbeddings: fp32 through .to(bf16), refilled after to_empty.
+        was_meta = self.cache.is_meta
+        super()._apply(fn, recurse)
+        if not self.cache.is_meta and (was_meta or self.cache.dtype != torch.float32):
+            self.rope_init()
+        return self
+
+    def forward(self, x: torch.Tensor, *, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """
+        Args:
+            x: ``[b, s, n_h, h_d]`` queries or keys.
+            input_pos: optional ``LongTensor[b, s]`` positions; ``arange(s)`` if None.
+
+        Returns:
+            Tensor of the shape and dtype of ``x``; the rotated channels computed in fp32.
+        """
+        b, s, n_h, h_d = x.shape
+        if self.cache.is_meta:
+            self.rope_init(x.device)
+        table = self.cache
+        if self._has_long:
+            # A CPU-GPU sync when input_pos is given, as in transformers' longrope update.
+            longest = s if input_pos is None else int(input_pos.max()) + 1
+            if longest > self.longrope["original_max_position_embeddings"]:
+                table = self.long_cache
+        rope = table[:s] if input_pos is None else table[input_pos]
+        half = self.rotary_dim // 2
+        cos, sin = rope.view(-1, s, 1, 2, half).unbind(-2)  # each [b or 1, s, 1, rd/2]
+        rot = x[..., : self.rotary_dim].float()
+        if torch.compiler.is_compiling():
+            rot = rotate_halves(rot, cos, sin)
+        else:
+            rot = _RotateHalves.apply(rot, cos, sin)
+        if self.rotary_dim == h_d:
+            return rot.type_as(x)
+        return torch.cat([rot.type_as(x), x[..., self.rotary_dim :]], dim=-1)
+
+    def extra_repr(self) -> str:
+        longrope = ", longrope" if self.longrope else ""
+        return (
+            f"dim={self.dim}, rotary_dim={self.rotary_dim}, max_seq_len={self.max_seq_len}, "
+            f"base={self.base}{longrope}"
+        )

@@ -8,7 +8,10 @@ import torch
 from torch import nn
 
 from torchtune.modules.peft.lora import LoRALinear
-from torchtune.modules.position_embeddings import RotaryPositionalEmbeddings
+from torchtune.modules.position_embeddings import (
+    PartialRotaryPositionalEmbeddings,
+    RotaryPositionalEmbeddings,
+)
 from torchtune.modules.rms_norm import RMSNorm
 
 # Projections that write into the residual stream; their std is shrunk with depth.
@@ -55,7 +58,9 @@ def init_weights_(model: nn.Module, std: float = 0.02, num_layers: Optional[int]
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:  # as nn.Embedding and HF leave it: zero
+                module.weight[module.padding_idx].zero_()
         elif isinstance(module, RMSNorm):
             module.reset_parameters()
-        elif isinstance(module, RotaryPositionalEmbeddings):
+        elif isinstance(module, (RotaryPositionalEmbeddings, PartialRotaryPositionalEmbeddings)):
             module.rope_init()

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from torchtune.models import llama2, mistral, qwen2, qwen3
+from torchtune.models import llama2, mistral, phi3, qwen2, qwen3
 from torchtune.models._families import (
     FAMILIES,
     ModelFamily,
@@ -23,7 +23,7 @@ def test_llama_names_map_to_the_llama2_row():
     assert row.peft_to_tune_adapter is llama2.peft_to_tune_adapter_weights
 
 
-@pytest.mark.parametrize("module", [qwen2, qwen3, mistral], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [qwen2, qwen3, mistral, phi3], ids=lambda m: m.__name__)
 def test_new_family_rows_point_at_their_modules(module):
     name = module.__name__.rsplit(".", 1)[-1]
     row = family_for_hf_model_type(name)
@@ -38,12 +38,18 @@ def test_new_family_rows_point_at_their_modules(module):
 def test_unknown_model_types_raise_listing_the_supported_ones():
     with pytest.raises(
         ValueError,
-        match=r"Unknown model_type 'gpt9'; supported: \['LLAMA2', 'QWEN2', 'QWEN3', 'MISTRAL'\]",
+        match=(
+            r"Unknown model_type 'gpt9'; supported: "
+            r"\['LLAMA2', 'QWEN2', 'QWEN3', 'MISTRAL', 'PHI3'\]"
+        ),
     ):
         family_for_model_type("gpt9")
     with pytest.raises(
         ValueError,
-        match=r"Unknown HF model_type 'gemma2'; supported: \['llama', 'qwen2', 'qwen3', 'mistral'\]",
+        match=(
+            r"Unknown HF model_type 'gemma2'; supported: "
+            r"\['llama', 'qwen2', 'qwen3', 'mistral', 'phi3'\]"
+        ),
     ):
         family_for_hf_model_type("gemma2")
     # HF names are exact: no fuzzy or case-folded match.

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.test_utils import tiny_hf_llama
+from tests.torchtune.models import test_phi3
 from tests.torchtune.models.test_hf_families import tiny_hf
 from torchtune.models._families import family_for_hf_model_type
 from torchtune.utils import generate
@@ -36,6 +37,13 @@ CASES = {
     # windowed on every layer: with one windowed layer of three, greedy tokens barely move
     "qwen3-tied-bias-window": ("qwen3-tied-bias-window", dict(max_window_layers=0)),
     "mistral-window": ("mistral-window", {}),
+    # Phi-3: fused qkv / gate_up, partial rotary, LongRoPE's short factors (47 tokens stay
+    # within its original 48), window 5 on every layer (untied: tied tiny models repeat one
+    # token whatever the window).
+    "phi3-all-on": (
+        "all-on-tied",
+        dict(original_max_position_embeddings=48, tie_word_embeddings=False),
+    ),
 }
 
 
@@ -60,6 +68,8 @@ def _hf_model(case: str):
             max_position_embeddings=64,
         )
     base, overrides = CASES[case]
+    if case.startswith("phi3"):
+        return test_phi3.tiny_hf(base, **overrides)
     return tiny_hf(base, **overrides)
 
 
@@ -166,3 +176,16 @@ def test_pad_queries_past_a_window_attend_something(monkeypatch):
         _sdpa_nan_on_empty_rows(torch.nn.functional.scaled_dot_product_attention),
     )
     assert generate(ours, prompts, 12, temperature=0.0, stop_tokens=[EOS], pad_id=PAD) == expected
+
+
+def test_longrope_past_its_original_length_recomputed_equals_hf_generate():
+    """Across LongRoPE's switch (original length 16, 11 + 30 tokens) transformers re-encodes
+    the whole sequence with the long factors; our cache-free path does the same each step.
+    (The cached path keeps the keys it cached with the short factors: see
+    PartialRotaryPositionalEmbeddings.)"""
+    hf = test_phi3.tiny_hf("all-on-tied", tie_word_embeddings=False)
+    ours = _ours(hf)
+    assert ours.layers[0].attn.pos_embeddings.longrope["original_max_position_embeddings"] == 16
+    prompts = _prompts([11, 3, 8])
+    kw = dict(temperature=0.0, stop_tokens=[EOS], pad_id=PAD, use_cache=False)
+    assert generate(ours, prompts, 30, **kw) == _hf_greedy(hf, prompts, 30)
