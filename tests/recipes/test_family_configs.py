@@ -28,6 +28,8 @@ FOLDERS = {
     "mistral": ("mistral", "metaspace", "mistral"),
     "qwen2_5": ("qwen2", "byte_bpe", "chatml"),
     "qwen3": ("qwen3", "byte_bpe", "qwen3"),
+    "phi3": ("phi3", "metaspace", "phi3"),
+    "phi4": ("phi3", "byte_bpe", "chatml"),  # Phi-4 (14B) speaks ChatML; mini the phi3 turns
 }
 CONFIGS = sorted(
     (c.name, r.name, r.supports_distributed)
@@ -42,6 +44,7 @@ FAST = {
     "qwen2_5/0_5B_lora_single_device",
     "qwen3/0_6B_full_single_device",
     "smollm2/135M_full_single_device",
+    "phi3/mini_lora_single_device",
 }
 
 
