@@ -9,7 +9,7 @@ from torch import nn
 
 from torchtune.modules.peft.lora import LoRALinear
 from torchtune.modules.position_embeddings import RotaryPositionalEmbeddings
-from torchtune.modules.rms_norm import RMSNorm
+from torchtune.modules.rms_norm import GemmaRMSNorm, RMSNorm
 
 # Projections that write into the residual stream; their std is shrunk with depth.
 _RESIDUAL_OUTPUTS = ("attn.output_proj", "mlp.w2")
@@ -22,7 +22,8 @@ def init_weights_(model: nn.Module, std: float = 0.02, num_layers: Optional[int]
     * embeddings and linear weights ~ N(0, std), biases 0;
     * projections into the residual stream (``attn.output_proj``, ``mlp.w2``) ~
       N(0, std / sqrt(2 * num_layers)), so the residual variance does not grow with depth;
-    * RMSNorm scales 1; RoPE tables recomputed;
+    * RMSNorm scales 1 (Gemma's zero-centred scales 0: the same unit gain); RoPE tables
+      recomputed;
     * LoRA adapters as fresh ones (``lora_a`` kaiming-uniform, ``lora_b`` zero).
 
     Args:
@@ -55,7 +56,7 @@ def init_weights_(model: nn.Module, std: float = 0.02, num_layers: Optional[int]
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, RMSNorm):
+        elif isinstance(module, (RMSNorm, GemmaRMSNorm)):
             module.reset_parameters()
         elif isinstance(module, RotaryPositionalEmbeddings):
             module.rope_init()
