@@ -5,8 +5,10 @@ A family's builder (``llama2``, later ``qwen2``, ``gemma2`` ...) is a thin funct
 the knobs: bias on the attention projections, an explicit ``head_dim``, the norm, the MLP
 activation, tied output, the rotary module, and which projections get LoRA. Module names are
 fixed here (``tok_embeddings``, ``layers.N.attn.q_proj`` ... ``output_proj``, ``mlp.w1/w2/w3``,
-``sa_norm``, ``mlp_norm``, ``norm``, ``output``) so every family's native state dict has the
-same keys; the family's converter maps them to HF's / Meta's names.
+``sa_norm``, ``mlp_norm``, ``norm``, ``output``; Gemma's extra ``post_attn_norm`` and
+``post_mlp_norm``) so every family's native state dict has the same keys; the family's
+converter maps them to HF's / Meta's names. Knobs a family does not set keep the model (and
+its init's random draws) exactly as without them.
 """
 
 from functools import partial

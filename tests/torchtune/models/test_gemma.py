@@ -292,3 +292,146 @@ def test_hub_defaults_and_the_sliding_window_pattern():
         g2.hf_config_to_builder_kwargs(
             {**minimal, "sliding_window": None, "layer_types": ["sliding_attention"] * 4}
         )
+
+
+# The hub's config.json files as remembered (unverified: the hub is unreachable here), keys
+# that transformers ignores (hidden_act, cache_implementation ...) included.
+HUB_GEMMA2_2B = {
+    "architectures": ["Gemma2ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "attn_logit_softcapping": 50.0,
+    "bos_token_id": 2,
+    "cache_implementation": "hybrid",
+    "eos_token_id": 1,
+    "final_logit_softcapping": 30.0,
+    "head_dim": 256,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 2304,
+    "initializer_range": 0.02,
+    "intermediate_size": 9216,
+    "max_position_embeddings": 8192,
+    "model_type": "gemma2",
+    "num_attention_heads": 8,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 4,
+    "pad_token_id": 0,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "vocab_size": 256000,
+}
+HUB_GEMMA3_1B = {
+    "architectures": ["Gemma3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "attn_logit_softcapping": None,
+    "bos_token_id": 2,
+    "cache_implementation": "hybrid",
+    "eos_token_id": [1, 106],
+    "final_logit_softcapping": None,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 1152,
+    "initializer_range": 0.02,
+    "intermediate_size": 6912,
+    "max_position_embeddings": 32768,
+    "model_type": "gemma3_text",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 1,
+    "pad_token_id": 0,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_local_base_freq": 10000,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": 512,
+    "sliding_window_pattern": 6,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 262144,
+}
+# gemma-3-4b's text_config, spelled out (the hub's file leaves most keys to the defaults).
+HUB_GEMMA3_4B_TEXT = {
+    **HUB_GEMMA3_1B,
+    "hidden_size": 2560,
+    "intermediate_size": 10240,
+    "num_hidden_layers": 34,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 131072,
+    "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+    "sliding_window": 1024,
+    "vocab_size": 262208,
+}
+
+
+def _describe(model):
+    """Everything a preset fixes: shapes, and per layer the window, RoPE, scale and caps."""
+    layers = [
+        (
+            la.attn.sliding_window,
+            la.attn.pos_embeddings.base,
+            la.attn.pos_embeddings.scaling,
+            la.attn.scale,
+            la.attn.softcap,
+            la.attn.q_norm is not None,
+        )
+        for la in model.layers
+    ]
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = model.output.weight is model.tok_embeddings.weight
+    emb = (model.tok_embeddings.scale, model.tok_embeddings.padding_idx)
+    return shapes, layers, model.output_softcap, tied, emb
+
+
+@pytest.mark.parametrize(
+    "hub,preset",
+    [(HUB_GEMMA2_2B, "gemma2_2b"), (HUB_GEMMA3_1B, "gemma3_1b"), (HUB_GEMMA3_4B_TEXT, "gemma3_4b")],
+    ids=["gemma2_2b", "gemma3_1b", "gemma3_4b"],
+)
+def test_hub_config_files_build_the_presets(hub, preset):
+    from torchtune.models import from_hf_config, gemma2, gemma3
+
+    module = gemma2 if preset.startswith("gemma2") else gemma3
+    with torch.device("meta"):
+        ours = _describe(from_hf_config(hub, max_seq_len=64))
+        want = _describe(getattr(module, preset)(max_seq_len=64))
+    assert ours == want
+    shapes = family_for_hf_model_type(hub["model_type"]).expected_shapes(hub)
+    assert shapes == want[0]
+
+
+def test_decoder_gemma_knobs_are_checked_and_absent_by_default():
+    from functools import partial
+
+    from torch import nn
+
+    from torchtune.models._decoder import decoder
+    from torchtune.modules import RotaryPositionalEmbeddings
+
+    kw = dict(
+        vocab_size=10,
+        num_layers=3,
+        num_heads=2,
+        num_kv_heads=1,
+        embed_dim=8,
+        intermediate_dim=8,
+        max_seq_len=8,
+    )
+    rope = partial(RotaryPositionalEmbeddings, base=100.0)
+    with pytest.raises(ValueError, match="rope has 2 entries for 3 layers"):
+        decoder(rope=[rope, rope], **kw)
+    plain = decoder(**kw)
+    assert type(plain.tok_embeddings) is nn.Embedding and plain.output_softcap is None
+    assert not any("post_" in k for k in plain.state_dict())
+    assert plain.layers[0].attn.scale is None and plain.layers[0].attn.softcap is None
+    with pytest.raises(ValueError, match="softcap must be positive or None, got -1.0"):
+        decoder(attn_softcap=-1.0, **kw)
+    with pytest.raises(ValueError, match="output_softcap must be positive or None, got 0.0"):
+        decoder(output_softcap=0.0, **kw)

@@ -8,6 +8,11 @@ attention and the MLP ("sandwich" norms), attention logits scaled by
 ``query_pre_attn_scalar ** -0.5`` and soft-capped (``attn_softcap * tanh(x / attn_softcap)``),
 final logits soft-capped likewise, sliding-window (local) layers alternating with global ones
 (layer 0 local), and tied embeddings.
+
+The capped attention cannot run on SDPA's fused kernels: every layer takes the exact eager
+path (:func:`~torchtune.modules.attention.softcapped_attention`, as transformers' Gemma 2
+does), which holds a ``[b, n_h, s, s]`` score tensor per layer (per document when packed).
+``attn_softcap=None`` puts it back on SDPA, at the cost of no longer being Gemma 2.
 """
 
 from functools import partial
