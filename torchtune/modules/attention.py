@@ -108,11 +108,12 @@ def softcapped_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # [b, n_h, s, kv_len]
     scores = torch.tanh(scores / softcap) * softcap
-    if is_causal:
-        s, kv_len = scores.shape[-2:]
-        attn_mask = torch.ones(s, kv_len, dtype=torch.bool, device=q.device).tril()
     empty = None
-    if attn_mask is not None:
+    if is_causal:  # every row sees at least its own key
+        s, kv_len = scores.shape[-2:]
+        causal = torch.ones(s, kv_len, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    elif attn_mask is not None:
         allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
