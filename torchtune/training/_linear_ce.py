@@ -211,7 +211,9 @@ class LinearCrossEntropyLoss(nn.Module):
             labels: ``LongTensor[n]`` (or ``[b, s]``); ``CROSS_ENTROPY_IGNORE_IDX`` entries are skipped.
             softcap: the model's final-logit cap (``TransformerDecoder.output_softcap``):
                 scored are ``softcap * tanh(logits / softcap)``, as the model's own forward
-                returns them. None: the logits as they are.
+                returns them. None: the logits as they are. The cap is taken in fp32 (the
+                model's forward takes it in the logits' dtype, as transformers does): the
+                same in fp32, a little more precise in bf16.
 
         Returns:
             ``(loss_sum, num_tokens)``: fp32 scalar sum of the per-token losses and a long
