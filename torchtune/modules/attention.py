@@ -357,9 +357,10 @@ class CausalSelfAttention(nn.Module):
             if self.kv_cache is not None:
                 raise ValueError("a DocumentMask is for cache-free forwards; got a KV cache")
             dropout_p = self.attn_dropout if self.training else 0.0
-            out = _attention_by_document(
-                q, k, v, mask, dropout_p, self.sliding_window, self.scale, self.softcap
-            )
+            # Only Gemma's knobs as keywords: other models call it exactly as before.
+            gemma = {"scale": self.scale, "softcap": self.softcap}
+            gemma = {name: value for name, value in gemma.items() if value is not None}
+            out = _attention_by_document(q, k, v, mask, dropout_p, self.sliding_window, **gemma)
             return self.output_proj(out)
 
         # [b, n, s, h_d]
