@@ -348,11 +348,12 @@ def test_recipe_trains_like_transformers_and_exports_load(shared, family, kind, 
         _check_lora(family, kind, overrides, out)
 
 
-@pytest.mark.slow  # about 15 s: two runs, one of them on two processes
-def test_two_ranks_of_packed_windowed_mistral_lora_match_one_device(shared, tmp_path):
-    """Packed rows (document masks) under mistral's window, sharded over two gloo ranks."""
+@pytest.mark.slow  # about 15 s each: two runs, one of them on two processes
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])  # gemma2: soft-caps, fused loss
+def test_two_ranks_of_packed_windowed_lora_match_one_device(shared, tmp_path, family):
+    """Packed rows (document masks) under the family's window, sharded over two gloo ranks."""
     single, dist = tmp_path / "single", tmp_path / "dist"
-    common = family_overrides(shared, "mistral", "lora", single)
+    common = family_overrides(shared, family, "lora", single)
     common = [o for o in common if not o.startswith(("batch_size=", "output_dir="))]
     # The prompts are 106-161 tokens: at 64 every row would be one truncated sample; at 256
     # rows hold two or three documents (and pieces), every one longer than the window.
