@@ -247,6 +247,7 @@ REFUSED = [
         "without 'full_attention' / 'sliding_attention'",
     ),
     ("gemma3", "use_bidirectional_attention", True, "use_bidirectional_attention=true"),
+    ("gemma3", "pad_token_id", 321, "pad_token_id=321 outside the vocab_size=321"),
 ]
 
 

@@ -143,9 +143,12 @@ def gemma_common_kwargs(config: Dict[str, Any], max_positions: int) -> Dict[str,
     """Builder kwargs both Gemma families read the same way."""
     heads = int(common.require(config, "num_attention_heads"))
     bias = bool(config.get("attention_bias", False))
+    vocab = int(common.require(config, "vocab_size"))
     pad = config.get("pad_token_id", 0)
+    if pad is not None and not 0 <= int(pad) < vocab:
+        raise ValueError(f"config.json has pad_token_id={pad} outside the vocab_size={vocab}")
     return {
-        "vocab_size": int(common.require(config, "vocab_size")),
+        "vocab_size": vocab,
         "num_layers": int(common.require(config, "num_hidden_layers")),
         "num_heads": heads,
         "num_kv_heads": int(config.get("num_key_value_heads") or heads),
