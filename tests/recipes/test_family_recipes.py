@@ -3,7 +3,8 @@
 ``tune lora_finetune_single_device`` with ``model: torchtune.models.from_hf_config``, against a
 plain transformers (+ PEFT) loop on the same weights and batches; the outputs load back with
 ``AutoModelForCausalLM.from_pretrained`` and ``PeftModel.from_pretrained`` (an adapter on a
-tied lm_head included); and two gloo ranks of packed, windowed Mistral LoRA against one device."""
+tied lm_head included; Gemma 2's soft-capped logits through the fused loss); and two gloo ranks
+of packed, windowed Mistral LoRA against one device."""
 
 import json
 from pathlib import Path
@@ -83,6 +84,38 @@ FAMILIES = {
             sliding_window=5,
             tie_word_embeddings=True,
             pad_token_id=2,  # Phi-3's pad is its EOS: that embedding row gets no gradient
+        ),
+    ),
+    # Both soft-caps bending the logits (initializer_range 0.05: attention logits up to ~3),
+    # query_pre_attn_scalar != head_dim, a window on layer 0, tied with a padding row.
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            head_dim=14,
+            query_pre_attn_scalar=10,
+            attn_logit_softcapping=1.5,
+            final_logit_softcapping=2.0,
+            sliding_window=6,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            initializer_range=0.05,
+        ),
+    ),
+    # q/k norms, a local layer (window 6, RoPE base 100) and a global one (1e5, linear x4).
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            head_dim=14,
+            query_pre_attn_scalar=10,
+            sliding_window=6,
+            sliding_window_pattern=2,
+            rope_theta=100_000.0,
+            rope_local_base_freq=100.0,
+            rope_scaling={"rope_type": "linear", "factor": 4.0},
+            tie_word_embeddings=True,
+            pad_token_id=0,
         ),
     ),
 }
@@ -303,11 +336,19 @@ def _check_lora(family, kind, overrides, out):
 
 # Per layer, the window our model must read from each config.json (HF's qwen2 windows the
 # layers from max_window_layers on); all shorter than the SEQ-token rows.
-WINDOWS = {"llama3": [None, None], "qwen2": [None, 6], "qwen3": [None, None], "mistral": [5, 5]}
-WINDOWS["phi3"] = [5, 5]
+WINDOWS = {
+    "llama3": [None, None],
+    "qwen2": [None, 6],
+    "qwen3": [None, None],
+    "mistral": [5, 5],
+    "phi3": [5, 5],
+    "gemma2": [6, None],
+    "gemma3": [6, None],
+}
 # One case per family in the default suite (about 5 s each); the other recipe is slow.
 FAST = {("llama3", "full"), ("qwen2", "lora"), ("qwen3", "full"), ("mistral", "lora")}
 FAST.add(("phi3", "lora"))  # the fused adapters against PEFT's; full fine-tuning is slow
+FAST |= {("gemma2", "lora"), ("gemma3", "full")}
 CASES = [
     pytest.param(f, k, id=f"{f}-{k}", marks=() if (f, k) in FAST else pytest.mark.slow)
     for f in FAMILIES
@@ -316,7 +357,7 @@ CASES = [
 # An adapter on a tied lm_head: one tied family, one untied.
 CASES += [
     pytest.param(f, "lora_output", id=f"{f}-lora_output", marks=pytest.mark.slow)
-    for f in ("qwen2", "qwen3", "phi3")
+    for f in ("qwen2", "qwen3", "phi3", "gemma2")
 ]
 
 
@@ -336,12 +377,12 @@ def test_recipe_trains_like_transformers_and_exports_load(shared, family, kind, 
         _check_lora(family, kind, overrides, out)
 
 
-@pytest.mark.slow  # about 15 s: two runs, one of them on two processes
-@pytest.mark.parametrize("family", ["mistral", "phi3"])
-def test_two_ranks_of_packed_windowed_mistral_lora_match_one_device(shared, tmp_path, family):
-    """Packed rows (document masks) under mistral's window, sharded over two gloo ranks; and
+@pytest.mark.slow  # about 15 s each: two runs, one of them on two processes
+@pytest.mark.parametrize("family", ["mistral", "phi3", "gemma2"])  # gemma2: soft-caps, fused loss
+def test_two_ranks_of_packed_windowed_lora_match_one_device(shared, tmp_path, family):
+    """Packed rows (document masks) under the family's window, sharded over two gloo ranks;
     phi3's fused adapters (every packed row passes LongRoPE's original length, so both runs
-    use its long factors)."""
+    use its long factors); gemma2's soft-caps through the fused loss."""
     single, dist = tmp_path / "single", tmp_path / "dist"
     common = family_overrides(shared, family, "lora", single)
     common = [o for o in common if not o.startswith(("batch_size=", "output_dir="))]

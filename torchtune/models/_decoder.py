@@ -5,8 +5,10 @@ A family's builder (``llama2``, later ``qwen2``, ``gemma2`` ...) is a thin funct
 the knobs: bias on the attention projections, an explicit ``head_dim``, the norm, the MLP
 activation, tied output, the rotary module, and which projections get LoRA. Module names are
 fixed here (``tok_embeddings``, ``layers.N.attn.q_proj`` ... ``output_proj``, ``mlp.w1/w2/w3``,
-``sa_norm``, ``mlp_norm``, ``norm``, ``output``) so every family's native state dict has the
-same keys; the family's converter maps them to HF's / Meta's names.
+``sa_norm``, ``mlp_norm``, ``norm``, ``output``; Gemma's extra ``post_attn_norm`` and
+``post_mlp_norm``) so every family's native state dict has the same keys; the family's
+converter maps them to HF's / Meta's names. Knobs a family does not set keep the model (and
+its init's random draws) exactly as without them.
 """
 
 from functools import partial
@@ -24,6 +26,7 @@ from torchtune.modules import (
     TransformerDecoder,
     TransformerDecoderLayer,
 )
+from torchtune.modules.embedding import ScaledEmbedding
 from torchtune.modules.peft import LoRALinear
 
 # Projections that ``lora_modules`` may name.
@@ -82,17 +85,24 @@ def decoder(
     norm: Optional[Callable[[int], nn.Module]] = None,
     mlp_activation: Callable[[torch.Tensor], torch.Tensor] = F.silu,
     rope_base: float = 10_000.0,
-    rope: Optional[Callable[[int, int], nn.Module]] = None,
+    rope: Union[
+        None, Callable[[int, int], nn.Module], Sequence[Callable[[int, int], nn.Module]]
+    ] = None,
     tie_word_embeddings: bool = False,
     qk_norm: bool = False,
     sliding_window: Union[None, int, Sequence[Optional[int]]] = None,
+    attn_scale: Optional[float] = None,
+    attn_softcap: Optional[float] = None,
+    output_softcap: Optional[float] = None,
+    embed_scale: Optional[float] = None,
+    padding_idx: Optional[int] = None,
+    post_norms: bool = False,
     lora_modules: Collection[str] = (),
     lora_rank: int = 0,
     lora_alpha: float = 0.0,
     lora_dropout: float = 0.0,
     fused_qkv: bool = False,
     fused_gate_up: bool = False,
-    padding_idx: Optional[int] = None,
 ) -> TransformerDecoder:
     """A pre-norm decoder-only transformer with grouped-query attention and a gated MLP.
 
@@ -118,13 +128,25 @@ def decoder(
         rope_base: base of the default rotary embedding.
         rope: ``rope(head_dim, max_seq_len) -> module`` called once per layer, e.g. a scaled
             RoPE; ``RotaryPositionalEmbeddings(head_dim, max_seq_len, base=rope_base)`` when
-            None. It must rotate HF's layout (halves of each head).
+            None. It must rotate HF's layout (halves of each head). A sequence of
+            ``num_layers`` such callables gives each layer its own (Gemma 3: local and
+            global bases).
         tie_word_embeddings: the output projection uses the embedding's Parameter (one
             parameter, used twice; its gradient is the sum of both uses).
         qk_norm: normalise each query and key head over its ``head_dim`` channels before
             RoPE, with ``norm(head_dim)`` (Qwen3's ``q_norm``/``k_norm``).
         sliding_window: keys a query sees (itself included) in every layer (an int), per
             layer (a sequence of ``num_layers`` ints or None), or all earlier ones (None).
+        attn_scale: attention logit scale; ``head_dim ** -0.5`` when None (Gemma:
+            ``query_pre_attn_scalar ** -0.5``).
+        attn_softcap: tanh soft-cap on the attention logits (Gemma 2), or None.
+        output_softcap: tanh soft-cap on the final logits (Gemma 2), or None.
+        embed_scale: multiply the embeddings by this (Gemma: ``sqrt(embed_dim)``), rounded to
+            the table's dtype (:class:`~torchtune.modules.embedding.ScaledEmbedding`).
+        padding_idx: the embedding's ``padding_idx`` (no gradient through the lookup of that
+            row), as transformers passes ``pad_token_id``; None: every row learns.
+        post_norms: also normalise the attention and MLP outputs before each residual add
+            (``post_attn_norm``, ``post_mlp_norm``; Gemma 2 / 3).
         lora_modules: projections that become :class:`LoRALinear`, any of
             ``q_proj, k_proj, v_proj, output_proj, w1, w2, w3, output``.
         lora_rank: adapter rank (when ``lora_modules`` is not empty).
@@ -134,8 +156,6 @@ def decoder(
             (Phi-3); ``lora_modules`` then names it ``qkv_proj``: one adapter over all three.
         fused_gate_up: one ``mlp.w13`` (rows w1, then w3) instead of w1 and w3 (Phi-3's
             ``gate_up_proj``); ``lora_modules`` then names it ``w13``.
-        padding_idx: the embedding row that gets no gradient (``nn.Embedding``'s
-            ``padding_idx``; HF builds its embeddings with ``pad_token_id`` there).
 
     Returns:
         A :class:`TransformerDecoder` with PyTorch's default init; load a checkpoint, or call
@@ -144,8 +164,8 @@ def decoder(
     Raises:
         ValueError: if the head counts do not divide evenly, ``head_dim`` is missing while
             ``embed_dim`` is not a multiple of ``num_heads``, ``lora_modules`` names an
-            unknown projection or one the fusing knobs leave out, or ``sliding_window`` is a
-            sequence of the wrong length.
+            unknown projection or one the fusing knobs leave out, or ``sliding_window`` or
+            ``rope`` is a sequence of the wrong length.
     """
     num_kv_heads = num_kv_heads or num_heads
     if num_heads % num_kv_heads != 0:
@@ -182,6 +202,9 @@ def decoder(
         )
     norm = norm or partial(RMSNorm, eps=norm_eps)
     rope = rope or partial(RotaryPositionalEmbeddings, base=rope_base)
+    ropes = list(rope) if isinstance(rope, Sequence) else [rope] * num_layers
+    if len(ropes) != num_layers:
+        raise ValueError(f"rope has {len(ropes)} entries for {num_layers} layers")
 
     def linear(name: str, in_dim: int, out_dim: int, bias: bool = False) -> nn.Module:
         if name in lora_modules:
@@ -192,7 +215,7 @@ def decoder(
 
     q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim
     layers = []
-    for window in windows:
+    for window, layer_rope in zip(windows, ropes):
         attn = CausalSelfAttention(
             embed_dim=embed_dim,
             num_heads=num_heads,
@@ -204,7 +227,7 @@ def decoder(
             output_proj=linear("output_proj", q_dim, embed_dim, output_proj_bias),
             # One RoPE per layer keeps layers independent (FSDP wraps them one by one);
             # its cache is a non-persistent buffer, never checkpointed.
-            pos_embeddings=rope(head_dim, max_seq_len),
+            pos_embeddings=layer_rope(head_dim, max_seq_len),
             max_seq_len=max_seq_len,
             attn_dropout=attn_dropout,
             q_norm=norm(head_dim) if qk_norm else None,
@@ -213,6 +236,8 @@ def decoder(
             qkv_proj=(
                 linear("qkv_proj", embed_dim, q_dim + 2 * kv_dim, attn_bias) if fused_qkv else None
             ),
+            scale=attn_scale,
+            softcap=attn_softcap,
         )
         # Created in this order (w1, w2, w3) so that unfused models draw their default init
         # as they always have.
@@ -223,10 +248,18 @@ def decoder(
         mlp = FeedForward(w1, w2, w3, activation=mlp_activation, gate_up_proj=w13)
         layers.append(
             TransformerDecoderLayer(
-                attn=attn, mlp=mlp, sa_norm=norm(embed_dim), mlp_norm=norm(embed_dim)
+                attn=attn,
+                mlp=mlp,
+                sa_norm=norm(embed_dim),
+                mlp_norm=norm(embed_dim),
+                post_attn_norm=norm(embed_dim) if post_norms else None,
+                post_mlp_norm=norm(embed_dim) if post_norms else None,
             )
         )
-    tok_embeddings = nn.Embedding(vocab_size, embed_dim, padding_idx=padding_idx)
+    if embed_scale is None:
+        tok_embeddings = nn.Embedding(vocab_size, embed_dim, padding_idx=padding_idx)
+    else:
+        tok_embeddings = ScaledEmbedding(vocab_size, embed_dim, embed_scale, padding_idx)
     output = linear("output", embed_dim, vocab_size)
     if tie_word_embeddings:
         # The same Parameter object in both modules: state_dict lists it under both keys,
@@ -240,4 +273,5 @@ def decoder(
         max_seq_len=max_seq_len,
         num_heads=num_heads,
         head_dim=head_dim,
+        output_softcap=output_softcap,
     )

@@ -11,6 +11,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from torchtune.models import gemma2 as _gemma2
+from torchtune.models import gemma3 as _gemma3
 from torchtune.models import llama2 as _llama2
 from torchtune.models import mistral as _mistral
 from torchtune.models import phi3 as _phi3
@@ -45,6 +47,8 @@ class ModelFamily:
         tune_to_peft_adapter: native LoRA keys -> PEFT adapter state dict.
         tune_to_peft_adapter_config: ``(adapter_config, base_model_name_or_path)`` -> PEFT's
             ``adapter_config.json`` dict.
+        tied_by_default: whether a ``config.json`` without ``tie_word_embeddings`` is tied
+            (the family's HF config class default; the hub's Gemma files leave the key out).
     """
 
     name: str
@@ -62,6 +66,7 @@ class ModelFamily:
     peft_to_tune_adapter: Callable[[StateDict], StateDict]
     tune_to_peft_adapter: Callable[[StateDict], StateDict]
     tune_to_peft_adapter_config: Callable[[Dict[str, Any], Optional[str]], Dict[str, Any]]
+    tied_by_default: bool = False
 
 
 FAMILIES: Tuple[ModelFamily, ...] = (
@@ -149,6 +154,42 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         peft_to_tune_adapter=_phi3.peft_to_tune_adapter_weights,
         tune_to_peft_adapter=_phi3.tune_to_peft_adapter_weights,
         tune_to_peft_adapter_config=_phi3.tune_to_peft_adapter_config,
+    ),
+    ModelFamily(
+        name="gemma2",
+        model_types=("GEMMA2",),
+        hf_model_types=("gemma2",),
+        builder=_gemma2.gemma2,
+        lora_builder=_gemma2.lora_gemma2,
+        hf_config_to_builder_kwargs=_gemma2.hf_config_to_builder_kwargs,
+        expected_shapes=_gemma2.expected_shapes,
+        meta_params_to_hf_config=None,
+        hf_to_tune=_gemma2.hf_to_tune,
+        tune_to_hf=_gemma2.tune_to_hf,
+        meta_to_tune=None,
+        tune_to_meta=None,
+        peft_to_tune_adapter=_gemma2.peft_to_tune_adapter_weights,
+        tune_to_peft_adapter=_gemma2.tune_to_peft_adapter_weights,
+        tune_to_peft_adapter_config=_gemma2.tune_to_peft_adapter_config,
+        tied_by_default=True,
+    ),
+    ModelFamily(
+        name="gemma3",
+        model_types=("GEMMA3",),
+        hf_model_types=("gemma3_text",),
+        builder=_gemma3.gemma3,
+        lora_builder=_gemma3.lora_gemma3,
+        hf_config_to_builder_kwargs=_gemma3.hf_config_to_builder_kwargs,
+        expected_shapes=_gemma3.expected_shapes,
+        meta_params_to_hf_config=None,
+        hf_to_tune=_gemma3.hf_to_tune,
+        tune_to_hf=_gemma3.tune_to_hf,
+        meta_to_tune=None,
+        tune_to_meta=None,
+        peft_to_tune_adapter=_gemma3.peft_to_tune_adapter_weights,
+        tune_to_peft_adapter=_gemma3.tune_to_peft_adapter_weights,
+        tune_to_peft_adapter_config=_gemma3.tune_to_peft_adapter_config,
+        tied_by_default=True,
     ),
 )
 

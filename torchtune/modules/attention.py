@@ -76,6 +76,69 @@ def sliding_window_band(
     return kv_idx > (q_idx.unsqueeze(-1) - window)
 
 
+def softcapped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    is_causal: bool,
+    dropout_p: float,
+    scale: Optional[float],
+    softcap: float,
+) -> torch.Tensor:
+    """Attention with tanh soft-capped logits, ``cap * tanh(q.k * scale / cap)`` (Gemma 2).
+
+    SDPA's fused kernels cannot cap the logits between the product and the softmax, so this is
+    the exact path, written as transformers' eager attention: scores in the inputs' dtype,
+    softmax in fp32, then back. It holds the ``[b, n_h, s, kv_len]`` scores (and autograd
+    their tanh) for backward, like eager attention does.
+
+    Args:
+        q: ``[b, n_h, s, h_d]``; k, v: ``[b, n_h, kv_len, h_d]`` (kv heads already repeated).
+        attn_mask: None, or bool (True = may attend) / additive float, broadcastable to
+            ``[b, n_h, s, kv_len]``.
+        is_causal: causal over ``s == kv_len`` (SDPA's ``is_causal``); ``attn_mask`` is None.
+        dropout_p: dropout on the attention weights.
+        scale: logit scale; ``h_d ** -0.5`` when None.
+        softcap: the cap.
+
+    Returns:
+        ``[b, n_h, s, h_d]``; a query row that may attend nothing yields zeros (as SDPA).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # [b, n_h, s, kv_len]
+    scores = torch.tanh(scores / softcap) * softcap
+    empty = None
+    if is_causal:  # every row sees at least its own key
+        s, kv_len = scores.shape[-2:]
+        causal = torch.ones(s, kv_len, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    elif attn_mask is not None:
+        allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+        empty = ~allowed.any(dim=-1, keepdim=True)  # rows whose softmax would be NaN
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if empty is not None:
+        probs = probs.masked_fill(empty, 0.0)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v)
+
+
+def _attend(q, k, v, attn_mask, is_causal, dropout_p, scale, softcap, **sdpa_kwargs):
+    """SDPA, or :func:`softcapped_attention` when the logits are capped; ``[b, n, s, h_d]``."""
+    if softcap is not None:
+        return softcapped_attention(q, k, v, attn_mask, is_causal, dropout_p, scale, softcap)
+    if scale is not None:
+        sdpa_kwargs["scale"] = scale
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **sdpa_kwargs
+    )
+
+
 # Run eagerly inside compiled layers: dynamo would guard on (and recompile for) every new
 # tuple of document lengths; this way a compiled layer breaks its graph here instead.
 @torch.compiler.disable
@@ -86,6 +149,8 @@ def _attention_by_document(
     mask: DocumentMask,
     dropout_p: float,
     window: Optional[int] = None,
+    scale: Optional[float] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Causal SDPA within each document of the flattened batch.
 
@@ -95,6 +160,8 @@ def _attention_by_document(
         dropout_p: attention dropout.
         window: sliding window within each document (None: plain causal). Documents no
             longer than the window stay on the mask-free causal kernel.
+        scale: logit scale; SDPA's ``h_d ** -0.5`` when None.
+        softcap: tanh cap on the logits (:func:`softcapped_attention`), or None.
 
     Returns:
         ``[b, s, n_h * h_d]``.
@@ -107,11 +174,11 @@ def _attention_by_document(
         raise ValueError(
             f"DocumentMask lengths sum to {sum(mask.lengths)}, expected b * s = {b * s}"
         )
-    sdpa_kwargs = {"dropout_p": dropout_p}
+    sdpa_kwargs = {}
     banded = window is not None and max(mask.lengths) > window
     if k.shape[2] != n_h:
         # Banded documents pass an explicit mask, whose kernels may not share kv heads.
-        if _SDPA_HAS_GQA and not banded:
+        if _SDPA_HAS_GQA and not banded and softcap is None:
             sdpa_kwargs["enable_gqa"] = True
         else:
             k = k.repeat_interleave(n_h // k.shape[2], dim=2)  # [b, s, n_h, h_d], as repeat_kv
@@ -128,10 +195,13 @@ def _attention_by_document(
             band = sliding_window_band(idx, n, window, q.device) & (
                 idx.view(1, -1) <= idx.view(-1, 1)
             )
-        out = F.scaled_dot_product_attention(
+        out = _attend(
             *(t.transpose(0, 1).unsqueeze(0) for t in qkv),
-            attn_mask=band,
-            is_causal=band is None,
+            band,
+            band is None,
+            dropout_p,
+            scale,
+            softcap,
             **sdpa_kwargs,
         )  # [1, n_h, l, h_d]
         outs.append(out.squeeze(0).transpose(0, 1))
@@ -191,9 +261,17 @@ class CausalSelfAttention(nn.Module):
             output rows are q, then k, then v (Phi-3's ``qkv_proj``): one GEMM, and a LoRA
             adapter on it is PEFT's adapter on the fused module.
 
+        scale: the logit scale; ``head_dim ** -0.5`` when None (Gemma's
+            ``query_pre_attn_scalar ** -0.5``).
+        softcap: if set, logits become ``softcap * tanh(logits / softcap)`` before the mask
+            and softmax (Gemma 2's ``attn_logit_softcapping``). No fused SDPA kernel can do
+            that: every path then takes the exact, eager :func:`softcapped_attention`, which
+            holds each layer's ``[b, n_h, s, kv_len]`` scores (per document when packed).
+
     Raises:
         ValueError: on inconsistent head counts, dropout outside ``[0, 1]``, a window
-            below 1, or ``qkv_proj`` given together with ``q_proj`` / ``k_proj`` / ``v_proj``.
+            below 1, a cap that is not positive, or ``qkv_proj`` given together with
+            ``q_proj`` / ``k_proj`` / ``v_proj``.
     """
 
     def __init__(
@@ -215,6 +293,8 @@ class CausalSelfAttention(nn.Module):
         sliding_window: Optional[int] = None,
         *,
         qkv_proj: Optional[nn.Module] = None,
+        scale: Optional[float] = None,
+        softcap: Optional[float] = None,
     ) -> None:
         super().__init__()
         if qkv_proj is not None and any(p is not None for p in (q_proj, k_proj, v_proj)):
@@ -227,6 +307,8 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"attn_dropout must be in [0, 1], got {attn_dropout}")
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
+        if softcap is not None and not softcap > 0:
+            raise ValueError(f"softcap must be positive or None, got {softcap}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -243,6 +325,8 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = k_norm
         self.sliding_window = sliding_window
         self.qkv_proj = qkv_proj  # a submodule only when set: unfused models keep their keys
+        self.scale = scale
+        self.softcap = softcap
 
     def forward(
         self,
@@ -288,7 +372,10 @@ class CausalSelfAttention(nn.Module):
             if self.kv_cache is not None:
                 raise ValueError("a DocumentMask is for cache-free forwards; got a KV cache")
             dropout_p = self.attn_dropout if self.training else 0.0
-            out = _attention_by_document(q, k, v, mask, dropout_p, self.sliding_window)
+            # Only Gemma's knobs as keywords: other models call it exactly as before.
+            gemma = {"scale": self.scale, "softcap": self.softcap}
+            gemma = {name: value for name, value in gemma.items() if value is not None}
+            out = _attention_by_document(q, k, v, mask, dropout_p, self.sliding_window, **gemma)
             return self.output_proj(out)
 
         # [b, n, s, h_d]
@@ -323,7 +410,8 @@ class CausalSelfAttention(nn.Module):
                 mask = mask.masked_fill(~band, float("-inf"))
 
         sdpa_kwargs = {}
-        if self.num_kv_heads != self.num_heads and is_causal and _SDPA_HAS_GQA:
+        capped = self.softcap is not None
+        if self.num_kv_heads != self.num_heads and is_causal and _SDPA_HAS_GQA and not capped:
             # Mask-free causal path (flash on GPU): let SDPA broadcast kv heads. Kernels for
             # explicit masks may not support GQA, so those paths expand k/v below.
             sdpa_kwargs["enable_gqa"] = True
@@ -337,14 +425,7 @@ class CausalSelfAttention(nn.Module):
         if mask is not None:
             mask = mask.unsqueeze(1)  # [b, 1, s, kv_len], broadcast over heads
 
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=is_causal,
-            **sdpa_kwargs,
-        )
+        dropout_p = self.attn_dropout if self.training else 0.0
+        out = _attend(q, k, v, mask, is_causal, dropout_p, self.scale, self.softcap, **sdpa_kwargs)
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [b, s, n_h*h_d]
         return self.output_proj(out)

@@ -73,3 +73,41 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.scale.shape[0]}, eps={self.eps}"
+
+
+class GemmaRMSNorm(nn.Module):
+    """RMSNorm with Gemma's zero-centred scale: ``(x * rsqrt(mean(x^2) + eps) * (1 + scale))``,
+    all in fp32 and cast back to the input dtype only at the end.
+
+    Two differences from :class:`RMSNorm`, both Gemma's (transformers' ``Gemma2RMSNorm`` /
+    ``Gemma3RMSNorm``): the stored ``scale`` is an offset from one (checkpoints hold it as is,
+    zeros at init), and the multiplication by it happens in fp32 before the cast (Llama casts
+    first). Plain autograd: a small variant of the plain norm, no derived backward.
+
+    Args:
+        dim: size of the last dimension of the input.
+        eps: added to the mean square before the reciprocal square root.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.zeros(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: input of shape ``[..., dim]``.
+
+        Returns:
+            Tensor of the same shape and dtype as ``x``.
+        """
+        x32 = _upcast(x)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + _upcast(self.scale))).type_as(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.scale.shape[0]}, eps={self.eps}"

@@ -11,21 +11,37 @@ from torchtune.modules.kv_cache import KVCache
 class TransformerDecoderLayer(nn.Module):
     """Pre-norm decoder block: ``h = x + attn(sa_norm(x)); out = h + mlp(mlp_norm(h))``.
 
+    With post-norms (Gemma 2 / 3's "sandwich" norms) each branch is normalised again before it
+    joins the residual: ``h = x + post_attn_norm(attn(sa_norm(x)))`` and
+    ``out = h + post_mlp_norm(mlp(mlp_norm(h)))``.
+
     Args:
         attn: the self-attention module (called with ``mask=`` and ``input_pos=``).
         mlp: the feed-forward module.
         sa_norm: norm before attention.
         mlp_norm: norm before the feed-forward.
+        post_attn_norm: optional norm of the attention output, before the residual add.
+        post_mlp_norm: optional norm of the feed-forward output, before the residual add.
     """
 
     def __init__(
-        self, attn: CausalSelfAttention, mlp: nn.Module, sa_norm: nn.Module, mlp_norm: nn.Module
+        self,
+        attn: CausalSelfAttention,
+        mlp: nn.Module,
+        sa_norm: nn.Module,
+        mlp_norm: nn.Module,
+        *,
+        post_attn_norm: Optional[nn.Module] = None,
+        post_mlp_norm: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         self.sa_norm = sa_norm
         self.attn = attn
         self.mlp_norm = mlp_norm
         self.mlp = mlp
+        # None is a plain attribute, not a submodule: other families' state dicts keep their keys.
+        self.post_attn_norm = post_attn_norm
+        self.post_mlp_norm = post_mlp_norm
 
     def forward(
         self,
@@ -43,8 +59,14 @@ class TransformerDecoderLayer(nn.Module):
         Returns:
             ``[b, s, d]``.
         """
-        h = x + self.attn(self.sa_norm(x), mask=mask, input_pos=input_pos)
-        return h + self.mlp(self.mlp_norm(h))
+        attn_out = self.attn(self.sa_norm(x), mask=mask, input_pos=input_pos)
+        if self.post_attn_norm is not None:
+            attn_out = self.post_attn_norm(attn_out)
+        h = x + attn_out
+        mlp_out = self.mlp(self.mlp_norm(h))
+        if self.post_mlp_norm is not None:
+            mlp_out = self.post_mlp_norm(mlp_out)
+        return h + mlp_out
 
 
 class TransformerDecoder(nn.Module):
@@ -58,6 +80,10 @@ class TransformerDecoder(nn.Module):
         max_seq_len: longest sequence (and KV cache length) the model accepts.
         num_heads: query heads per layer (for bookkeeping).
         head_dim: per-head dimension (used to size KV caches).
+        output_softcap: if set, logits become ``cap * tanh(logits / cap)`` (Gemma 2's
+            ``final_logit_softcapping``). ``LinearCrossEntropyLoss`` applies the same cap to the
+            hidden states this model returns with ``return_hidden`` (the training recipes pass
+            it this attribute).
     """
 
     def __init__(
@@ -69,8 +95,12 @@ class TransformerDecoder(nn.Module):
         max_seq_len: int,
         num_heads: int,
         head_dim: int,
+        *,
+        output_softcap: Optional[float] = None,
     ) -> None:
         super().__init__()
+        if output_softcap is not None and not output_softcap > 0:
+            raise ValueError(f"output_softcap must be positive or None, got {output_softcap}")
         self.tok_embeddings = tok_embeddings
         self.layers = layers if isinstance(layers, nn.ModuleList) else nn.ModuleList(layers)
         self.norm = norm
@@ -78,6 +108,7 @@ class TransformerDecoder(nn.Module):
         self.max_seq_len = max_seq_len
         self.num_heads = num_heads
         self.head_dim = head_dim
+        self.output_softcap = output_softcap
 
     def setup_caches(
         self, batch_size: int, dtype: torch.dtype, max_seq_len: Optional[int] = None
@@ -158,7 +189,8 @@ class TransformerDecoder(nn.Module):
                 padding tokens carry no label) skips most of the ``d x vocab`` matmul and the
                 ``[b, s, vocab]`` logits; the logits that are computed are the same.
             return_hidden: return the final norm's output instead of logits, for a loss that
-                applies ``self.output`` itself chunk by chunk (``LinearCrossEntropyLoss``).
+                applies ``self.output`` (and ``output_softcap``) itself chunk by chunk
+                (``LinearCrossEntropyLoss``).
 
         Returns:
             Logits ``[b, s, vocab]`` in the model's dtype; with ``output_mask``, ``[n, vocab]``
@@ -219,4 +251,10 @@ class TransformerDecoder(nn.Module):
         if output_mask is not None:
             h = h[output_mask]  # [n, d]; its backward scatters into zeros of [b, s, d] only
         h = self.norm(h)
-        return h if return_hidden else self.output(h)  # [b, s, vocab] or [n, vocab]
+        if return_hidden:
+            return h
+        logits = self.output(h)  # [b, s, vocab] or [n, vocab]
+        if self.output_softcap is not None:
+            # In the logits' dtype, in transformers' order: divide, tanh, multiply.
+            logits = torch.tanh(logits / self.output_softcap) * self.output_softcap
+        return logits

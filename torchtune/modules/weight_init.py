@@ -12,7 +12,7 @@ from torchtune.modules.position_embeddings import (
     PartialRotaryPositionalEmbeddings,
     RotaryPositionalEmbeddings,
 )
-from torchtune.modules.rms_norm import RMSNorm
+from torchtune.modules.rms_norm import GemmaRMSNorm, RMSNorm
 
 # Projections that write into the residual stream; their std is shrunk with depth.
 _RESIDUAL_OUTPUTS = ("attn.output_proj", "mlp.w2")
@@ -25,7 +25,8 @@ def init_weights_(model: nn.Module, std: float = 0.02, num_layers: Optional[int]
     * embeddings and linear weights ~ N(0, std), biases 0;
     * projections into the residual stream (``attn.output_proj``, ``mlp.w2``) ~
       N(0, std / sqrt(2 * num_layers)), so the residual variance does not grow with depth;
-    * RMSNorm scales 1; RoPE tables recomputed;
+    * RMSNorm scales 1 (Gemma's zero-centred scales 0: the same unit gain); RoPE tables
+      recomputed;
     * LoRA adapters as fresh ones (``lora_a`` kaiming-uniform, ``lora_b`` zero).
 
     Args:
@@ -60,7 +61,7 @@ def init_weights_(model: nn.Module, std: float = 0.02, num_layers: Optional[int]
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.padding_idx is not None:  # as nn.Embedding and HF leave it: zero
                 module.weight[module.padding_idx].zero_()
-        elif isinstance(module, RMSNorm):
+        elif isinstance(module, (RMSNorm, GemmaRMSNorm)):
             module.reset_parameters()
         elif isinstance(module, (RotaryPositionalEmbeddings, PartialRotaryPositionalEmbeddings)):
             module.rope_init()

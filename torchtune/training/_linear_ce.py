@@ -10,15 +10,26 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 
 def _chunk_loss_and_logit_grad(
-    logits: torch.Tensor, labels: torch.Tensor, want_grad: bool
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    want_grad: bool,
+    softcap: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Summed CE of ``[c, vocab]`` logits (fp32 math) and, if asked, d(sum)/d(logits).
 
     fp32 logits are overwritten (they become the gradient): every step is in place, because a
     fresh ``[c, vocab]`` temporary per chunk (``torch.logsumexp`` makes one) costs more in page
-    faults on CPU than the arithmetic.
+    faults on CPU than the arithmetic. With ``softcap`` the CE is of
+    ``softcap * tanh(logits / softcap)`` (in fp32), and its gradient is carried back through
+    the cap (``1 - tanh^2``, one more ``[c, vocab]`` buffer).
     """
     logits32 = logits.detach().float()  # in fp32 the same tensor: edited in place below
+    slope = None
+    if softcap is not None:
+        tanh = logits32.div_(softcap).tanh_()
+        if want_grad:
+            slope = tanh.square().neg_().add_(1.0)  # d capped / d logits, [c, vocab]
+        logits32 = tanh.mul_(softcap)
     valid = labels != CROSS_ENTROPY_IGNORE_IDX
     targets = torch.where(valid, labels, 0)
     picked = logits32.gather(1, targets.unsqueeze(1)).squeeze(1)  # [c]
@@ -32,6 +43,8 @@ def _chunk_loss_and_logit_grad(
     # d(lse - logit_t)/d(logits) = softmax - onehot(t); rows without a label get zero.
     grad = exp.mul_((valid / sum_exp).unsqueeze(1))
     grad.scatter_add_(1, targets.unsqueeze(1), -valid.to(grad.dtype).unsqueeze(1))
+    if slope is not None:
+        grad.mul_(slope)
     return loss, grad.to(logits.dtype)
 
 
@@ -45,7 +58,7 @@ def _plain_linear(projection: nn.Module) -> bool:
     )
 
 
-def _linear_chunks(h_chunks, label_chunks, linear, grad_hidden, grad_params):
+def _linear_chunks(h_chunks, label_chunks, linear, grad_hidden, grad_params, softcap):
     """Chunk loop for a plain ``nn.Linear``: matmuls written out, one logits buffer reused.
 
     ``grad_hidden`` (or None) is filled row by row; ``grad_params`` are the fp32 sums for the
@@ -66,7 +79,7 @@ def _linear_chunks(h_chunks, label_chunks, linear, grad_hidden, grad_params):
             logits = torch.mm(h_chunk, weight.t(), out=out)
         else:  # one rounding, like F.linear
             logits = torch.addmm(bias, h_chunk, weight.t(), out=out)
-        loss, grad_logits = _chunk_loss_and_logit_grad(logits, label_chunk, want_grad)
+        loss, grad_logits = _chunk_loss_and_logit_grad(logits, label_chunk, want_grad, softcap)
         total += loss
         if grad_hidden is not None:
             torch.mm(grad_logits, weight, out=grad_hidden[start:end])
@@ -86,7 +99,7 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += a @ b
 
 
-def _module_chunks(h_chunks, label_chunks, projection, grad_hidden, params, grad_params):
+def _module_chunks(h_chunks, label_chunks, projection, grad_hidden, params, grad_params, softcap):
     """Chunk loop for any projection module (e.g. LoRA): gradients by ``autograd.grad``."""
     want_hidden = grad_hidden is not None
     want_grad = want_hidden or bool(params)
@@ -96,7 +109,7 @@ def _module_chunks(h_chunks, label_chunks, projection, grad_hidden, params, grad
         with torch.enable_grad():
             h_leaf = h_chunk.detach().requires_grad_(want_hidden)
             logits = projection(h_leaf)  # [c, vocab]
-        loss, grad_logits = _chunk_loss_and_logit_grad(logits, label_chunk, want_grad)
+        loss, grad_logits = _chunk_loss_and_logit_grad(logits, label_chunk, want_grad, softcap)
         total += loss
         if want_grad:
             inputs = ([h_leaf] if want_hidden else []) + list(params)
@@ -123,17 +136,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, labels, projection, num_chunks, *params):
+    def forward(ctx, hidden, labels, projection, num_chunks, softcap, *params):
         want_hidden = ctx.needs_input_grad[0]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         # Parameter gradients summed over chunks in fp32, cast once at the end.
         grad_params: List[torch.Tensor] = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         h_chunks, label_chunks = hidden.chunk(num_chunks), labels.chunk(num_chunks)
         if _plain_linear(projection):
-            total = _linear_chunks(h_chunks, label_chunks, projection, grad_hidden, grad_params)
+            total = _linear_chunks(
+                h_chunks, label_chunks, projection, grad_hidden, grad_params, softcap
+            )
         else:
             total = _module_chunks(
-                h_chunks, label_chunks, projection, grad_hidden, params, grad_params
+                h_chunks, label_chunks, projection, grad_hidden, params, grad_params, softcap
             )
         ctx.save_for_backward(
             *([grad_hidden] if want_hidden else []),
@@ -149,7 +164,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
         grad_params = [g * grad_total.to(g.dtype) for g in saved]
-        return (grad_hidden, None, None, None, *grad_params)
+        return (grad_hidden, None, None, None, None, *grad_params)
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -181,7 +196,12 @@ class LinearCrossEntropyLoss(nn.Module):
         self.num_chunks = num_chunks
 
     def forward(
-        self, hidden: torch.Tensor, projection: nn.Module, labels: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        projection: nn.Module,
+        labels: torch.Tensor,
+        *,
+        softcap: Optional[float] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -189,14 +209,21 @@ class LinearCrossEntropyLoss(nn.Module):
                 ``labels``.
             projection: maps ``[c, d]`` to ``[c, vocab]`` logits (e.g. ``model.output``).
             labels: ``LongTensor[n]`` (or ``[b, s]``); ``CROSS_ENTROPY_IGNORE_IDX`` entries are skipped.
+            softcap: the model's final-logit cap (``TransformerDecoder.output_softcap``):
+                scored are ``softcap * tanh(logits / softcap)``, as the model's own forward
+                returns them. None: the logits as they are. The cap is taken in fp32 (the
+                model's forward takes it in the logits' dtype, as transformers does): the
+                same in fp32, a little more precise in bf16.
 
         Returns:
             ``(loss_sum, num_tokens)``: fp32 scalar sum of the per-token losses and a long
             scalar count of the scored tokens.
 
         Raises:
-            ValueError: if the shapes disagree.
+            ValueError: if the shapes disagree or ``softcap`` is not positive.
         """
+        if softcap is not None and not softcap > 0:
+            raise ValueError(f"softcap must be positive or None, got {softcap}")
         if hidden.shape[:-1] != labels.shape:
             raise ValueError(
                 f"hidden must be labels' shape plus a feature dim; got {tuple(hidden.shape)} "
@@ -211,9 +238,11 @@ class LinearCrossEntropyLoss(nn.Module):
                 hidden.chunk(self.num_chunks), labels.chunk(self.num_chunks)
             ):
                 total += _chunk_loss_and_logit_grad(
-                    projection(h_chunk), label_chunk, want_grad=False
+                    projection(h_chunk), label_chunk, want_grad=False, softcap=softcap
                 )[0]
             return total, num_tokens
         params = [p for p in projection.parameters() if p.requires_grad]
-        total = _LinearCrossEntropy.apply(hidden, labels, projection, self.num_chunks, *params)
+        total = _LinearCrossEntropy.apply(
+            hidden, labels, projection, self.num_chunks, softcap, *params
+        )
         return total, num_tokens

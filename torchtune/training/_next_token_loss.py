@@ -130,5 +130,7 @@ def next_token_loss_sum(
     if fused:
         # Under FSDP the root module's weights (output among them) stay gathered after
         # forward (reshard_after_forward=False), so the projection can run here.
-        return loss_fn(out, model.output, targets[scored])
+        # The model's final-logit cap (Gemma 2) goes with its projection.
+        softcap = getattr(model, "output_softcap", None)
+        return loss_fn(out, model.output, targets[scored], softcap=softcap)
     return loss_fn(out.unsqueeze(0), targets[scored].unsqueeze(0))

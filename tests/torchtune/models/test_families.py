@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from torchtune.models import llama2, mistral, phi3, qwen2, qwen3
+from torchtune.models import gemma2, gemma3, llama2, mistral, phi3, qwen2, qwen3
 from torchtune.models._families import (
     FAMILIES,
     ModelFamily,
@@ -23,10 +23,16 @@ def test_llama_names_map_to_the_llama2_row():
     assert row.peft_to_tune_adapter is llama2.peft_to_tune_adapter_weights
 
 
-@pytest.mark.parametrize("module", [qwen2, qwen3, mistral, phi3], ids=lambda m: m.__name__)
+# HF's model_type where it is not the folder's name.
+_HF_NAME = {"gemma3": "gemma3_text"}
+
+
+@pytest.mark.parametrize(
+    "module", [qwen2, qwen3, mistral, phi3, gemma2, gemma3], ids=lambda m: m.__name__
+)
 def test_new_family_rows_point_at_their_modules(module):
     name = module.__name__.rsplit(".", 1)[-1]
-    row = family_for_hf_model_type(name)
+    row = family_for_hf_model_type(_HF_NAME.get(name, name))
     assert row.name == name and family_for_model_type(name.upper()) is row
     assert row.builder is getattr(module, name)
     assert row.lora_builder is getattr(module, f"lora_{name}")
@@ -38,20 +44,16 @@ def test_new_family_rows_point_at_their_modules(module):
 def test_unknown_model_types_raise_listing_the_supported_ones():
     with pytest.raises(
         ValueError,
-        match=(
-            r"Unknown model_type 'gpt9'; supported: "
-            r"\['LLAMA2', 'QWEN2', 'QWEN3', 'MISTRAL', 'PHI3'\]"
-        ),
+        match=r"Unknown model_type 'gpt9'; supported: \['LLAMA2', 'QWEN2', 'QWEN3', 'MISTRAL', "
+        r"'PHI3', 'GEMMA2', 'GEMMA3'\]",
     ):
         family_for_model_type("gpt9")
     with pytest.raises(
         ValueError,
-        match=(
-            r"Unknown HF model_type 'gemma2'; supported: "
-            r"\['llama', 'qwen2', 'qwen3', 'mistral', 'phi3'\]"
-        ),
+        match=r"Unknown HF model_type 'gemma3'; supported: \['llama', 'qwen2', 'qwen3', "
+        r"'mistral', 'phi3', 'gemma2', 'gemma3_text'\]",
     ):
-        family_for_hf_model_type("gemma2")
+        family_for_hf_model_type("gemma3")  # the multimodal Gemma 3 is not a text family
     # HF names are exact: no fuzzy or case-folded match.
     with pytest.raises(ValueError, match="Unknown HF model_type 'Llama'"):
         family_for_hf_model_type("Llama")
@@ -66,7 +68,9 @@ def test_rows_are_frozen_complete_and_unambiguous():
             row.name = "x"
         for name in fields:
             value = getattr(row, name)
-            if name not in ("name", "model_types", "hf_model_types"):
+            if name == "tied_by_default":
+                assert isinstance(value, bool), row.name
+            elif name not in ("name", "model_types", "hf_model_types"):
                 assert value is None or callable(value), (row.name, name)
         assert all(t == t.upper() for t in row.model_types)
     for attr in ("name", "model_types", "hf_model_types"):

@@ -73,11 +73,49 @@ CASES = {
         "MistralConfig",
         dict(sliding_window=None, tie_word_embeddings=True, num_key_value_heads=3),
     ),
+    # Every Gemma feature on: head_dim != dim / heads, a query_pre_attn_scalar that is not
+    # head_dim, both soft-caps small enough to bend the logits, alternating windows, tied
+    # embeddings with a padding row, attention biases.
+    "gemma2-all": (
+        "gemma2",
+        "Gemma2Config",
+        dict(
+            head_dim=14,
+            query_pre_attn_scalar=11,
+            attn_logit_softcapping=1.5,
+            final_logit_softcapping=2.0,
+            sliding_window=5,
+            attention_bias=True,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            initializer_range=0.05,  # attention logits up to ~3: the 1.5 cap bends them
+        ),
+    ),
+    # Gemma 3: q/k norms, local / global RoPE bases, linear scaling on the global layers, one
+    # global layer in two (the released pattern, one in six, would leave 3 layers all local).
+    "gemma3-all": (
+        "gemma3",
+        "Gemma3TextConfig",
+        dict(
+            head_dim=14,
+            query_pre_attn_scalar=11,
+            sliding_window=5,
+            sliding_window_pattern=2,
+            rope_theta=100_000.0,
+            rope_local_base_freq=100.0,
+            rope_scaling={"rope_type": "linear", "factor": 4.0},
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            initializer_range=0.05,
+        ),
+    ),
 }
 HF_CLASSES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
 
 
@@ -129,7 +167,7 @@ def test_logits_and_gradients_match_transformers(case):
         assert any(w is not None and w < TOKENS.shape[1] for w in windows)
     tied = extra.get("tie_word_embeddings", False)
     assert (ours.output.weight is ours.tok_embeddings.weight) == tied
-    if row.name == "qwen3":
+    if row.name in ("qwen3", "gemma3"):
         assert ours.layers[0].attn.q_norm.scale.shape == (hf.config.head_dim,)
 
     ours_emb, hf_emb = [], []
@@ -147,7 +185,10 @@ def test_logits_and_gradients_match_transformers(case):
         torch.testing.assert_close(grad, hf_named[name].grad, atol=ATOL, rtol=RTOL, msg=name)
 
 
-@pytest.mark.parametrize("case", ["qwen2-tied-window", "qwen3-tied-bias-window", "mistral-window"])
+@pytest.mark.parametrize(
+    "case",
+    ["qwen2-tied-window", "qwen3-tied-bias-window", "mistral-window", "gemma2-all", "gemma3-all"],
+)
 def test_packed_documents_with_a_window_equal_each_document_alone(case):
     hf = tiny_hf(case)
     _, ours = ours_from(hf, case)
@@ -171,7 +212,9 @@ def test_packed_documents_with_a_window_equal_each_document_alone(case):
 
 
 @pytest.mark.parametrize(
-    "case", ["qwen2-head-dim-mqa-window", "qwen3-tied-bias-window", "mistral-window"]
+    "case",
+    ["qwen2-head-dim-mqa-window", "qwen3-tied-bias-window", "mistral-window"]
+    + ["gemma2-all", "gemma3-all"],
 )
 def test_kv_cache_decode_with_a_window_equals_the_full_forward(case):
     hf = tiny_hf(case)
@@ -232,7 +275,9 @@ def test_hf_round_trip_is_bit_exact_and_shapes_are_expected(case):
     assert shapes == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
 
 
-@pytest.mark.parametrize("case", ["qwen2-tied-window", "qwen3-head-dim", "mistral-window"])
+@pytest.mark.parametrize(
+    "case", ["qwen2-tied-window", "qwen3-head-dim", "mistral-window", "gemma2-all", "gemma3-all"]
+)
 def test_full_model_hf_checkpointer_round_trip_through_save_pretrained(tmp_path, case):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -261,15 +306,17 @@ def test_full_model_hf_checkpointer_round_trip_through_save_pretrained(tmp_path,
         torch.testing.assert_close(ours(TOKENS), hf(TOKENS).logits, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma2", "gemma3"])
 def test_lora_builder_loads_hf_and_adapter_keys_round_trip_to_peft(family):
     case = {
         "qwen2": "qwen2-tied-window",
         "qwen3": "qwen3-tied-bias-window",
         "mistral": "mistral-window",
+        "gemma2": "gemma2-all",
+        "gemma3": "gemma3-all",
     }[family]
     hf = tiny_hf(case)
-    row = family_for_hf_model_type(family)
+    row = family_for_hf_model_type(hf.config.model_type)
     kwargs = row.hf_config_to_builder_kwargs(hf.config.to_dict())
     lora = row.lora_builder(
         ["q_proj", "output_proj"], apply_lora_to_mlp=True, lora_rank=2, lora_alpha=4.0, **kwargs
@@ -292,9 +339,20 @@ def test_lora_builder_loads_hf_and_adapter_keys_round_trip_to_peft(family):
 
 def _hub_layout(config: dict) -> dict:
     """transformers 5's config dict in the hub's older layout: rope_theta on top, no
-    layer_types (then derived from use_sliding_window / max_window_layers)."""
+    layer_types (then derived from use_sliding_window / max_window_layers, or Gemma's
+    alternating pattern). Gemma's files also leave tie_word_embeddings out (tied by default)
+    and Gemma 3's give ``rope_local_base_freq`` and the global layers' ``rope_scaling``."""
+    rope = config.get("rope_parameters") or {}
     config = {k: v for k, v in config.items() if k not in ("layer_types", "rope_parameters")}
     config["rope_theta"] = 10_000.0
+    if config["model_type"].startswith("gemma"):
+        assert config.pop("tie_word_embeddings") is True
+    if config["model_type"] == "gemma3_text":
+        full = dict(rope["full_attention"])
+        config["rope_theta"] = full.pop("rope_theta")
+        config["rope_scaling"] = full if full["rope_type"] != "default" else None
+        config["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        config["sliding_window_pattern"] = CASES["gemma3-all"][2]["sliding_window_pattern"]
     return config
 
 
@@ -365,7 +423,7 @@ def test_layer_types_inconsistent_with_the_window_are_refused():
 
 # Parameter counts of the model cards (total; tied tables counted once), which these presets
 # reproduce: Qwen2.5 0.49B / 1.54B / 3.09B / 7.61B, Qwen3 0.6B / 1.7B / 4.0B / 8.2B,
-# Mistral 7B 7.24B.
+# Mistral 7B 7.24B, Gemma 2 2.6B / 9.2B, Gemma 3 1B.
 PRESETS = {
     "qwen2_5_0_5b": 494_032_768,
     "qwen2_5_1_5b": 1_543_714_304,
@@ -376,14 +434,21 @@ PRESETS = {
     "qwen3_4b": 4_022_468_096,
     "qwen3_8b": 8_190_735_360,
     "mistral_7b": 7_241_732_096,
+    # Gemma 2 2.6B / 9.2B, Gemma 3 1B (1.0B) and 4B's language model (3.88B of 4.3B).
+    "gemma2_2b": 2_614_341_888,
+    "gemma2_9b": 9_241_705_984,
+    "gemma3_1b": 999_885_952,
+    "gemma3_4b": 3_880_263_168,
 }
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_presets_have_the_published_sizes_and_lora_twins(name):
-    from torchtune.models import mistral, qwen2, qwen3
+    from torchtune.models import gemma2, gemma3, mistral, qwen2, qwen3
 
-    module = {"qwen2": qwen2, "qwen3": qwen3, "mistr": mistral}[name[:5]]
+    module = {"qwen2": qwen2, "qwen3": qwen3, "mistral": mistral, "gemma2": gemma2}.get(
+        name.split("_")[0], gemma3
+    )
     with torch.device("meta"):
         model = getattr(module, name)(max_seq_len=64)
         lora = getattr(module, f"lora_{name}")(["q_proj", "v_proj"], max_seq_len=64)
@@ -435,6 +500,8 @@ def test_decoder_window_and_norm_knobs_are_checked():
         ("qwen3-tied-bias-window", ["q_proj", "v_proj"], True, False),
         ("qwen3-head-dim", ["k_proj", "output_proj"], False, True),
         ("mistral-window", ["q_proj", "output_proj"], True, True),
+        ("gemma2-all", ["q_proj", "v_proj", "output_proj"], True, True),
+        ("gemma3-all", ["q_proj", "k_proj"], True, False),
     ],
 )
 def test_peft_loads_the_adapter_the_checkpointer_saves(tmp_path, case, attn, mlp, output):

@@ -478,7 +478,7 @@ def test_hf_family_comes_from_config_json_when_model_type_is_omitted(tmp_path):
     config = json.loads((tmp_path / "in" / "config.json").read_text())
     assert config["model_type"] == "llama"
     for model_type, value, match in (
-        (None, "gemma2", r"Unknown HF model_type 'gemma2'; supported: \['llama', 'qwen2'"),
+        (None, "falcon", r"Unknown HF model_type 'falcon'; supported: \['llama', 'qwen2'"),
         ("LLAMA2", "mistral", r"is for model_type 'mistral', not the llama2 family's"),
         (None, None, r"config\.json has no 'model_type'; pass model_type"),
     ):

@@ -1,7 +1,8 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Greedy ``generate`` with the KV cache equals transformers' ``generate`` for every family.
 
-Tiny random HF models of each family (llama with Llama 3 features, qwen2, qwen3, mistral),
+Tiny random HF models of each family (llama with Llama 3 features, qwen2, qwen3, mistral,
+gemma2 with both soft-caps, gemma3 with its two rotary bases),
 left-padded batches of prompts of different lengths, and prompt + new tokens running far past
 the sliding window. HF's sliding-window mask compares cache positions (columns of the padded
 batch) while its RoPE uses position ids counted from a row's first real token; within one row
@@ -44,6 +45,10 @@ CASES = {
         "all-on-tied",
         dict(original_max_position_embeddings=48, tie_word_embeddings=False),
     ),
+    # Soft-capped attention and logits, windows on layers 0 and 2 (of 3).
+    "gemma2-all": ("gemma2-all", {}),
+    # q/k norms, local / global RoPE bases, linear scaling on the global layer.
+    "gemma3-all": ("gemma3-all", {}),
 }
 
 

@@ -137,7 +137,7 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
             )
         fam = self._family
         self._expected = _family_fn(fam.expected_shapes, self._config, config_path)
-        self._tied = bool(self._config.get("tie_word_embeddings", False))
+        self._tied = bool(self._config.get("tie_word_embeddings", fam.tied_by_default))
         self._output_from_embeddings = False  # set on load: lm_head absent, tied to the table
 
     def _peft_base_model_path(self) -> Optional[str]:
