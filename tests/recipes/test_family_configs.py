@@ -30,6 +30,8 @@ FOLDERS = {
     "qwen3": ("qwen3", "byte_bpe", "qwen3"),
     "phi3": ("phi3", "metaspace", "phi3"),
     "phi4": ("phi3", "byte_bpe", "chatml"),  # Phi-4 (14B) speaks ChatML; mini the phi3 turns
+    "gemma2": ("gemma2", "metaspace", "gemma"),
+    "gemma3": ("gemma3", "metaspace", "gemma"),
 }
 CONFIGS = sorted(
     (c.name, r.name, r.supports_distributed)
@@ -45,6 +47,8 @@ FAST = {
     "qwen3/0_6B_full_single_device",
     "smollm2/135M_full_single_device",
     "phi3/mini_lora_single_device",
+    "gemma2/2B_lora_single_device",
+    "gemma3/1B_full_single_device",
 }
 
 
