@@ -96,6 +96,7 @@ RECIPES: Tuple[Recipe, ...] = (
             "phi4/mini_lora_single_device",
             "phi4/14B_lora_single_device",
             "gemma2/2B_lora_single_device",
+            "gemma2/9B_lora_single_device",
             "gemma3/1B_lora_single_device",
             "tiny/lora",
         ],
