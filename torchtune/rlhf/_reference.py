@@ -1,0 +1,84 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""The reference policy of a LoRA model, without a second copy of the model.
+
+With a fresh adapter the reference is the base model: the same modules with their adapters
+switched off. Starting from a trained adapter, the reference is that adapter as it was at the
+start: only its weights are copied, and swapped in for the reference forward.
+"""
+
+import contextlib
+from typing import Dict, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchtune.modules.peft import lora_modules
+
+
+def _base_forward(module: nn.Module):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, module.weight, module.bias)
+
+    return forward
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every ``LoRALinear`` of ``model`` computes its base layer only.
+
+    The adapter path is skipped, not multiplied by zero, so the reference forward costs what
+    the base model's does. The instance attribute shadows the class's ``forward`` and is
+    removed on exit, also after an exception.
+
+    Raises:
+        ValueError: if ``model`` has no LoRA modules.
+    """
+    modules = list(lora_modules(model).values())
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no LoRA modules to switch off")
+    try:
+        for m in modules:
+            m.forward = _base_forward(m)
+        yield model
+    finally:
+        for m in modules:
+            m.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def adapter_swapped(
+    model: nn.Module, adapter: Dict[str, torch.Tensor], params: Dict[str, nn.Parameter]
+) -> Iterator[nn.Module]:
+    """Within the block the adapter parameters ``params`` hold ``adapter``'s tensors.
+
+    The parameters' storage is exchanged, not copied, and restored on exit (also after an
+    exception); the optimizer, which holds the Parameter objects, is unaffected. Use it under
+    ``torch.no_grad()``.
+
+    Args:
+        model: the model (returned for convenience).
+        adapter: the frozen adapter, ``{name: tensor}`` with the keys of ``params`` and
+            tensors of the same shapes, dtypes and device.
+        params: the live adapter parameters (``get_adapter_params(model)``).
+
+    Raises:
+        ValueError: if the keys or shapes of ``adapter`` and ``params`` differ.
+    """
+    if set(adapter) != set(params):
+        raise ValueError(
+            f"reference adapter keys differ from the model's: missing "
+            f"{sorted(set(params) - set(adapter))[:5]}, unexpected "
+            f"{sorted(set(adapter) - set(params))[:5]}"
+        )
+    bad = [k for k, p in params.items() if adapter[k].shape != p.shape]
+    if bad:
+        raise ValueError(f"reference adapter shapes differ from the model's at {bad[:5]}")
+    live = {k: p.data for k, p in params.items()}
+    try:
+        for k, p in params.items():
+            p.data = adapter[k]
+        yield model
+    finally:
+        for k, p in params.items():
+            p.data = live[k]
