@@ -50,16 +50,17 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 def adapter_swapped(
     model: nn.Module, adapter: Dict[str, torch.Tensor], params: Dict[str, nn.Parameter]
 ) -> Iterator[nn.Module]:
-    """Within the block the adapter parameters ``params`` hold ``adapter``'s tensors.
+    """Within the block the adapter parameters ``params`` hold ``adapter``'s values.
 
-    The parameters' storage is exchanged, not copied, and restored on exit (also after an
-    exception); the optimizer, which holds the Parameter objects, is unaffected. Use it under
-    ``torch.no_grad()``.
+    The values are copied in place (and the live ones copied back on exit, also after an
+    exception), not rebound: FSDP2 gathers a parameter from its own storage, so this works on
+    sharded (DTensor) parameters too, with ``adapter`` sharded like them. The optimizer, which
+    holds the Parameter objects, is unaffected. Use it under ``torch.no_grad()``.
 
     Args:
         model: the model (returned for convenience).
-        adapter: the frozen adapter, ``{name: tensor}`` with the keys of ``params`` and
-            tensors of the same shapes, dtypes and device.
+        adapter: the frozen adapter, ``{name: tensor}`` with the keys, shapes and placement of
+            ``params`` (e.g. ``{k: p.detach().clone()}`` taken at the start).
         params: the live adapter parameters (``get_adapter_params(model)``).
 
     Raises:
@@ -74,11 +75,13 @@ def adapter_swapped(
     bad = [k for k, p in params.items() if adapter[k].shape != p.shape]
     if bad:
         raise ValueError(f"reference adapter shapes differ from the model's at {bad[:5]}")
-    live = {k: p.data for k, p in params.items()}
-    try:
+    with torch.no_grad():
+        live = {k: p.detach().clone() for k, p in params.items()}
         for k, p in params.items():
-            p.data = adapter[k]
+            p.copy_(adapter[k])
+    try:
         yield model
     finally:
-        for k, p in params.items():
-            p.data = live[k]
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(live[k])

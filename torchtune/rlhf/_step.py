@@ -6,6 +6,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from torchtune import utils
 from torchtune.rlhf._logps import sequence_logps
 from torchtune.training import count_tokens
 
@@ -22,18 +23,20 @@ def preference_step(
     params: Iterable[nn.Parameter],
     device: torch.device,
     reference: Optional[ReferenceFn],
+    world_size: int = 1,
     clip_grad_norm: Optional[float] = None,
     lr_scheduler: Optional[Any] = None,
 ) -> Dict[str, float]:
     """Backward over every micro-batch of pairs, then clip, step, zero the gradients, step the lr.
 
-    The step's loss is the mean of the per-pair losses over all its micro-batches (each
-    micro-batch's backward is scaled by its share of the step's pairs), so
-    ``gradient_accumulation_steps=k`` gives the gradient of a k-times larger batch. Chosen and
+    The step's loss is the mean of the per-pair losses over all its micro-batches on all
+    ranks (each micro-batch's backward is scaled by its share of the step's pairs, counted up
+    front), so ``k`` micro-batches on ``W`` ranks give the gradient of one batch ``k * W`` times
+    larger. Chosen and
     rejected rows go through the model together (:func:`sequence_logps`).
 
     Args:
-        model: the policy.
+        model: the policy (FSDP-sharded when ``world_size > 1``).
         loss_fn: ``DPOLoss``, ``IPOLoss`` or ``SimPOLoss`` (``torchtune.rlhf``).
         optimizer: over ``params``.
         micro_batches: pair batches (``padded_collate_pairs``): ``tokens`` / ``labels``
@@ -46,10 +49,10 @@ def preference_step(
         lr_scheduler: stepped after the optimizer, or None.
 
     Returns:
-        The step's metrics under TRL's names, means over its pairs: ``loss``,
+        The step's metrics under TRL's names, means over its pairs on all ranks: ``loss``,
         ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
         ``logps/chosen``, ``logps/rejected`` (summed policy log-probabilities), and ``tokens``
-        (padding included). A CPU-GPU sync point.
+        (padding included, all ranks). A CPU-GPU sync point (and all-reduces on N ranks).
 
     Raises:
         ValueError: if the loss needs a reference and none is given.
@@ -57,6 +60,8 @@ def preference_step(
     if loss_fn.needs_reference and reference is None:
         raise ValueError(f"{type(loss_fn).__name__} needs a reference model; reference is None")
     num_pairs = sum(mb["tokens"].shape[0] // 2 for mb in micro_batches)
+    if world_size > 1:
+        num_pairs = int(utils.all_reduce_sum([num_pairs], device)[0])
     sums = torch.zeros(7, device=device, dtype=torch.float64)
     for mb in micro_batches:
         ref_chosen = ref_rejected = None
@@ -70,7 +75,8 @@ def preference_step(
         losses, chosen_rewards, rejected_rewards = loss_fn(
             chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len
         )
-        (losses.sum() / num_pairs).backward()
+        # FSDP averages gradients over ranks; times W, that mean is the global sum.
+        (losses.sum() / num_pairs * world_size).backward()
         per_pair = torch.stack(
             [
                 losses.detach(),
@@ -89,9 +95,13 @@ def preference_step(
     optimizer.zero_grad(set_to_none=True)
     if lr_scheduler is not None:
         lr_scheduler.step()
+    n_tokens = count_tokens(micro_batches)
+    if world_size > 1:
+        totals = utils.all_reduce_sum([*sums.tolist(), n_tokens], device).tolist()
+        sums, n_tokens = torch.tensor(totals[:-1], dtype=torch.float64), int(totals[-1])
     means = (sums / num_pairs).tolist()
     names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies")
     names += ("rewards/margins", "logps/chosen", "logps/rejected")
     metrics = dict(zip(names, means))
-    metrics["tokens"] = count_tokens(micro_batches)
+    metrics["tokens"] = n_tokens
     return metrics
