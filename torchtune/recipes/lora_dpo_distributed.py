@@ -16,7 +16,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from functools import partial
+from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -80,6 +81,13 @@ class LoRADPORecipeDistributed:
             self._state = self._state.resumed_from(ckpt)
             utils.set_seed(self._state.seed)
         self._model = self._setup_model(cfg.model, cfg.enable_activation_checkpointing, ckpt)
+        self._reference = partial(
+            rlhf.lora_reference_logps,
+            self._model,
+            device=self._device,
+            adapter_params=self._adapter_params,
+            reference_adapter=self._reference_adapter,
+        )
         self._loss_fn = config.instantiate(cfg.loss)
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._optimizer = config.instantiate(cfg.optimizer, list(self._adapter_params.values()))
@@ -157,21 +165,6 @@ class LoRADPORecipeDistributed:
         )
         return model
 
-    def _reference_logps(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The reference policy's ``(logps, lengths)`` of this rank's pair batch."""
-        if self._reference_adapter is None:
-            as_reference = rlhf.adapters_disabled(self._model)
-        else:
-            as_reference = rlhf.adapter_swapped(
-                self._model, self._reference_adapter, self._adapter_params
-            )
-        self._model.eval()
-        try:
-            with torch.no_grad(), as_reference:
-                return rlhf.sequence_logps(self._model, batch, self._device)
-        finally:
-            self._model.train()
-
     def train(self) -> None:
         """Run the remaining epochs; rank 0 logs every ``log_every_n_steps`` optimizer steps."""
         state = self._state
@@ -201,7 +194,7 @@ class LoRADPORecipeDistributed:
                     micro_batches,
                     params=self._adapter_params.values(),
                     device=self._device,
-                    reference=self._reference_logps if self._loss_fn.needs_reference else None,
+                    reference=self._reference if self._loss_fn.needs_reference else None,
                     world_size=self._world_size,
                     clip_grad_norm=self._loop.clip_grad_norm,
                     lr_scheduler=self._lr_scheduler,

@@ -25,7 +25,8 @@ Every step logs TRL's metric names: ``loss``, ``rewards/chosen``, ``rewards/reje
 import logging
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from functools import partial
+from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -80,6 +81,13 @@ class LoRADPORecipeSingleDevice:
             self._state = self._state.resumed_from(ckpt)
             utils.set_seed(self._state.seed)
         self._model = self._setup_model(cfg.model, cfg.enable_activation_checkpointing, ckpt)
+        self._reference = partial(
+            rlhf.lora_reference_logps,
+            self._model,
+            device=self._device,
+            adapter_params=self._adapter_params,
+            reference_adapter=self._reference_adapter,
+        )
         self._loss_fn = config.instantiate(cfg.loss)
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._optimizer = config.instantiate(cfg.optimizer, list(self._adapter_params.values()))
@@ -151,21 +159,6 @@ class LoRADPORecipeSingleDevice:
         )
         return model
 
-    def _reference_logps(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The reference policy's ``(logps, lengths)`` of a pair batch, in eval mode."""
-        if self._reference_adapter is None:
-            as_reference = rlhf.adapters_disabled(self._model)
-        else:
-            as_reference = rlhf.adapter_swapped(
-                self._model, self._reference_adapter, self._adapter_params
-            )
-        self._model.eval()  # no dropout in the reference
-        try:
-            with torch.no_grad(), as_reference:
-                return rlhf.sequence_logps(self._model, batch, self._device)
-        finally:
-            self._model.train()
-
     def train(self) -> None:
         """Run the remaining epochs, logging every ``log_every_n_steps`` optimizer steps."""
         state = self._state
@@ -194,7 +187,7 @@ class LoRADPORecipeSingleDevice:
                     micro_batches,
                     params=self._adapter_params.values(),
                     device=self._device,
-                    reference=self._reference_logps if self._loss_fn.needs_reference else None,
+                    reference=self._reference if self._loss_fn.needs_reference else None,
                     clip_grad_norm=self._loop.clip_grad_norm,
                     lr_scheduler=self._lr_scheduler,
                 )

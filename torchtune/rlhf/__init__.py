@@ -4,7 +4,7 @@ rejected responses in one forward, the reference policy of a LoRA model, one opt
 
 from torchtune.rlhf._logps import sequence_logps
 from torchtune.rlhf._losses import DPOLoss, IPOLoss, SimPOLoss
-from torchtune.rlhf._reference import adapter_swapped, adapters_disabled
+from torchtune.rlhf._reference import adapter_swapped, adapters_disabled, lora_reference_logps
 from torchtune.rlhf._step import preference_step
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "SimPOLoss",
     "adapter_swapped",
     "adapters_disabled",
+    "lora_reference_logps",
     "preference_step",
     "sequence_logps",
 ]

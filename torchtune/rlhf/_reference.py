@@ -7,13 +7,14 @@ start: only its weights are copied, and swapped in for the reference forward.
 """
 
 import contextlib
-from typing import Dict, Iterator
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from torchtune.modules.peft import lora_modules
+from torchtune.rlhf._logps import sequence_logps
 
 
 def _base_forward(module: nn.Module):
@@ -85,3 +86,39 @@ def adapter_swapped(
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(live[k])
+
+
+def lora_reference_logps(
+    model: nn.Module,
+    batch: Dict[str, Any],
+    device: torch.device,
+    *,
+    adapter_params: Dict[str, nn.Parameter],
+    reference_adapter: Optional[Dict[str, torch.Tensor]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The reference policy's :func:`~torchtune.rlhf.sequence_logps` of a pair batch, from
+    the policy model itself: its adapters switched off (``reference_adapter`` None, a fresh
+    adapter) or ``reference_adapter`` copied in. In eval mode (no dropout), without gradients;
+    the model is left in train mode.
+
+    Args:
+        model: the LoRA policy (sharded or not).
+        batch: ``tokens`` / ``labels`` ``[2b, s]``.
+        device: where the model is.
+        adapter_params: the live adapter parameters.
+        reference_adapter: the frozen starting adapter (sharded like ``adapter_params``), or
+            None for the base model.
+
+    Returns:
+        ``(logps, lengths)``, each ``[2b]``.
+    """
+    if reference_adapter is None:
+        as_reference = adapters_disabled(model)
+    else:
+        as_reference = adapter_swapped(model, reference_adapter, adapter_params)
+    model.eval()
+    try:
+        with torch.no_grad(), as_reference:
+            return sequence_logps(model, batch, device)
+    finally:
+        model.train()
