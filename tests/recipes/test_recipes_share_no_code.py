@@ -16,6 +16,7 @@ RECIPES = [
     "lora_finetune_distributed",
     "lora_dpo_single_device",
     "lora_dpo_distributed",
+    "full_dpo_distributed",
 ]
 # Up to this many statements (nested ones counted) a body may repeat: a property, a
 # two-line cleanup, a kit call or two.
