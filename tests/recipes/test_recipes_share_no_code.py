@@ -14,6 +14,9 @@ RECIPES = [
     "full_finetune_distributed",
     "lora_finetune_single_device",
     "lora_finetune_distributed",
+    "lora_dpo_single_device",
+    "lora_dpo_distributed",
+    "full_dpo_distributed",
 ]
 # Up to this many statements (nested ones counted) a body may repeat: a property, a
 # two-line cleanup, a kit call or two.

@@ -3,6 +3,7 @@ from torchtune.datasets._alpaca import alpaca_dataset
 from torchtune.datasets._chat import ChatDataset, chat_dataset
 from torchtune.datasets._instruct import InstructDataset, instruct_dataset
 from torchtune.datasets._packed import PackedDataset
+from torchtune.datasets._preference import PreferenceDataset, preference_dataset
 from torchtune.datasets._text_completion import TextCompletionDataset, text_completion_dataset
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "instruct_dataset",
     "InstructDataset",
     "PackedDataset",
+    "preference_dataset",
+    "PreferenceDataset",
     "text_completion_dataset",
     "TextCompletionDataset",
 ]

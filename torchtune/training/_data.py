@@ -3,7 +3,7 @@
 
 import logging
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -22,8 +22,9 @@ def build_dataloader(
     seed: int,
     world_size: int = 1,
     rank: int = 0,
+    collate_fn: Optional[Callable[..., Any]] = None,
 ) -> DataLoader:
-    """This rank's loader of right-padded batches (``padded_collate``).
+    """This rank's loader of right-padded batches (``padded_collate``, or ``collate_fn``).
 
     Every rank draws the same ``(seed, epoch)`` permutation and takes samples ``rank, rank +
     world_size, ...`` of it (a ``DistributedSampler``; one replica on one device), so the union
@@ -39,6 +40,9 @@ def build_dataloader(
         seed: the run's seed.
         world_size: number of ranks.
         rank: this rank.
+        collate_fn: the batching function, called as ``collate_fn(samples, padding_idx=pad_id)``
+            (``torchtune.data.padded_collate_pairs`` for preference pairs); default
+            ``padded_collate``.
 
     Returns:
         The loader; its ``sampler`` is the ``DistributedSampler``.
@@ -46,7 +50,7 @@ def build_dataloader(
     sampler = DistributedSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
     )
-    collate = partial(padded_collate, padding_idx=pad_id)
+    collate = partial(collate_fn or padded_collate, padding_idx=pad_id)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
     log.info(
         "Dataset: %d samples, %d batches of %d per rank, %d rank(s)",

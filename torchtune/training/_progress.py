@@ -1,7 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """An epoch's progress bar and metric rows."""
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from tqdm import tqdm
 
@@ -35,8 +35,17 @@ class StepLog:
         self._device = device
         self._pbar = tqdm(total=num_steps, desc=desc, disable=not show)
 
-    def step(self, global_step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
-        """Record one optimizer step (``tokens`` over ``seconds``, all ranks together)."""
+    def step(
+        self,
+        global_step: int,
+        loss: float,
+        lr: float,
+        tokens: int,
+        seconds: float,
+        extra: Optional[Dict[str, float]] = None,
+    ) -> None:
+        """Record one optimizer step (``tokens`` over ``seconds``, all ranks together);
+        ``extra`` metrics (a preference recipe's rewards) join the row."""
         tokens_per_second = tokens / max(seconds, 1e-9)
         self._pbar.update(1)
         self._pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}")
@@ -48,6 +57,7 @@ class StepLog:
                     "lr": lr,
                     "tokens_per_second": tokens_per_second,
                     "peak_memory_gib": mem["peak_memory_gib"],
+                    **(extra or {}),
                 },
                 step=global_step,
             )

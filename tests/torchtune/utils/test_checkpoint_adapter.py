@@ -262,3 +262,40 @@ def test_adapter_saved_by_peft_loads_into_our_lora_model(tmp_path, num_kv_heads)
     assert not unexpected and not [k for k in missing if "lora_" in k]
     with torch.no_grad():
         torch.testing.assert_close(model(TOKENS), theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_checkpoint_may_be_a_peft_folder(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    hf = tiny_hf(2, seed=7)
+    names = write_hf_checkpoint(tmp_path / "base", hf)
+    peft_cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(hf, peft_cfg).eval()
+    torch.manual_seed(9)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.2 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "peft")
+
+    def load(adapter_checkpoint):
+        return FullModelHFCheckpointer(
+            tmp_path / "base",
+            names,
+            "LLAMA2",
+            tmp_path / "out",
+            adapter_checkpoint=adapter_checkpoint,
+        ).load_checkpoint()["adapter"]
+
+    from_folder = load(tmp_path / "peft")
+    from_file = load(tmp_path / "peft" / "adapter_model.safetensors")
+    assert (
+        set(from_folder) == set(from_file) and len(from_folder) == 4 * hf.config.num_hidden_layers
+    )
+    for k in from_file:
+        torch.testing.assert_close(from_folder[k], from_file[k], rtol=0, atol=0)
+    (tmp_path / "peft" / "adapter_config.json").unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"peft is a folder but lacks \['adapter_config.json'\]"
+    ):
+        load(tmp_path / "peft")

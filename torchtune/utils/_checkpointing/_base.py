@@ -70,7 +70,9 @@ class _Checkpointer:
         if not names:
             raise ValueError("checkpoint_files is empty")
         self._checkpoint_paths = self._resolve(names)
-        self._adapter_path = self._resolve([adapter_checkpoint])[0] if adapter_checkpoint else None
+        self._adapter_path = (
+            self._resolve_adapter(adapter_checkpoint) if adapter_checkpoint else None
+        )
         self._resume = bool(resume_from_checkpoint)
         self._recipe_path = None
         if self._resume:
@@ -88,6 +90,22 @@ class _Checkpointer:
         if missing:
             raise FileNotFoundError(f"Checkpoint files not found: {missing}")
         return paths
+
+    def _resolve_adapter(self, adapter_checkpoint: PathLike) -> Path:
+        """A file as :meth:`_resolve`; a folder is PEFT's ``save_pretrained`` output, whose
+        ``adapter_model.safetensors`` is read (its keys mapped by the family's converter)."""
+        folder = Path(adapter_checkpoint)
+        if not folder.is_absolute():
+            folder = self._checkpoint_dir / folder
+        if not folder.is_dir():
+            return self._resolve([adapter_checkpoint])[0]
+        missing = [n for n in (PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE) if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"adapter_checkpoint {folder} is a folder but lacks {missing}; expected PEFT's "
+                f"{PEFT_ADAPTER_FILE} and {PEFT_CONFIG_FILE}"
+            )
+        return folder / PEFT_ADAPTER_FILE
 
     def _peft_base_model_path(self) -> Optional[str]:
         """What PEFT's adapter_config.json names as the base model (an HF folder), if any."""

@@ -1,0 +1,155 @@
+# Copyright (c) torchtune contributors. BSD-3-Clause license.
+"""sequence_logps against a transformers forward of the padded pair batch; the reference
+policies (adapters off, a frozen adapter swapped in) against plain and PEFT models."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.test_utils import tiny_hf_llama
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_pairs
+from torchtune.models.llama2 import hf_to_tune, lora_llama2
+from torchtune.modules.peft import get_adapter_params, init_lora_adapters
+from torchtune.rlhf import adapter_swapped, adapters_disabled, sequence_logps
+
+VOCAB = 301
+SIZES = dict(vocab_size=VOCAB, num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=64)
+SIZES.update(intermediate_dim=88, max_seq_len=256)
+IGNORE = CROSS_ENTROPY_IGNORE_IDX
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return tiny_hf_llama(seed=0, vocab_size=VOCAB)
+
+
+def _lora(hf, seed=0):
+    model = lora_llama2(
+        ["q_proj", "v_proj", "output_proj"], True, False, lora_rank=4, lora_alpha=8, **SIZES
+    )
+    model.load_state_dict(hf_to_tune(hf.state_dict()), strict=False)
+    adapter = init_lora_adapters(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    adapter = {  # non-zero B, so the adapter changes the output
+        k: (0.05 * torch.randn(v.shape, generator=g) if "lora_b" in k else v)
+        for k, v in adapter.items()
+    }
+    model.load_state_dict(adapter, strict=False)
+    return model.eval(), adapter
+
+
+def _pairs(n_pairs=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(n_pairs):
+        n_prompt = int(torch.randint(3, 9, (1,), generator=g))
+        prompt = torch.randint(3, VOCAB, (n_prompt,), generator=g).tolist()
+        sample = {}
+        for side in ("chosen", "rejected"):
+            n = int(torch.randint(1, 12, (1,), generator=g))
+            answer = torch.randint(3, VOCAB, (n,), generator=g).tolist()
+            sample[f"{side}_tokens"] = prompt + answer
+            sample[f"{side}_labels"] = [IGNORE] * n_prompt + answer
+        samples.append(sample)
+    return padded_collate_pairs(samples, padding_idx=0)
+
+
+def _hf_logps(hf_model, batch):
+    logits = hf_model(input_ids=batch["tokens"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    scored = labels != IGNORE
+    token_logps = torch.gather(
+        F.log_softmax(logits, -1), 2, labels.clamp(min=0).unsqueeze(-1)
+    ).squeeze(-1)
+    return (token_logps * scored).sum(1), scored.sum(1)
+
+
+def test_sequence_logps_match_transformers(hf):
+    from torchtune.models.llama2 import llama2
+
+    ours = llama2(**SIZES)
+    ours.load_state_dict(hf_to_tune(hf.state_dict()))
+    batch = _pairs()
+    expected, lengths = _hf_logps(hf, batch)
+    with torch.no_grad():
+        logps, our_lengths = sequence_logps(ours.eval(), batch, torch.device("cpu"))
+    torch.testing.assert_close(logps, expected, rtol=0, atol=2e-5)
+    torch.testing.assert_close(our_lengths, lengths, rtol=0, atol=0)
+
+
+def test_sequence_logps_gradients_match_transformers(hf):
+    from torchtune.models.llama2 import llama2
+
+    ours = llama2(**SIZES)
+    ours.load_state_dict(hf_to_tune(hf.state_dict()))
+    batch = _pairs(seed=1)
+    weights = torch.linspace(-1, 1, batch["tokens"].shape[0])
+    (sequence_logps(ours, batch, torch.device("cpu"))[0] * weights).sum().backward()
+    hf.zero_grad()
+    (_hf_logps(hf, batch)[0] * weights).sum().backward()
+    hf_grads = hf_to_tune({k: p.grad for k, p in hf.named_parameters()})
+    for k, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, hf_grads[k], rtol=1e-4, atol=2e-5, msg=k)
+    hf.zero_grad()
+
+
+def test_adapters_disabled_is_the_base_model(hf):
+    model, _ = _lora(hf)
+    batch = _pairs(seed=2)
+    base, _ = _hf_logps(hf, batch)
+    with torch.no_grad():
+        with adapters_disabled(model):
+            off, _ = sequence_logps(model, batch, torch.device("cpu"))
+        on, _ = sequence_logps(model, batch, torch.device("cpu"))
+    torch.testing.assert_close(off, base, rtol=0, atol=2e-5)
+    assert (on - base).abs().max() > 1e-3  # the adapter is back on after the block
+
+
+def test_adapter_swapped_matches_peft_with_that_adapter(hf, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, start = _lora(hf, seed=0)
+    params = get_adapter_params(model)
+    with torch.no_grad():  # training moved the live adapter away from the start
+        for p in params.values():
+            p.add_(0.03)
+    frozen = {k: v.clone() for k, v in start.items()}
+    batch = _pairs(seed=3)
+    with torch.no_grad():
+        with adapter_swapped(model, frozen, params):
+            ref, _ = sequence_logps(model, batch, torch.device("cpu"))
+        live, _ = sequence_logps(model, batch, torch.device("cpu"))
+    assert all(not torch.equal(p, frozen[k]) for k, p in params.items())  # restored
+
+    from torchtune.models.llama2 import tune_to_peft_adapter_weights
+
+    peft_model = get_peft_model(
+        tiny_hf_llama(seed=0, vocab_size=VOCAB),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "o_proj"] + ["gate_proj", "up_proj", "down_proj"],
+        ),
+    )
+    peft_sd = tune_to_peft_adapter_weights(frozen)
+    missing = peft_model.load_state_dict(
+        {k.replace(".weight", ".default.weight"): v for k, v in peft_sd.items()}, strict=False
+    )
+    assert not missing.unexpected_keys
+    expected, _ = _hf_logps(peft_model.eval(), batch)
+    torch.testing.assert_close(ref, expected, rtol=0, atol=2e-5)
+    assert (live - expected).abs().max() > 1e-3
+
+
+def test_reference_helpers_refuse_a_mismatch(hf):
+    from torchtune.models.llama2 import llama2
+
+    with pytest.raises(ValueError, match="has no LoRA modules"):
+        with adapters_disabled(llama2(**SIZES)):
+            pass
+    model, start = _lora(hf)
+    params = get_adapter_params(model)
+    short = dict(list(start.items())[1:])
+    with pytest.raises(ValueError, match=r"missing \['layers.0"):
+        with adapter_swapped(model, short, params):
+            pass
