@@ -251,6 +251,27 @@ def write_data(out_dir: Path, seed: int = SEED) -> None:
         (out_dir / "data" / f"{name}.json").write_text(text, encoding="utf-8")
 
 
+def make_pairs(train: List[Dict[str, str]], n: int = 400, seed: int = SEED) -> List[Dict[str, str]]:
+    """Preference pairs for the DPO recipes: a wrong answer to the same kind of instruction."""
+    rng = random.Random(seed + 2)
+    by_instruction: Dict[str, List[str]] = {}
+    for row in train:
+        by_instruction.setdefault(row["instruction"].split(":")[0], []).append(row["output"])
+    pairs = []
+    for row in train[:n]:
+        prompt = f"{row['instruction']}\n{row['input']}" if row["input"] else row["instruction"]
+        others = [o for o in by_instruction[row["instruction"].split(":")[0]] if o != row["output"]]
+        pairs.append({"prompt": prompt, "chosen": row["output"], "rejected": rng.choice(others)})
+    return pairs
+
+
+def write_pairs(out_dir: Path, seed: int = SEED) -> None:
+    train, _, _ = make_splits(seed)
+    text = json.dumps(make_pairs(train, seed=seed), indent=1, ensure_ascii=False) + "\n"
+    (out_dir / "data").mkdir(parents=True, exist_ok=True)
+    (out_dir / "data" / "pairs.json").write_text(text, encoding="utf-8")
+
+
 def write_tokenizer(out_dir: Path, seed: int = SEED) -> None:
     import sentencepiece as spm
 
@@ -372,13 +393,19 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["data", "tokenizer", "model"],
-        default=["data", "tokenizer", "model"],
+        choices=["data", "pairs", "tokenizer", "model"],
+        default=["data", "pairs", "tokenizer", "model"],
     )
     args = parser.parse_args(argv)
     for part in args.only:
         t0 = time.perf_counter()
-        {"data": write_data, "tokenizer": write_tokenizer, "model": write_model}[part](args.out_dir)
+        writers = {
+            "data": write_data,
+            "pairs": write_pairs,
+            "tokenizer": write_tokenizer,
+            "model": write_model,
+        }
+        writers[part](args.out_dir)
         print(f"{part}: done in {time.perf_counter() - t0:.1f}s -> {args.out_dir}", file=sys.stderr)
 
 

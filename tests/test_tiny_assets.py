@@ -31,9 +31,23 @@ def _rows(name):
 
 def test_data_and_tokenizer_reproduce_byte_for_byte(tmp_path):
     mta.write_data(tmp_path)
+    mta.write_pairs(tmp_path)
     mta.write_tokenizer(tmp_path)
-    for rel in ("data/train.json", "data/heldout.json", "tokenizer.model"):
+    for rel in ("data/train.json", "data/heldout.json", "data/pairs.json", "tokenizer.model"):
         assert (tmp_path / rel).read_bytes() == (ASSETS / rel).read_bytes(), rel
+
+
+def test_pairs_prefer_the_right_answer():
+    # Chosen is the train row's answer, re-derived from its text; rejected is wrong.
+    by_prompt = {
+        (f"{r['instruction']}\n{r['input']}" if r["input"] else r["instruction"]): r
+        for r in _rows("train")
+    }
+    pairs = _rows("pairs")
+    assert len(pairs) == 400
+    for pair in pairs:
+        row = by_prompt[pair["prompt"]]
+        assert pair["chosen"] == _solve(row) != pair["rejected"]
 
 
 def _solve(row):

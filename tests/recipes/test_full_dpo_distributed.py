@@ -16,10 +16,11 @@ from tests.recipes.test_full_finetune_distributed import (
 )
 from tests.recipes.test_lora_dpo_distributed import _assert_same_metrics
 from tests.recipes.test_lora_dpo_single_device import LOSSES, assets  # noqa: F401
+from torchtune._recipe_registry import get_config
 from torchtune.recipes import full_dpo_distributed
 
 RECIPE = str(Path(full_dpo_distributed.__file__))
-CONFIG = Path(__file__).parent / "configs" / "full_dpo_tiny.yaml"
+CONFIG = get_config("tiny/full_dpo").file_path
 COMMON = [
     "shuffle=True",
     "seed=5",

@@ -22,11 +22,12 @@ from tests.recipes.single_device_utils import (
 )
 from tests.test_utils import sample_corpus
 from torchtune import config
+from torchtune._recipe_registry import get_config
 from torchtune.data import padded_collate_pairs, padding_id
 from torchtune.recipes import lora_dpo_single_device
 
 RECIPE = str(Path(lora_dpo_single_device.__file__))
-CONFIG = str(Path(__file__).parent / "configs" / "lora_dpo_tiny.yaml")
+CONFIG = str(get_config("tiny/lora_dpo").file_path)
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies")
 METRICS += ("rewards/margins", "logps/chosen", "logps/rejected")
 RANK, ALPHA = 4, 8

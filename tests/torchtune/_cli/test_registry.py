@@ -10,6 +10,9 @@ CONTRACT_RECIPES = [
     "lora_finetune_single_device",
     "full_finetune_distributed",
     "lora_finetune_distributed",
+    "lora_dpo_single_device",
+    "lora_dpo_distributed",
+    "full_dpo_distributed",
     "eleuther_eval",
     "generate",
 ]
