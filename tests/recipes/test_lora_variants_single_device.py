@@ -32,6 +32,7 @@ def assets(tmp_path_factory):
 
 
 def _run(assets, out, extra):
+    out.mkdir(parents=True, exist_ok=True)
     overrides = tiny_overrides(assets, out) + RUN_OVERRIDES + extra
     run_tune(RECIPE, "tiny/lora", overrides, cwd=out)
     return out, overrides

@@ -221,6 +221,9 @@ class NF4Linear(nn.Module):
         super().__init__()
         self.in_dim, self.out_dim = in_dim, out_dim
         self.weight_nf4 = NF4Weight(out_dim, in_dim, double_quant)
+        # ``weight`` exists (as None, like an unset parameter) for code that walks attribute
+        # paths of state-dict keys, e.g. torch.distributed.checkpoint's.
+        self.register_parameter("weight", None)
         self.bias = nn.Parameter(torch.zeros(out_dim), requires_grad=False) if use_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
