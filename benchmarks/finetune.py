@@ -115,9 +115,13 @@ def worker(spec: Dict) -> Dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     levers = Levers(**spec["levers"])
-    apply_cpu_heap(levers.cpu_heap, device)
     dtype = DTYPES[args.dtype]
+    # The weights stand in for a checkpoint that is freed once loaded: drawn before the heap
+    # setting, their memory goes back to the system when they are dropped (under `retain` the
+    # heap would keep those pages resident for the whole run, a setup artefact that would hide
+    # what QLoRA's 4-bit base saves).
     weights, adapter = make_weights(args.shape, spec["method"], args.seed, args.device, dtype)
+    apply_cpu_heap(levers.cpu_heap, device)
     step = _build(spec["side"], args, spec["method"], levers, weights, adapter, device)
     del weights, adapter
     setup = M.peak_memory(device)  # includes the weights being built twice
