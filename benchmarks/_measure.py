@@ -74,10 +74,10 @@ def model_flops_per_token(n_params: int, method: str) -> int:
 
     Forward is 2N; backward is 2N for activation gradients plus 2N for weight gradients.
     LoRA's frozen weights need no weight gradients, so LoRA costs 4N (its adapters are
-    negligible); full fine-tuning 6N.
+    negligible), QLoRA too (dequantizing is not counted); full fine-tuning 6N.
     """
-    if method not in ("full", "lora"):
-        raise ValueError(f"method must be full or lora; got {method!r}")
+    if method not in ("full", "lora", "qlora"):
+        raise ValueError(f"method must be full, lora or qlora; got {method!r}")
     return (6 if method == "full" else 4) * n_params
 
 

@@ -32,6 +32,9 @@ from torchtune.training import _next_token_loss as next_token_loss_module
 # and its RoPE (theta 500000, ``llama3`` frequency scaling; see ``ROPE``). Its vocabulary stays
 # 32000: Llama 3's 128256 would make the output layer most of a CPU-sized model.
 # ``llama3_8b`` is Llama 3.1 8B's full shape (vocabulary included), for CUDA in bf16.
+# ``llama3_2_1b`` is Llama 3.2 1B's shape (16 layers, dim 2048, 32 / 8 heads of 64, FFN 8192,
+# its llama3 RoPE) with the vocabulary cut from 128256 to 32000 and the output untied, to keep
+# it CPU-sized: the QLoRA memory target's model.
 SHAPES: Dict[str, Dict[str, int]] = {
     "tiny": dict(
         vocab_size=1000,
@@ -81,6 +84,14 @@ SHAPES: Dict[str, Dict[str, int]] = {
         embed_dim=4096,
         intermediate_dim=14336,
     ),
+    "llama3_2_1b": dict(
+        vocab_size=32_000,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        embed_dim=2048,
+        intermediate_dim=8192,
+    ),
 }
 # Rotary settings of a shape (Llama 2's theta 10000 and no scaling when absent).
 _LLAMA3_ROPE = dict(
@@ -97,8 +108,16 @@ ROPE: Dict[str, Dict] = {
     "tiny_llama3": _LLAMA3_ROPE,
     "small_llama3": _LLAMA3_ROPE,
     "llama3_8b": _LLAMA3_ROPE,
+    "llama3_2_1b": {
+        **_LLAMA3_ROPE,
+        "rope_scaling": {**_LLAMA3_ROPE["rope_scaling"], "factor": 32.0},
+    },
 }
 LORA = dict(lora_attn_modules=["q_proj", "v_proj"], lora_rank=8, lora_alpha=16.0)
+# Methods with a LoRA adapter: ``qlora`` is LoRA over a base whose decoder-layer linears are
+# NF4 (blocks of 64, double-quantized scales): ours ``quantize_base=True``, the reference
+# bitsandbytes' ``Linear4bit`` under PEFT.
+LORA_METHODS = ("lora", "qlora")
 ADAMW = dict(lr=2e-5, weight_decay=0.01)
 PAD_ID = 0
 IGNORE = CROSS_ENTROPY_IGNORE_IDX
@@ -178,7 +197,7 @@ def make_weights(shape: str, method: str, seed: int, device: str, dtype: torch.d
     weights = {k: v.detach() for k, v in base.state_dict().items()}
     del base
     adapter = None
-    if method == "lora":
+    if method in LORA_METHODS:
         s = SHAPES[shape]
         r, d = LORA["lora_rank"], s["embed_dim"]
         out = {"q_proj": d, "v_proj": s["num_kv_heads"] * (d // s["num_heads"])}
@@ -341,18 +360,19 @@ def build_ours(
     via ``config.instantiate``, the given weights loaded, LoRA's base frozen by
     ``set_trainable_params``, the optimizer over the trained parameters, the loss; stepped by
     ``training.optimizer_step``. Returns ``step(batch) -> loss``."""
-    component = "torchtune.models.llama2." + ("lora_llama2" if method == "lora" else "llama2")
+    lora = method in LORA_METHODS
+    component = "torchtune.models.llama2." + ("lora_llama2" if lora else "llama2")
     cfg_model = {
         "_component_": component,
         **SHAPES[shape],
         **ROPE.get(shape, {}),
         "max_seq_len": 4096,
     }
-    if method == "lora":
-        cfg_model.update(LORA, lora_dropout=0.0)
+    if lora:
+        cfg_model.update(LORA, lora_dropout=0.0, quantize_base=method == "qlora")
     with utils.set_default_dtype(dtype), device:
         model = config.instantiate(OmegaConf.create(cfg_model))
-    if method == "lora":
+    if lora:  # qlora: each weight quantized as it is loaded
         model.load_state_dict({**weights, **adapter}, strict=True)
         trained = get_adapter_params(model)
         set_trainable_params(model, trained)
@@ -400,6 +420,39 @@ def build_ours(
 # ---------------------------------------------------------------- reference
 
 
+def _bnb_quantize_layers_(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Swap every linear layer of the HF decoder layers for bitsandbytes' ``Linear4bit``
+    (NF4, blocks of 64, double-quantized scales, computing in ``dtype``), as
+    ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))`` does,
+    without writing the weights to disk first."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=dtype,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    device="meta",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.detach(),
+                    requires_grad=False,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    blocksize=64,
+                )
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
+                setattr(parent, name, q.to(device))  # quantizes here
+
+
 def build_hf(
     shape: str,
     method: str,
@@ -434,7 +487,9 @@ def build_hf(
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     model.load_state_dict(tune_to_hf(weights), strict=True)
-    if method == "lora":
+    if method == "qlora":
+        _bnb_quantize_layers_(model, device, dtype)
+    if method in LORA_METHODS:
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
         lora_cfg = LoraConfig(

@@ -5,8 +5,12 @@
         --out benchmarks/results/cpu_small
     python -m benchmarks.finetune --shape 7b --device cuda --dtype bf16 --methods lora \
         --max-seq-len 2048 --batch-size 2 --out benchmarks/results/cuda_7b
+    python -m benchmarks.finetune --shape llama3_2_1b --methods lora qlora --batch-size 1 \
+        --out benchmarks/results/cpu_1b_qlora     # + "qlora / our lora" memory and speed
 
-For each method (``full``; ``lora`` = rank 8 on q/v) both sides start from the same random
+For each method (``full``; ``lora`` = rank 8 on q/v; ``qlora`` = that over a base whose
+decoder-layer linears are NF4, ours ``quantize_base=True``, the reference bitsandbytes'
+``Linear4bit`` under PEFT) both sides start from the same random
 weights (and adapter) and the same AdamW settings, and train on the same Alpaca-like samples
 (``benchmarks/alpaca_like_data.py``): ours through the recipes' step (``training.optimizer_step``)
 with its levers (packing, chunked CE, ...), the reference as ``LlamaForCausalLM`` (+ PEFT) with
@@ -37,6 +41,7 @@ import torch
 
 from benchmarks import _measure as M
 from benchmarks._sides import (
+    LORA_METHODS,
     SHAPES,
     Levers,
     apply_cpu_heap,
@@ -70,7 +75,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # peak RSS), which is 1.15x faster than selective checkpointing now that steps no longer
 # page-fault; it steps AdamW with the fused kernel (no parameter-sized temporaries). LoRA's
 # frozen weights keep little besides matmul outputs anyway and its optimizer is tiny.
-DEFAULT_LEVERS = {"lora": Levers(), "full": Levers(ac=False, optim="fused")}
+DEFAULT_LEVERS = {"lora": Levers(), "qlora": Levers(), "full": Levers(ac=False, optim="fused")}
 
 
 def _ac(name: str):
@@ -110,9 +115,13 @@ def worker(spec: Dict) -> Dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     levers = Levers(**spec["levers"])
-    apply_cpu_heap(levers.cpu_heap, device)
     dtype = DTYPES[args.dtype]
+    # The weights stand in for a checkpoint that is freed once loaded: drawn before the heap
+    # setting, their memory goes back to the system when they are dropped (under `retain` the
+    # heap would keep those pages resident for the whole run, a setup artefact that would hide
+    # what QLoRA's 4-bit base saves).
     weights, adapter = make_weights(args.shape, spec["method"], args.seed, args.device, dtype)
+    apply_cpu_heap(levers.cpu_heap, device)
     step = _build(spec["side"], args, spec["method"], levers, weights, adapter, device)
     del weights, adapter
     setup = M.peak_memory(device)  # includes the weights being built twice
@@ -232,7 +241,7 @@ def compare(method: str, args, device) -> Dict:
 
     result["levers"] = []
     for lever in args.levers:
-        if lever == "lora_frozen" and method != "lora":
+        if lever == "lora_frozen" and method not in LORA_METHODS:
             continue
         for change in LEVERS[lever]:
             variant = replace(base, **change)
@@ -275,6 +284,22 @@ def compare(method: str, args, device) -> Dict:
 # ---------------------------------------------------------------- report
 
 
+_REFERENCE = {"full": "HF", "lora": "HF + PEFT", "qlora": "HF + PEFT + bitsandbytes"}
+
+
+def qlora_vs_lora(results: List[Dict]) -> Optional[Dict]:
+    """Our QLoRA over our LoRA (same shape, data and adapter): peak memory and speed, or None
+    unless both methods ran."""
+    by_method = {r["method"]: r for r in results}
+    if not {"lora", "qlora"} <= set(by_method):
+        return None
+    q, lora = by_method["qlora"]["ours"], by_method["lora"]["ours"]
+    out = {"tok_s_real": q["tok_s_real"] / lora["tok_s_real"]}
+    if "peak" in q and "peak" in lora:
+        out["peak_memory"] = _peak_gib(q) / _peak_gib(lora)
+    return out
+
+
 def markdown(report: Dict) -> str:
     m, a = report["machine"], report["args"]
     lines = [
@@ -309,7 +334,7 @@ def markdown(report: Dict) -> str:
             if "peak_reserved_gib" in peak:
                 mem_s += f" (reserved {peak['peak_reserved_gib']:.2f})"
             lines.append(
-                f"| {res['method']} | {'ours' if side == 'ours' else 'HF' + (' + PEFT' if res['method'] == 'lora' else '')} "
+                f"| {res['method']} | {'ours' if side == 'ours' else _REFERENCE[res['method']]} "
                 f"| {s['tok_s_real']:.0f} | {s['tok_s_all']:.0f} | {s['s_per_step']:.3f} "
                 f"| {s['padding_fraction']:.0%} | {s['mfu_real']:.0%} | {s['mfu_all']:.0%} | {mem_s} |"
             )
@@ -324,6 +349,15 @@ def markdown(report: Dict) -> str:
         lines.append(
             f"| {res['method']} | {r['tok_s_real']:.2f}x | {r['tok_s_all']:.2f}x | {mem} |"
         )
+    q = report.get("qlora_vs_lora")
+    if q:
+        mem = f"{q['peak_memory']:.2f}x" if "peak_memory" in q else "-"
+        lines += [
+            "",
+            "| our QLoRA / our LoRA | non-pad tok/s | peak memory |",
+            "|---|---|---|",
+            f"| ratio | {q['tok_s_real']:.2f}x | {mem} |",
+        ]
     if any(res["levers"] for res in report["results"]):
         lines += [
             "",
@@ -347,7 +381,9 @@ def markdown(report: Dict) -> str:
 def parse_args(argv: Optional[List[str]] = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    p.add_argument("--methods", nargs="+", choices=["full", "lora"], default=["lora", "full"])
+    p.add_argument(
+        "--methods", nargs="+", choices=["full", "lora", "qlora"], default=["lora", "full"]
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--batch-size", type=int, default=4)
@@ -428,6 +464,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         "machine": machine,
         "args": args_dict,
         "results": results,
+        "qlora_vs_lora": qlora_vs_lora(results),
         "command": "python -m benchmarks.finetune "
         + " ".join(sys.argv[1:] if argv is None else argv),
     }

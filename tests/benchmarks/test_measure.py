@@ -21,11 +21,12 @@ def test_mfu_arithmetic():
     # 6N FLOPs per token for full fine-tuning, 4N for LoRA (no frozen weight gradients).
     assert M.model_flops_per_token(1000, "full") == 6000
     assert M.model_flops_per_token(1000, "lora") == 4000
+    assert M.model_flops_per_token(1000, "qlora") == 4000  # frozen NF4 base: as LoRA
     n, tok_s, peak = 2_000_000, 300.0, 1e10
     assert M.mfu(tok_s, n, "full", peak) == pytest.approx(6 * n * tok_s / peak)
     assert M.mfu(tok_s, n, "lora", peak) == pytest.approx(4 * n * tok_s / peak)
     with pytest.raises(ValueError, match="method"):
-        M.mfu(1.0, n, "qlora", peak)
+        M.mfu(1.0, n, "prefix_tuning", peak)
     with pytest.raises(ValueError, match="peak"):
         M.mfu(1.0, n, "full", 0.0)
 

@@ -29,7 +29,7 @@ def _window(max_seq_len=128, rows=4, seed=0):
 
 @pytest.mark.parametrize("shape", ["tiny", "tiny_llama3"])
 @pytest.mark.parametrize("drop_unscored", [True, False])
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_ours_matches_hf_step_by_step(method, drop_unscored, shape):
     # Same batches on both sides: the losses agree before and after an AdamW step, so the
     # weights, the adapter and the optimizer settings are the same on both sides; with or
@@ -45,12 +45,12 @@ def test_ours_matches_hf_step_by_step(method, drop_unscored, shape):
         torch.testing.assert_close(ours(b_ours), hf(b_hf), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_packed_step_scores_the_same_tokens_as_hf(method):
     # Every lever of our default on (packing, chunked CE, frozen LoRA weights, foreach AdamW,
     # SDPA): the first step's mean token loss over a packed window equals HF's over the same
     # samples padded (packing drops only the cross-sample predictions, which never exist
-    # unpacked).
+    # unpacked). qlora: our NF4 base and bitsandbytes' Linear4bit hold the same weights.
     weights, adapter = make_weights("tiny", method, 1, "cpu", F32)
     window = _window(rows=4)
     ours = build_ours("tiny", method, Levers(), weights, adapter, CPU, F32)

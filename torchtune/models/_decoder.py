@@ -27,7 +27,7 @@ from torchtune.modules import (
     TransformerDecoderLayer,
 )
 from torchtune.modules.embedding import ScaledEmbedding
-from torchtune.modules.peft import LoRALinear
+from torchtune.modules.peft import LoRALinear, NF4Linear
 
 # Projections that ``lora_modules`` may name.
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3", "output")
@@ -103,6 +103,9 @@ def decoder(
     lora_dropout: float = 0.0,
     fused_qkv: bool = False,
     fused_gate_up: bool = False,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """A pre-norm decoder-only transformer with grouped-query attention and a gated MLP.
 
@@ -156,6 +159,11 @@ def decoder(
             (Phi-3); ``lora_modules`` then names it ``qkv_proj``: one adapter over all three.
         fused_gate_up: one ``mlp.w13`` (rows w1, then w3) instead of w1 and w3 (Phi-3's
             ``gate_up_proj``); ``lora_modules`` then names it ``w13``.
+        use_dora: the adapters learn a magnitude per output feature (DoRA).
+        quantize_base: every linear layer of the decoder layers keeps its frozen weight in
+            NF4 (:class:`~torchtune.modules.peft.NF4Linear`, or the LoRA layer's base);
+            embeddings, norms and ``output`` stay in the model dtype (QLoRA).
+        quantize_double: with ``quantize_base``, the NF4 block scales are quantized too.
 
     Returns:
         A :class:`TransformerDecoder` with PyTorch's default init; load a checkpoint, or call
@@ -207,10 +215,21 @@ def decoder(
         raise ValueError(f"rope has {len(ropes)} entries for {num_layers} layers")
 
     def linear(name: str, in_dim: int, out_dim: int, bias: bool = False) -> nn.Module:
+        quantize = quantize_base and name != "output"
         if name in lora_modules:
             return LoRALinear(
-                in_dim, out_dim, lora_rank, lora_alpha, dropout=lora_dropout, use_bias=bias
+                in_dim,
+                out_dim,
+                lora_rank,
+                lora_alpha,
+                dropout=lora_dropout,
+                use_bias=bias,
+                use_dora=use_dora,
+                quantize_base=quantize,
+                quantize_double=quantize_double,
             )
+        if quantize:
+            return NF4Linear(in_dim, out_dim, use_bias=bias, double_quant=quantize_double)
         return nn.Linear(in_dim, out_dim, bias=bias)
 
     q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim

@@ -38,7 +38,12 @@ TARGET_TO_HF = {
     "output": ["lm_head"],
 }
 _PEFT_PREFIX = "base_model.model."
-_TUNE_SUFFIX = {"lora_a": "lora_A", "lora_b": "lora_B"}
+# Adapter tensors after the module name: ours -> PEFT's (DoRA's magnitude included).
+_TUNE_SUFFIX = {
+    ".lora_a.weight": ".lora_A.weight",
+    ".lora_b.weight": ".lora_B.weight",
+    ".magnitude": ".lora_magnitude_vector",
+}
 _PEFT_SUFFIX = {v: k for k, v in _TUNE_SUFFIX.items()}
 _INV_FREQ = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
@@ -91,18 +96,18 @@ def rename(state_dict: StateDict, mapping: Dict[str, str], source: str) -> State
 
 
 def _split_lora_key(key: str, suffixes: Iterable[str]):
-    for s in suffixes:
-        tail = f".{s}.weight"
+    for tail in suffixes:
         if key.endswith(tail):
-            return key[: -len(tail)], s
+            return key[: -len(tail)], tail
     return None, None
 
 
 def tune_to_peft_adapter(
     state_dict: StateDict, tune_to_hf_map: Dict[str, str], family: str
 ) -> StateDict:
-    """torchtune LoRA keys (``layers.0.attn.q_proj.lora_a.weight``) -> PEFT keys
-    (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``); tensors shared.
+    """torchtune LoRA keys (``layers.0.attn.q_proj.lora_a.weight``, DoRA's ``...q_proj.
+    magnitude``) -> PEFT keys (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.
+    weight``, ``...q_proj.lora_magnitude_vector``); tensors shared.
 
     Raises:
         ValueError: on a key that is not a LoRA weight of a known module.
@@ -113,7 +118,7 @@ def tune_to_peft_adapter(
         if module is None:
             raise ValueError(f"Unexpected key '{key}' in a torchtune {family} LoRA adapter")
         hf = map_key(module + ".weight", tune_to_hf_map, f"torchtune {family}")[: -len(".weight")]
-        out[f"{_PEFT_PREFIX}{hf}.{_TUNE_SUFFIX[which]}.weight"] = value
+        out[f"{_PEFT_PREFIX}{hf}{_TUNE_SUFFIX[which]}"] = value
     return out
 
 
@@ -132,7 +137,7 @@ def peft_to_tune_adapter(
             raise ValueError(f"Unexpected key '{key}' in a PEFT {family} LoRA adapter")
         hf = module[len(_PEFT_PREFIX) :]
         ours = map_key(hf + ".weight", hf_to_tune_map, f"PEFT {family}")[: -len(".weight")]
-        out[f"{ours}.{_PEFT_SUFFIX[which]}.weight"] = value
+        out[f"{ours}{_PEFT_SUFFIX[which]}"] = value
     return out
 
 
@@ -165,9 +170,9 @@ def tune_to_peft_adapter_config(
     base_model_name_or_path: Optional[str] = None,
     target_to_hf: Optional[Dict[str, List[str]]] = None,
 ) -> Dict[str, Any]:
-    """Our ``{"r", "lora_alpha", "target_modules"[, "lora_dropout"]}`` -> a PEFT
+    """Our ``{"r", "lora_alpha", "target_modules"[, "lora_dropout", "use_dora"]}`` -> a PEFT
     ``adapter_config.json`` dict (HF module names, through ``target_to_hf`` as in
-    :func:`lora_targets_to_hf`).
+    :func:`lora_targets_to_hf`; ``use_dora`` only when true).
 
     Raises:
         ValueError: if a field is missing or a target module is unknown.
@@ -175,7 +180,7 @@ def tune_to_peft_adapter_config(
     missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in adapter_config]
     if missing:
         raise ValueError(f"adapter_config lacks {missing}; got keys {sorted(adapter_config)}")
-    return {
+    config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": int(adapter_config["r"]),
@@ -187,6 +192,9 @@ def tune_to_peft_adapter_config(
         "inference_mode": True,
         "base_model_name_or_path": base_model_name_or_path,
     }
+    if adapter_config.get("use_dora"):
+        config["use_dora"] = True
+    return config
 
 
 # ---- config.json -----------------------------------------------------------------------------

@@ -37,6 +37,9 @@ def from_hf_config(
     lora_rank: Optional[int] = None,
     lora_alpha: Optional[float] = None,
     lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """The model an HF ``config.json`` describes, with LoRA adapters when any LoRA argument is
     given. From YAML: ``model: {_component_: torchtune.models.from_hf_config, config: <dir>}``.
@@ -52,6 +55,9 @@ def from_hf_config(
         lora_rank: adapter rank (required for LoRA).
         lora_alpha: adapter alpha (required for LoRA).
         lora_dropout: dropout on the adapters' input.
+        use_dora: DoRA adapters (a learned magnitude per output feature).
+        quantize_base: QLoRA: the decoder layers' frozen linear weights in NF4.
+        quantize_double: with ``quantize_base``, quantize the NF4 block scales too.
 
     Returns:
         A :class:`TransformerDecoder` with PyTorch's default init (load the checkpoint next).
@@ -60,7 +66,7 @@ def from_hf_config(
         FileNotFoundError: if there is no ``config.json`` at ``config``.
         ValueError: on bad JSON (naming the file), a missing or unknown ``model_type``, a
             setting the family does not implement, or LoRA arguments without
-            ``lora_rank`` / ``lora_alpha``.
+            ``lora_rank`` / ``lora_alpha``, or ``use_dora`` / ``quantize_base`` without LoRA.
     """
     cfg, where = _read_config(config)
     if not cfg.get("model_type"):
@@ -73,7 +79,22 @@ def from_hf_config(
     if max_seq_len is not None:
         kwargs["max_seq_len"] = int(max_seq_len)
     lora = bool(lora_attn_modules) or apply_lora_to_mlp or apply_lora_to_output
+    # Passed only when set, so a family's LoRA builder without them still builds plain LoRA.
+    variants = {
+        k: v
+        for k, v, default in (
+            ("use_dora", use_dora, False),
+            ("quantize_base", quantize_base, False),
+            ("quantize_double", quantize_double, True),
+        )
+        if bool(v) != default
+    }
     if not lora:
+        if {"use_dora", "quantize_base"} & set(variants):
+            raise ValueError(
+                f"use_dora={use_dora} / quantize_base={quantize_base} need LoRA adapters: set "
+                "lora_attn_modules, apply_lora_to_mlp or apply_lora_to_output"
+            )
         if lora_rank is not None or lora_alpha is not None:
             raise ValueError(
                 f"lora_rank={lora_rank} / lora_alpha={lora_alpha} given but nothing to adapt: "
@@ -93,4 +114,5 @@ def from_hf_config(
         lora_rank=int(lora_rank),
         lora_alpha=float(lora_alpha),
         lora_dropout=float(lora_dropout),
+        **{k: bool(v) for k, v in variants.items()},
     )

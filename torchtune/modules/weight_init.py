@@ -47,10 +47,14 @@ def init_weights_(model: nn.Module, std: float = 0.02, num_layers: Optional[int]
     for name, module in model.named_modules():
         module_std = residual_std if name.endswith(_RESIDUAL_OUTPUTS) else std
         if isinstance(module, LoRALinear):
+            if module.quantize_base:
+                raise ValueError(f"'{name}' has a quantized (frozen) base: load one instead")
             module.reset_parameters()  # fresh adapter
             nn.init.normal_(module.weight, mean=0.0, std=module_std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+            if module.use_dora:  # DoRA starts at the base's row norms
+                module.magnitude.copy_(module.weight_norm(module.weight, module.lora_b.weight))
         elif isinstance(module, nn.Linear):
             if name.endswith((".lora_a", ".lora_b")):
                 continue  # handled with their LoRALinear

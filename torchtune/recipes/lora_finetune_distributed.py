@@ -149,8 +149,8 @@ class LoRAFinetuneRecipeDistributed:
         model.to_empty(device=self._device)
         full_sd = None
         if self._is_rank_zero:
-            if adapter_sd is None:  # the same draw as on one device
-                adapter_sd = init_lora_adapters(model, self._state.seed)
+            if adapter_sd is None:  # the same draw as on one device; DoRA's norms from base_sd
+                adapter_sd = init_lora_adapters(model, self._state.seed, base_sd)
             full_sd = {**base_sd, **adapter_sd}
         # Checks (on every rank) that base + adapter keys are exactly the model's.
         utils.load_from_full_state_dict(model, full_sd)

@@ -137,7 +137,10 @@ def load_from_full_state_dict(
 ) -> None:
     """Fill a sharded model from a full state dict that only rank 0 holds.
 
-    Rank 0 broadcasts one tensor at a time; every rank keeps only its shard of it.
+    Rank 0 broadcasts one tensor at a time; every rank keeps only its shard of it. A state
+    dict key that is no parameter or buffer (a layer that stores its weight in another form,
+    e.g. NF4 codes, and reads and writes ``weight`` through its state-dict hooks) is
+    broadcast whole and loaded into its layer on every rank, one at a time.
 
     Args:
         model: sharded by :func:`shard_model` and materialised (``to_empty``).
@@ -153,16 +156,38 @@ def load_from_full_state_dict(
 
     _, rank = get_world_size_and_rank()
     problem = [None]
+    expected = set(model.state_dict())
     if rank == 0 and strict:
-        expected = set(model.state_dict())
         missing, unexpected = sorted(expected - set(full_sd)), sorted(set(full_sd) - expected)
         if missing or unexpected:
             problem[0] = f"missing {missing}, unexpected {unexpected}"
     dist.broadcast_object_list(problem, src=0)  # all ranks raise together, none waits
     if problem[0] is not None:
         raise ValueError(f"Checkpoint does not fit the model: {problem[0]}")
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
+    stored = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    derived = sorted(expected - stored)  # the same on every rank: the same model
+    derived_sd = {k: full_sd.pop(k) for k in derived if k in full_sd} if rank == 0 else {}
+    # Strict was checked above; the derived keys load below, so the rest alone is partial.
+    options = StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True, strict=strict and not derived
+    )
     set_model_state_dict(model, full_sd if rank == 0 else {}, options=options)
+    device = next(iter(model.parameters())).device
+    for key in derived:
+        meta = broadcast_object(
+            (tuple(derived_sd[key].shape), derived_sd[key].dtype) if key in derived_sd else None
+        )
+        if meta is None:  # not in rank 0's (non-strict) state dict
+            continue
+        value = (
+            derived_sd.pop(key).to(device)
+            if rank == 0
+            else torch.empty(meta[0], dtype=meta[1], device=device)
+        )
+        dist.broadcast(value, src=0)
+        owner, _, leaf = key.rpartition(".")
+        model.get_submodule(owner).load_state_dict({leaf: value}, strict=False)
+        del value
 
 
 def gather_full_state_dict(

@@ -56,6 +56,10 @@ def lora_llama2_7b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 4096,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """Llama2 7B with LoRA adapters; see :func:`lora_llama2` for the arguments."""
     return lora_llama2(
@@ -72,6 +76,9 @@ def lora_llama2_7b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -83,6 +90,10 @@ def lora_llama2_13b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 4096,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """Llama2 13B with LoRA adapters; see :func:`lora_llama2` for the arguments."""
     return lora_llama2(
@@ -100,4 +111,7 @@ def lora_llama2_13b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )

@@ -115,6 +115,10 @@ def lora_llama3_1_8b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 8192,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`llama3_1_8b` with LoRA adapters; see :func:`lora_llama2` for the arguments."""
     return lora_llama2(
@@ -126,6 +130,9 @@ def lora_llama3_1_8b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -137,6 +144,10 @@ def lora_llama3_2_1b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 8192,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`llama3_2_1b` with LoRA adapters; see :func:`lora_llama2` for the arguments."""
     return lora_llama2(
@@ -148,6 +159,9 @@ def lora_llama3_2_1b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -159,6 +173,10 @@ def lora_llama3_2_3b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 8192,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`llama3_2_3b` with LoRA adapters; see :func:`lora_llama2` for the arguments."""
     return lora_llama2(
@@ -170,6 +188,9 @@ def lora_llama3_2_3b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -181,6 +202,10 @@ def lora_smollm2_135m(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 8192,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`smollm2_135m` with LoRA adapters; see :func:`lora_llama2` for the arguments."""
     return lora_llama2(
@@ -192,6 +217,9 @@ def lora_smollm2_135m(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -203,6 +231,10 @@ def lora_smollm2_1_7b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 8192,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`smollm2_1_7b` with LoRA adapters; see :func:`lora_llama2` for the arguments."""
     return lora_llama2(
@@ -214,4 +246,7 @@ def lora_smollm2_1_7b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )

@@ -31,6 +31,10 @@ def lora_mistral_7b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 32768,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`mistral_7b` with LoRA adapters; see :func:`lora_mistral` for the arguments."""
     return lora_mistral(
@@ -50,4 +54,7 @@ def lora_mistral_7b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )

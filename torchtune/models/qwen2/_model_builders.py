@@ -31,6 +31,10 @@ def lora_qwen2_5_0_5b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 32768,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`qwen2_5_0_5b` with LoRA adapters; see :func:`lora_qwen2` for the arguments."""
     return lora_qwen2(
@@ -50,6 +54,9 @@ def lora_qwen2_5_0_5b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -77,6 +84,10 @@ def lora_qwen2_5_1_5b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 32768,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`qwen2_5_1_5b` with LoRA adapters; see :func:`lora_qwen2` for the arguments."""
     return lora_qwen2(
@@ -96,6 +107,9 @@ def lora_qwen2_5_1_5b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -123,6 +137,10 @@ def lora_qwen2_5_3b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 32768,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`qwen2_5_3b` with LoRA adapters; see :func:`lora_qwen2` for the arguments."""
     return lora_qwen2(
@@ -142,6 +160,9 @@ def lora_qwen2_5_3b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -169,6 +190,10 @@ def lora_qwen2_5_7b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 32768,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`qwen2_5_7b` with LoRA adapters; see :func:`lora_qwen2` for the arguments."""
     return lora_qwen2(
@@ -188,4 +213,7 @@ def lora_qwen2_5_7b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )

@@ -32,6 +32,10 @@ def lora_qwen3_0_6b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 40960,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`qwen3_0_6b` with LoRA adapters; see :func:`lora_qwen3` for the arguments."""
     return lora_qwen3(
@@ -52,6 +56,9 @@ def lora_qwen3_0_6b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -80,6 +87,10 @@ def lora_qwen3_1_7b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 40960,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`qwen3_1_7b` with LoRA adapters; see :func:`lora_qwen3` for the arguments."""
     return lora_qwen3(
@@ -100,6 +111,9 @@ def lora_qwen3_1_7b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -128,6 +142,10 @@ def lora_qwen3_4b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 40960,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`qwen3_4b` with LoRA adapters; see :func:`lora_qwen3` for the arguments."""
     return lora_qwen3(
@@ -148,6 +166,9 @@ def lora_qwen3_4b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -176,6 +197,10 @@ def lora_qwen3_8b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 40960,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`qwen3_8b` with LoRA adapters; see :func:`lora_qwen3` for the arguments."""
     return lora_qwen3(
@@ -196,4 +221,7 @@ def lora_qwen3_8b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )

@@ -1,4 +1,5 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
+from torchtune.modules.peft._nf4 import NF4Linear, NF4Weight, dequantize_nf4, quantize_nf4
 from torchtune.modules.peft.lora import LoRALinear
 from torchtune.modules.peft.peft_utils import (
     get_adapter_params,
@@ -13,6 +14,9 @@ from torchtune.modules.peft.peft_utils import (
 
 __all__ = [
     "LoRALinear",
+    "NF4Linear",
+    "NF4Weight",
+    "dequantize_nf4",
     "get_adapter_params",
     "get_adapter_state_dict",
     "get_lora_config",
@@ -20,5 +24,6 @@ __all__ = [
     "init_lora_adapters",
     "lora_modules",
     "merge_lora_in_place",
+    "quantize_nf4",
     "set_trainable_params",
 ]

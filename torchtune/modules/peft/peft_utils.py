@@ -65,25 +65,34 @@ def _dropout_p(module: LoRALinear) -> float:
     return float(getattr(module.dropout, "p", 0.0))
 
 
-def init_lora_adapters(model: nn.Module, seed: int) -> Dict[str, torch.Tensor]:
+def init_lora_adapters(
+    model: nn.Module, seed: int, base_state_dict: Optional[Dict[str, torch.Tensor]] = None
+) -> Dict[str, torch.Tensor]:
     """Fresh adapter tensors for every :class:`LoRALinear` of ``model``, drawn from ``seed``.
 
     ``lora_a`` is kaiming-uniform (as ``nn.Linear`` and PEFT initialise it) from one CPU
     generator seeded with ``seed``, drawn module by module in ``named_modules`` order;
-    ``lora_b`` is zero, so the model starts as the base model. Only the modules' shapes are
-    read, so ``model`` may live on the meta device or be sharded: one device and N ranks
-    start from the same adapter.
+    ``lora_b`` is zero, so the model starts as the base model. A DoRA layer's ``magnitude``
+    is the row norm of its base weight ``||W + s B A|| = ||W||`` (as PEFT sets it), so it
+    needs the base: call this after loading it, or pass the base state dict. With
+    ``quantize_base`` the norm is of the weight as the layer holds it (through NF4 and
+    back), so one device and N ranks start from the same magnitude. Without DoRA only the
+    modules' shapes are read, so ``model`` may live on the meta device or be sharded.
 
     Args:
         model: a model with LoRA layers.
         seed: the recipe's seed.
+        base_state_dict: the base weights (native keys) for DoRA's magnitude, when the
+            model's own are not loaded (a meta or sharded model); default: the model's.
 
     Returns:
         ``{"...q_proj.lora_a.weight": [rank, in_dim], "...q_proj.lora_b.weight":
-        [out_dim, rank], ...}``: fp32 CPU tensors, keys as in :func:`get_adapter_params`.
+        [out_dim, rank], "...q_proj.magnitude": [out_dim] (DoRA), ...}``: fp32 CPU tensors,
+        keys as in :func:`get_adapter_params`.
 
     Raises:
-        ValueError: if ``model`` has no LoRA layers.
+        ValueError: if ``model`` has no LoRA layers, or ``base_state_dict`` lacks a DoRA
+            layer's weight.
     """
     modules = lora_modules(model)
     if not modules:
@@ -95,8 +104,39 @@ def init_lora_adapters(model: nn.Module, seed: int) -> Dict[str, torch.Tensor]:
         lora_a = torch.empty(m.rank, m.in_dim, dtype=torch.float32)
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=gen)
         adapters[prefix + "lora_a.weight"] = lora_a
-        adapters[prefix + "lora_b.weight"] = torch.zeros(m.out_dim, m.rank, dtype=torch.float32)
+        lora_b = torch.zeros(m.out_dim, m.rank, dtype=torch.float32)
+        adapters[prefix + "lora_b.weight"] = lora_b
+        if m.use_dora:
+            adapters[prefix + "magnitude"] = _initial_magnitude(m, prefix, base_state_dict)
     return adapters
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _initial_magnitude(
+    m: LoRALinear, prefix: str, base_state_dict: Optional[Dict[str, torch.Tensor]]
+) -> torch.Tensor:
+    """``||W||`` per row of the layer's base weight as loaded, as fp32 on the CPU."""
+    if base_state_dict is None:
+        weight = m.base_weight()
+        if weight.is_meta or _is_dtensor(weight):  # not loaded, or a shard of it
+            raise ValueError(
+                f"DoRA layer '{prefix[:-1]}' has no loaded base weight to take its magnitude "
+                "from: pass base_state_dict to init_lora_adapters"
+            )
+    else:
+        if prefix + "weight" not in base_state_dict:
+            raise ValueError(f"DoRA layer '{prefix[:-1]}' needs '{prefix}weight' in the base")
+        weight = m.as_base_weight(base_state_dict[prefix + "weight"])
+    with torch.no_grad():
+        # PEFT: the norm of W + s * B A with B = 0, in the weight's dtype.
+        return torch.linalg.norm(weight.detach(), dim=1).to(weight.dtype).float().cpu()
 
 
 def get_lora_config(model: nn.Module) -> Dict[str, Any]:
@@ -105,12 +145,12 @@ def get_lora_config(model: nn.Module) -> Dict[str, Any]:
 
     Returns:
         ``{"r": int, "lora_alpha": float, "lora_dropout": float, "target_modules": [...]}``
-        with ``target_modules`` the sorted last parts of the LoRA module names
+        plus ``"use_dora": True`` for DoRA layers, with ``target_modules`` the sorted last parts of the LoRA module names
         (``"layers.0.attn.q_proj"`` -> ``"q_proj"``), in torchtune's names.
 
     Raises:
         ValueError: if ``model`` has no LoRA layers, or its layers disagree on rank, alpha
-            or dropout (PEFT's config holds one of each).
+            dropout or use_dora (PEFT's config holds one of each).
     """
     modules = lora_modules(model)
     if not modules:
@@ -128,6 +168,11 @@ def get_lora_config(model: nn.Module) -> Dict[str, Any]:
             )
         config[key] = values.pop()
     config["target_modules"] = sorted({name.split(".")[-1] for name in modules})
+    use_dora = {bool(m.use_dora) for m in modules.values()}
+    if len(use_dora) != 1:
+        raise ValueError("LoRA layers disagree on use_dora; an adapter config holds one")
+    if use_dora.pop():  # only then: a LoRA adapter's config stays as before
+        config["use_dora"] = True
     return config
 
 
@@ -161,11 +206,15 @@ def _fold_lora(
     prefix: str,
     rank: int,
     alpha: float,
+    use_dora: bool = False,
 ) -> None:
-    """Replace ``merged[prefix + "weight"]`` by ``W + (alpha / rank) B A`` (fp32, cast back to
-    ``W``'s dtype) and drop the adapter's keys; tensors from ``state_dict``."""
+    """Replace ``merged[prefix + "weight"]`` by ``W + (alpha / rank) B A`` (DoRA: that times
+    ``magnitude / ||W + (alpha / rank) B A||`` per row), in fp32 and cast back to ``W``'s
+    dtype, and drop the adapter's keys; tensors from ``state_dict``."""
     a_key, b_key, w_key = prefix + "lora_a.weight", prefix + "lora_b.weight", prefix + "weight"
-    missing = [k for k in (a_key, b_key, w_key) if k not in state_dict]
+    m_key = prefix + "magnitude"
+    needed = (a_key, b_key, w_key, m_key) if use_dora else (a_key, b_key, w_key)
+    missing = [k for k in needed if k not in state_dict]
     if missing:
         raise ValueError(f"LoRA layer '{prefix[:-1]}' needs {missing} in the state dict")
     a, b, w = state_dict[a_key], state_dict[b_key], state_dict[w_key]  # [r, in], [out, r]
@@ -178,7 +227,14 @@ def _fold_lora(
         raise ValueError(
             f"LoRA update {(b.shape[0], a.shape[1])} does not match '{w_key}' {tuple(w.shape)}"
         )
-    merged[w_key] = (w.float() + (alpha / rank) * (b.float() @ a.float())).to(w.dtype)
+    folded = w.float() + (alpha / rank) * (b.float() @ a.float())
+    if use_dora:
+        magnitude = state_dict[m_key].float()
+        if tuple(magnitude.shape) != (w.shape[0],):
+            raise ValueError(f"'{m_key}' has shape {tuple(magnitude.shape)}, expected {w.shape[0]}")
+        folded = folded * (magnitude / torch.linalg.norm(folded, dim=1)).unsqueeze(1)
+        del merged[m_key]
+    merged[w_key] = folded.to(w.dtype)
     del merged[a_key], merged[b_key]
 
 
@@ -186,10 +242,12 @@ def get_merged_lora_state_dict(
     model: nn.Module, state_dict: Optional[Dict[str, torch.Tensor]] = None
 ) -> Dict[str, torch.Tensor]:
     """``state_dict`` with every LoRA layer of ``model`` folded into its base weight:
-    ``W + (alpha / rank) * B @ A``, each layer with its own rank and alpha.
+    ``W + (alpha / rank) * B @ A``, each layer with its own rank and alpha; a DoRA layer's
+    rows then scaled to its ``magnitude``. A quantized base's ``weight`` in ``state_dict``
+    is already dequantized (``LoRALinear.state_dict``), so the result is full precision.
 
-    The product is computed in fp32 and cast back to ``W``'s dtype. The ``lora_a``/``lora_b``
-    keys are dropped, so the result loads into the plain (non-LoRA) model.
+    The product is computed in fp32 and cast back to ``W``'s dtype. The adapter keys are
+    dropped, so the result loads into the plain (non-LoRA) model.
 
     Args:
         model: the LoRA model, for its layers' names, ranks and alphas (a sharded model is
@@ -207,8 +265,9 @@ def get_merged_lora_state_dict(
     state_dict = model.state_dict() if state_dict is None else state_dict
     merged = dict(state_dict)
     for name, m in lora_modules(model).items():
-        _fold_lora(merged, state_dict, f"{name}." if name else "", int(m.rank), float(m.alpha))
-    leftover = [k for k in merged if k.endswith(("lora_a.weight", "lora_b.weight"))]
+        prefix = f"{name}." if name else ""
+        _fold_lora(merged, state_dict, prefix, int(m.rank), float(m.alpha), bool(m.use_dora))
+    leftover = [k for k in merged if k.endswith(("lora_a.weight", "lora_b.weight", ".magnitude"))]
     if leftover:
         raise ValueError(f"LoRA keys of no LoRA layer of the model: {leftover[:4]}")
     return merged
@@ -216,7 +275,8 @@ def get_merged_lora_state_dict(
 
 def merge_lora_in_place(model: nn.Module) -> nn.Module:
     """Replace every :class:`LoRALinear` by an ``nn.Linear`` holding ``W + (alpha/r) B A``
-    (for evaluation and generation: faster, same outputs).
+    (DoRA's rescaled; a quantized base dequantized) for evaluation and generation: faster,
+    same outputs.
 
     Returns:
         The same model, now without adapters.
@@ -225,12 +285,13 @@ def merge_lora_in_place(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
+                base = child.base_weight()
                 linear = nn.Linear(
                     child.in_dim,
                     child.out_dim,
                     bias=child.bias is not None,
-                    device=child.weight.device,
-                    dtype=child.weight.dtype,
+                    device=base.device,
+                    dtype=base.dtype,
                 )
                 setattr(module, child_name, linear)
     model.load_state_dict(merged)

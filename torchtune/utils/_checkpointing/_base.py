@@ -21,6 +21,7 @@ PEFT_ADAPTER_DIR = "adapter"  # in the epoch folder; why: see _checkpointer.py's
 RECIPE_STATE_FILE = "recipe_state.pt"
 # What a recipe's state dict may hold besides the recipe state proper.
 _WEIGHT_KEYS = ("model", "adapter", "adapter_config")
+_ADAPTER_SUFFIXES = ("lora_a.weight", "lora_b.weight", ".magnitude")  # DoRA's magnitude too
 PathLike = Union[str, Path]
 
 
@@ -143,10 +144,11 @@ class _Checkpointer:
         sd = load_state_dict_file(path)
         if any(k.startswith("base_model.model.") for k in sd):
             sd = self._family.peft_to_tune_adapter(sd)
-        bad = [k for k in sd if not (k.endswith("lora_a.weight") or k.endswith("lora_b.weight"))]
+        bad = [k for k in sd if not k.endswith(_ADAPTER_SUFFIXES)]
         if bad:
             raise ValueError(
-                f"{path} holds non-LoRA keys {bad[:5]}; expected lora_a/lora_b weights"
+                f"{path} holds non-LoRA keys {bad[:5]}; expected lora_a/lora_b weights "
+                "(and DoRA magnitudes)"
             )
         return sd
 
