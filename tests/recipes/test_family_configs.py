@@ -24,6 +24,7 @@ from torchtune.models import hf_tokenizer
 FOLDERS = {
     "llama3_1": ("llama3", "byte_bpe", "llama3"),
     "llama3_2": ("llama3", "byte_bpe", "llama3"),
+    "llama3_3": ("llama3", "byte_bpe", "llama3"),
     "smollm2": ("llama3", "byte_bpe", "chatml"),  # SmolLM2 speaks ChatML
     "mistral": ("mistral", "metaspace", "mistral"),
     "qwen2_5": ("qwen2", "byte_bpe", "chatml"),

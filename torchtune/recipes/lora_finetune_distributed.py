@@ -61,7 +61,7 @@ class LoRAFinetuneRecipeDistributed:
 
     def __init__(self, cfg: DictConfig) -> None:
         self._device, self._dtype, self._world_size, self._rank = training.init_distributed_device(
-            cfg.device, cfg.dtype
+            cfg.device, cfg.dtype, retain_freed_memory=not cfg.model.get("quantize_base", False)
         )
         self._loop = training.LoopSettings.from_config(cfg)
         # One seed on every rank: rank 0's (drawn there when the config gives none). It also

@@ -57,7 +57,9 @@ class LoRAFinetuneRecipeSingleDevice:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        self._device, self._dtype = training.init_device(cfg.device, cfg.dtype)
+        self._device, self._dtype = training.init_device(
+            cfg.device, cfg.dtype, retain_freed_memory=not cfg.model.get("quantize_base", False)
+        )
         self._loop = training.LoopSettings.from_config(cfg)
         self._state = training.RecipeState.from_config(cfg, seed=utils.set_seed(cfg.seed))
 

@@ -12,20 +12,29 @@ from torchtune import config, utils
 _RANK0_ONLY_KEYS = ("model", "adapter", "optimizer")
 
 
-def init_device(device: str, dtype: str) -> Tuple[torch.device, torch.dtype]:
+def init_device(
+    device: str, dtype: str, retain_freed_memory: bool = True
+) -> Tuple[torch.device, torch.dtype]:
     """The training device and dtype from the config's ``device`` and ``dtype``.
+
+    On CPU, ``retain_freed_memory`` keeps freed pages mapped (:func:`utils.retain_freed_cpu_memory`):
+    the steps re-allocate the same sizes. QLoRA turns it off: its per-layer dequantization
+    temporaries would stay resident (1B Llama 3 shape, batch 1 x 512: peak RSS 3.17 GiB
+    retained against 2.16 GiB with glibc's default heap).
 
     Raises:
         ValueError: on an unknown device or a dtype the device does not support.
     """
     torch_device = utils.get_device(device)
     torch_dtype = utils.get_dtype(dtype, torch_device)
-    if torch_device.type == "cpu":  # steps re-allocate the same sizes: keep freed pages
+    if torch_device.type == "cpu" and retain_freed_memory:
         utils.retain_freed_cpu_memory()
     return torch_device, torch_dtype
 
 
-def init_distributed_device(device: str, dtype: str) -> Tuple[torch.device, torch.dtype, int, int]:
+def init_distributed_device(
+    device: str, dtype: str, retain_freed_memory: bool = True
+) -> Tuple[torch.device, torch.dtype, int, int]:
     """Join torchrun's process group, then as :func:`init_device`; on CUDA the device is this
     rank's GPU (``cuda:LOCAL_RANK``).
 
@@ -39,7 +48,7 @@ def init_distributed_device(device: str, dtype: str) -> Tuple[torch.device, torc
     world_size, rank = utils.init_distributed(torch_device)
     if torch_device.type == "cuda":  # now this rank's GPU
         device = "cuda"
-    return (*init_device(device, dtype), world_size, rank)
+    return (*init_device(device, dtype, retain_freed_memory), world_size, rank)
 
 
 def load_checkpoint_on_rank_zero(checkpointer: Any, is_rank_zero: bool) -> Dict[str, Any]:

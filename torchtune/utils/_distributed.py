@@ -164,7 +164,9 @@ def load_from_full_state_dict(
     dist.broadcast_object_list(problem, src=0)  # all ranks raise together, none waits
     if problem[0] is not None:
         raise ValueError(f"Checkpoint does not fit the model: {problem[0]}")
-    stored = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    # Every name of a tied parameter counts as stored (``output.weight`` is the embedding).
+    stored = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    stored |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
     derived = sorted(expected - stored)  # the same on every rank: the same model
     derived_sd = {k: full_sd.pop(k) for k in derived if k in full_sd} if rank == 0 else {}
     # Strict was checked above; the derived keys load below, so the rest alone is partial.
