@@ -10,27 +10,21 @@ import contextlib
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from torchtune.modules.peft import lora_modules
 from torchtune.rlhf._logps import sequence_logps
 
 
-def _base_forward(module: nn.Module):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, module.weight, module.bias)
-
-    return forward
-
-
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block every ``LoRALinear`` of ``model`` computes its base layer only.
 
-    The adapter path is skipped, not multiplied by zero, so the reference forward costs what
-    the base model's does. The instance attribute shadows the class's ``forward`` and is
-    removed on exit, also after an exception.
+    Each layer's ``disabled`` switch is set, so the layer computes ``x W^T (+ b)`` itself:
+    on the NF4 weight under ``quantize_base`` (where ``weight`` is None) and without DoRA's
+    magnitude, which is part of the adapter. The adapter path is skipped, not multiplied by
+    zero, so the reference forward costs what the base model's does. The switches are put
+    back on exit, also after an exception.
 
     Raises:
         ValueError: if ``model`` has no LoRA modules.
@@ -38,13 +32,14 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     modules = list(lora_modules(model).values())
     if not modules:
         raise ValueError(f"{type(model).__name__} has no LoRA modules to switch off")
+    previous = [m.disabled for m in modules]
     try:
         for m in modules:
-            m.forward = _base_forward(m)
+            m.disabled = True
         yield model
     finally:
-        for m in modules:
-            m.__dict__.pop("forward", None)
+        for m, was in zip(modules, previous):
+            m.disabled = was
 
 
 @contextlib.contextmanager

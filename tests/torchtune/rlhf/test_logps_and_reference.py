@@ -105,6 +105,48 @@ def test_adapters_disabled_is_the_base_model(hf):
     assert (on - base).abs().max() > 1e-3  # the adapter is back on after the block
 
 
+@pytest.mark.parametrize(
+    "use_dora,quantize_base",
+    [(True, False), (False, True), (True, True)],
+    ids=["dora", "qlora", "qdora"],
+)
+def test_adapters_disabled_is_the_base_model_under_dora_and_qlora(hf, use_dora, quantize_base):
+    """Adapters off is the base layer exactly: on the NF4 weight (``weight`` is None there)
+    and without DoRA's magnitude, here moved off ``||W||`` as training would move it."""
+    from torchtune.models.llama2 import llama2
+
+    model = lora_llama2(
+        ["q_proj", "v_proj", "output_proj"],
+        True,
+        False,
+        lora_rank=4,
+        lora_alpha=8,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        **SIZES,
+    )
+    model.load_state_dict(hf_to_tune(hf.state_dict()), strict=False)
+    g = torch.Generator().manual_seed(5)
+    adapter = {
+        k: v + 0.05 * torch.randn(v.shape, generator=g) if "lora_a" not in k else v
+        for k, v in init_lora_adapters(model, seed=0).items()
+    }
+    model.load_state_dict(adapter, strict=False)
+    base = llama2(**SIZES).eval()  # the base model on the weights as the LoRA model holds them
+    base.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if "lora_" not in k and "magnitude" not in k}
+    )
+    tokens = _pairs(seed=4)["tokens"]
+    with torch.no_grad():
+        want = base(tokens)
+        with adapters_disabled(model.eval()):
+            off = model(tokens)
+        on = model(tokens)
+    torch.testing.assert_close(off, want, rtol=1e-5, atol=1e-5)
+    assert (on - want).abs().max() > 1e-3  # the adapter (and magnitude) is back on after
+    assert not any(m.disabled for m in model.modules() if hasattr(m, "disabled"))
+
+
 def test_adapter_swapped_matches_peft_with_that_adapter(hf, tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -60,6 +60,9 @@ def _gemma2(
     lora_rank: int = 0,
     lora_alpha: float = 0.0,
     lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     return decoder(
         vocab_size=vocab_size,
@@ -88,6 +91,9 @@ def _gemma2(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -155,6 +161,9 @@ def lora_gemma2(
     lora_rank: int,
     lora_alpha: float,
     lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
     **gemma2_kwargs,
 ) -> TransformerDecoder:
     """Gemma 2 with :class:`LoRALinear` in place of the chosen projections.
@@ -168,6 +177,10 @@ def lora_gemma2(
         lora_rank: adapter rank.
         lora_alpha: adapter alpha (update scaled by ``alpha / rank``).
         lora_dropout: dropout on the adapters' input.
+        use_dora: learn a magnitude per output feature (DoRA, see :class:`LoRALinear`).
+        quantize_base: store the decoder layers' frozen linear weights in NF4 (QLoRA);
+            embeddings, norms and the output projection stay in the model dtype.
+        quantize_double: with ``quantize_base``, also quantize the NF4 block scales.
         **gemma2_kwargs: the keyword arguments of :func:`gemma2`.
 
     Returns:
@@ -185,4 +198,7 @@ def lora_gemma2(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )

@@ -37,6 +37,10 @@ def lora_gemma2_2b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 8192,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`gemma2_2b` with LoRA adapters; see :func:`lora_gemma2` for the arguments."""
     return lora_gemma2(
@@ -55,6 +59,9 @@ def lora_gemma2_2b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -81,6 +88,10 @@ def lora_gemma2_9b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 8192,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`gemma2_9b` with LoRA adapters; see :func:`lora_gemma2` for the arguments."""
     return lora_gemma2(
@@ -99,4 +110,7 @@ def lora_gemma2_9b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )

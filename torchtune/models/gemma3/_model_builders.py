@@ -42,6 +42,10 @@ def lora_gemma3_1b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 32768,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`gemma3_1b` with LoRA adapters; see :func:`lora_gemma3` for the arguments."""
     return lora_gemma3(
@@ -60,6 +64,9 @@ def lora_gemma3_1b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -88,6 +95,10 @@ def lora_gemma3_4b(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 131072,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`gemma3_4b` with LoRA adapters; see :func:`lora_gemma3` for the arguments."""
     return lora_gemma3(
@@ -107,4 +118,7 @@ def lora_gemma3_4b(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )

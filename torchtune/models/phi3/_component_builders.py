@@ -125,6 +125,9 @@ def lora_phi3(
     lora_rank: int,
     lora_alpha: float,
     lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """Phi-3 with :class:`LoRALinear` in place of the chosen projections.
 
@@ -140,6 +143,10 @@ def lora_phi3(
         lora_rank: adapter rank (of the fused update, for ``qkv_proj`` and ``w13``).
         lora_alpha: adapter alpha (update scaled by ``alpha / rank``).
         lora_dropout: dropout on the adapters' input.
+        use_dora: learn a magnitude per output feature (DoRA, see :class:`LoRALinear`).
+        quantize_base: store the decoder layers' frozen linear weights in NF4 (QLoRA);
+            embeddings, norms and the output projection stay in the model dtype.
+        quantize_double: with ``quantize_base``, also quantize the NF4 block scales.
 
     Returns:
         A :class:`TransformerDecoder`.
@@ -190,4 +197,7 @@ def lora_phi3(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )

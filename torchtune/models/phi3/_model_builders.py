@@ -135,6 +135,10 @@ def lora_phi3_mini_4k(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 4096,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`phi3_mini_4k` with LoRA; see :func:`lora_phi3` for the arguments."""
     return lora_phi3(
@@ -146,6 +150,9 @@ def lora_phi3_mini_4k(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -160,6 +167,9 @@ def lora_phi3_5_mini(
     short_factor: Sequence[float],
     long_factor: Sequence[float],
     max_seq_len: int = 131_072,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`phi3_5_mini` with LoRA; see :func:`lora_phi3` for the arguments."""
     return lora_phi3(
@@ -171,6 +181,9 @@ def lora_phi3_5_mini(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -185,6 +198,9 @@ def lora_phi4_mini(
     short_factor: Sequence[float],
     long_factor: Sequence[float],
     max_seq_len: int = 131_072,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`phi4_mini` with LoRA; see :func:`lora_phi3` for the arguments."""
     return lora_phi3(
@@ -196,6 +212,9 @@ def lora_phi4_mini(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )
 
 
@@ -207,6 +226,10 @@ def lora_phi4(
     lora_alpha: float = 16,
     lora_dropout: float = 0.05,
     max_seq_len: int = 16_384,
+    *,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    quantize_double: bool = True,
 ) -> TransformerDecoder:
     """:func:`phi4` with LoRA; see :func:`lora_phi3` for the arguments."""
     return lora_phi3(
@@ -218,4 +241,7 @@ def lora_phi4(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+        quantize_double=quantize_double,
     )

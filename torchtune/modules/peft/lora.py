@@ -28,6 +28,11 @@ class LoRALinear(nn.Module):
     ``weight`` is then no parameter, ``state_dict()`` gives it dequantized in the model dtype
     and ``load_state_dict`` quantizes what it is given.
 
+    ``disabled`` (a plain attribute, False at construction) switches the adapter off: the
+    layer then computes its base alone, ``x W^T (+ b)`` on the (dequantized) base weight,
+    without DoRA's magnitude (the reference policy of DPO, see
+    :func:`~torchtune.rlhf.adapters_disabled`).
+
     Args:
         in_dim: input features.
         out_dim: output features.
@@ -78,6 +83,7 @@ class LoRALinear(nn.Module):
         self.lora_a = nn.Linear(in_dim, rank, bias=False)
         self.lora_b = nn.Linear(rank, out_dim, bias=False)
         self.magnitude = nn.Parameter(torch.empty(out_dim)) if use_dora else None
+        self.disabled = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -142,6 +148,9 @@ class LoRALinear(nn.Module):
         Returns:
             ``[..., out_dim]``.
         """
+        if self.disabled:
+            out = self._base_linear(x)
+            return out if self.bias is None else out + self.bias
         x_d = self.dropout(x)
         if self.use_dora:
             return self._dora_forward(x, x_d)
