@@ -1,14 +1,13 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Conversation datasets: rows of chat messages, rendered by the model's own chat template."""
 
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from torch.utils.data import Dataset
 
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padding_id
 from torchtune.datasets._packed import PackedDataset
-from torchtune.datasets._utils import load_hf_dataset
+from torchtune.datasets._utils import load_source
 from torchtune.modules.tokenizers import truncate_chat
 
 Message = Dict[str, Any]
@@ -17,8 +16,6 @@ Message = Dict[str, Any]
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 OPENAI_ROLES = ("system", "user", "assistant", "tool")
 _STYLES = {"openai": ("role", "content"), "sharegpt": ("from", "value")}
-# A local file given as ``source`` picks its ``datasets`` builder from the suffix.
-_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 class ChatDataset(Dataset):
@@ -93,13 +90,7 @@ class ChatDataset(Dataset):
         self.max_seq_len = max_seq_len
         self._new_system_prompt = new_system_prompt
         self._rewritten_turns = rewritten_turns
-        suffix = Path(source).suffix.lower()
-        if data_files is None and suffix in _BUILDERS and Path(source).is_file():
-            source, data_files = _BUILDERS[suffix], source
-        if data_files is not None:
-            load_dataset_kwargs["data_files"] = data_files
-        self._source = source if data_files is None else f"{source}:{data_files}"
-        self._data = load_hf_dataset(source, split, **load_dataset_kwargs)
+        self._data, self._source = load_source(source, split, data_files, **load_dataset_kwargs)
         if conversation_column not in self._data.column_names:
             raise ValueError(
                 f"{self._source}: column {conversation_column!r} missing (row 0 onwards); the "

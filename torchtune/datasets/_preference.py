@@ -1,15 +1,14 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """Preference datasets: a prompt with a chosen and a rejected response, tokenized per side."""
 
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch.utils.data import Dataset
 
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, AlpacaInstructTemplate
-from torchtune.datasets._chat import _BUILDERS, OPENAI_ROLES
+from torchtune.datasets._chat import OPENAI_ROLES
 from torchtune.datasets._instruct import _common_prefix_len
-from torchtune.datasets._utils import load_hf_dataset
+from torchtune.datasets._utils import load_source
 from torchtune.modules.tokenizers import truncate_chat
 
 _FIELDS = ("prompt", "chosen", "rejected")
@@ -74,13 +73,7 @@ class PreferenceDataset(Dataset):
         self._tokenizer = tokenizer
         self.train_on_input = train_on_input
         self.max_seq_len = max_seq_len
-        suffix = Path(source).suffix.lower()
-        if data_files is None and suffix in _BUILDERS and Path(source).is_file():
-            source, data_files = _BUILDERS[suffix], source
-        if data_files is not None:
-            load_dataset_kwargs["data_files"] = data_files
-        self._source = source if data_files is None else f"{source}:{data_files}"
-        data = load_hf_dataset(source, split, **load_dataset_kwargs)
+        data, self._source = load_source(source, split, data_files, **load_dataset_kwargs)
         self._columns = {f: column_map.get(f, f) for f in _FIELDS}
         for side in _SIDES:
             self._require_column(data, side)

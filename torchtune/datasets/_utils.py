@@ -3,7 +3,8 @@
 
 import importlib
 import logging
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import datasets
 
@@ -27,6 +28,27 @@ def load_hf_dataset(source: str, split: str, **load_dataset_kwargs: Any) -> data
             "map-style split is needed (pass split='train', and no streaming=True)"
         )
     return ds
+
+
+# A local file given as ``source`` picks its ``datasets`` builder from the suffix.
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_source(
+    source: str,
+    split: str,
+    data_files: Optional[Union[str, Sequence[str]]] = None,
+    **load_dataset_kwargs: Any,
+) -> Tuple[datasets.Dataset, str]:
+    """:func:`load_hf_dataset` that also takes a local ``.json`` / ``.jsonl`` / ``.parquet``
+    file as ``source``; returns the split and a label naming where it came from (for errors).
+    """
+    if data_files is None and Path(source).suffix.lower() in _BUILDERS and Path(source).is_file():
+        source, data_files = _BUILDERS[Path(source).suffix.lower()], source
+    if data_files is not None:
+        load_dataset_kwargs["data_files"] = data_files
+    label = source if data_files is None else f"{source}:{data_files}"
+    return load_hf_dataset(source, split, **load_dataset_kwargs), label
 
 
 def validate_columns(
