@@ -54,6 +54,7 @@ class LoRADPORecipeDistributed:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
+        self._compile = bool(cfg.get("compile", False))
         self._device, self._dtype, self._world_size, self._rank = training.init_distributed_device(
             cfg.device, cfg.dtype
         )
@@ -126,6 +127,8 @@ class LoRADPORecipeDistributed:
         if not get_adapter_params(model):
             raise ValueError(f"Model '{cfg_model._component_}' has no LoRA adapters to train")
         utils.apply_activation_checkpointing(model, enable_activation_checkpointing)
+        if self._compile:  # `compile: true`; lazy, the first forward compiles
+            utils.compile_layers(model)
         param_dtype = self._dtype if self._dtype != torch.float32 else None
         utils.shard_model(
             model, self._device, layer_types=(TransformerDecoderLayer,), param_dtype=param_dtype

@@ -62,6 +62,7 @@ class LoRADPORecipeSingleDevice:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
+        self._compile = bool(cfg.get("compile", False))
         self._device, self._dtype = training.init_device(cfg.device, cfg.dtype)
         self._loop = training.LoopSettings.from_config(cfg)
         self._state = training.RecipeState.from_config(cfg, seed=utils.set_seed(cfg.seed))
@@ -139,6 +140,8 @@ class LoRADPORecipeSingleDevice:
             )
         set_trainable_params(model, self._adapter_params)
         utils.apply_activation_checkpointing(model, enable_activation_checkpointing)
+        if self._compile:  # `compile: true`; lazy, the first forward compiles
+            utils.compile_layers(model)
         if self._loop.resume:
             reference = ckpt.get(REFERENCE_ADAPTER_KEY)
         else:
