@@ -45,6 +45,9 @@ class PreferenceDataset(Dataset):
         column_map (Optional[Dict[str, str]]): ``prompt`` / ``chosen`` / ``rejected`` -> column.
         train_on_input (bool): also score the prompt. Default False.
         max_seq_len (Optional[int]): cut each side to this many tokens; None keeps them whole.
+        rewritten_turns (str): ``"error"`` or ``"as_rendered"``, for chat templates that render
+            an assistant turn differently once later turns follow (Qwen 3); see
+            ``HFTokenizer.tokenize_messages``. Default "error".
         **load_dataset_kwargs: passed to ``datasets.load_dataset``.
 
     Raises:
@@ -62,6 +65,7 @@ class PreferenceDataset(Dataset):
         column_map: Optional[Dict[str, str]] = None,
         train_on_input: bool = False,
         max_seq_len: Optional[int] = None,
+        rewritten_turns: str = "error",
         **load_dataset_kwargs: Any,
     ):
         column_map = dict(column_map or {})
@@ -71,6 +75,7 @@ class PreferenceDataset(Dataset):
         if max_seq_len is not None and max_seq_len < 1:
             raise ValueError(f"max_seq_len must be a positive int or None, got {max_seq_len}")
         self._tokenizer = tokenizer
+        self._rewritten_turns = rewritten_turns
         self.train_on_input = train_on_input
         self.max_seq_len = max_seq_len
         data, self._source = load_source(source, split, data_files, **load_dataset_kwargs)
@@ -158,7 +163,9 @@ class PreferenceDataset(Dataset):
 
     def _tokenize_conversation(self, index: int, messages: list) -> Tuple[List[int], List[int]]:
         try:
-            tokens, mask = self._tokenizer.tokenize_messages(messages)
+            tokens, mask = self._tokenizer.tokenize_messages(
+                messages, rewritten_turns=self._rewritten_turns
+            )
         except ValueError as e:
             raise ValueError(f"{self._source}: row {index}: {e}") from e
         if not self.train_on_input:
@@ -202,6 +209,7 @@ def preference_dataset(
     column_map: Optional[Dict[str, str]] = None,
     train_on_input: bool = False,
     max_seq_len: Optional[int] = None,
+    rewritten_turns: str = "error",
     **load_dataset_kwargs: Any,
 ) -> PreferenceDataset:
     """Build a preference dataset for DPO / IPO / SimPO (see :class:`PreferenceDataset`).
@@ -226,5 +234,6 @@ def preference_dataset(
         column_map=column_map,
         train_on_input=train_on_input,
         max_seq_len=max_seq_len,
+        rewritten_turns=rewritten_turns,
         **load_dataset_kwargs,
     )

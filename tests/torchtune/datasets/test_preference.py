@@ -179,3 +179,26 @@ def test_bad_values_name_the_row_and_column(sp_tokenizer, chat_tokenizer, tmp_pa
         preference_dataset(
             sp_tokenizer, source="json", data_files=_write(tmp_path / "c.jsonl", CONV_ROWS)
         )
+
+
+def test_rewritten_turns_is_passed_to_the_tokenizer(tmp_path):
+    """Qwen 3's template renders an earlier answer differently once later turns follow: a
+    multi-turn prompt raises (naming the row) unless ``rewritten_turns="as_rendered"``, and
+    then each side is ``tokenize_messages(..., rewritten_turns="as_rendered")``."""
+    from tests.tokenizer_fixtures import QWEN3_LIKE_TEMPLATE
+
+    tok = hf_tokenizer(
+        build_hf_tokenizer_dir(
+            tmp_path / "tok", "byte_bpe", "chatml", chat_template=QWEN3_LIKE_TEMPLATE
+        )
+    )
+    data = _write(tmp_path / "pairs.jsonl", CONV_ROWS)
+    with pytest.raises(ValueError, match="row 1"):
+        preference_dataset(tok, source="json", data_files=data)[1]
+    ds = preference_dataset(tok, source="json", data_files=data, rewritten_turns="as_rendered")
+    for side in ("chosen", "rejected"):
+        tokens, _ = tok.tokenize_messages(CONV_ROWS[1][side], rewritten_turns="as_rendered")
+        assert ds[1][f"{side}_tokens"] == tokens
+        scored = [t for t, lbl in zip(tokens, ds[1][f"{side}_labels"]) if lbl != IGNORE]
+        answer = CONV_ROWS[1][side][-1]["content"]
+        assert answer in tok.decode(scored) and "Hello!" not in tok.decode(scored)
