@@ -129,9 +129,25 @@ RECIPES: Tuple[Recipe, ...] = (
         ],
         supports_distributed=True,
     ),
-    _recipe("lora_dpo_single_device", ["tiny/lora_dpo"], supports_distributed=False),
-    _recipe("lora_dpo_distributed", ["tiny/lora_dpo_distributed"], supports_distributed=True),
-    _recipe("full_dpo_distributed", ["tiny/full_dpo"], supports_distributed=True),
+    _recipe(
+        "lora_dpo_single_device",
+        [
+            "llama3_1/8B_lora_dpo_single_device",
+            "qwen3/8B_lora_dpo_single_device",
+            "tiny/lora_dpo",
+        ],
+        supports_distributed=False,
+    ),
+    _recipe(
+        "lora_dpo_distributed",
+        ["llama3_1/8B_lora_dpo", "qwen3/8B_lora_dpo", "tiny/lora_dpo_distributed"],
+        supports_distributed=True,
+    ),
+    _recipe(
+        "full_dpo_distributed",
+        ["llama3_1/8B_full_dpo", "qwen3/8B_full_dpo", "tiny/full_dpo"],
+        supports_distributed=True,
+    ),
     _recipe("eleuther_eval", ["eleuther_eval", "tiny/eval"], supports_distributed=False),
     _recipe("generate", ["generate", "tiny/generate"], supports_distributed=False),
 )

@@ -5,6 +5,7 @@ out as on the hub (config.json, safetensors, tokenizer.json with its chat templa
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -68,8 +69,12 @@ def test_every_family_ships_full_and_lora_configs():
 def test_header_gives_the_download_and_run_commands(name, recipe, distributed):
     path = get_config(name).file_path
     lines = path.read_text().splitlines()
-    launch = "tune --nnodes 1 --nproc_per_node 2 " if distributed else "tune "
-    assert lines[0] == f"# {launch}{recipe} --config {name}"
+    if distributed:  # full DPO needs room for the reference too: more GPUs
+        assert re.fullmatch(
+            rf"# tune --nnodes 1 --nproc_per_node \d+ {recipe} --config {name}", lines[0]
+        )
+    else:
+        assert lines[0] == f"# tune {recipe} --config {name}"
     download = [line for line in lines if line.startswith("#   tune download ")]
     assert len(download) == 1, name
     cfg = config.load_config(path)
@@ -79,7 +84,8 @@ def test_header_gives_the_download_and_run_commands(name, recipe, distributed):
     assert cfg.model.config == cfg.tokenizer.path == cfg.checkpointer.checkpoint_dir == local
     assert cfg.model._component_ == "torchtune.models.from_hf_config"
     assert cfg.tokenizer._component_ == "torchtune.models.hf_tokenizer"
-    assert cfg.dataset._component_ == "torchtune.datasets.chat_dataset"
+    dataset = "preference_dataset" if "dpo" in recipe else "chat_dataset"
+    assert cfg.dataset._component_ == f"torchtune.datasets.{dataset}"
 
 
 def _model_folder(root: Path, folder: str) -> Path:
@@ -115,6 +121,15 @@ def root(tmp_path_factory):
     # Mistral's template takes alternating user/assistant turns only: no system prompts.
     rows = [[m for m in c if m["role"] != "system"] for c in sample_conversations(8, seed=4)]
     (root / "chats.jsonl").write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    # Preference pairs in the hub's layout: the chosen conversation and one with another answer.
+    pairs = [
+        {
+            "chosen": r,
+            "rejected": r[:-1] + [{"role": "assistant", "content": rows[i - 1][-1]["content"]}],
+        }
+        for i, r in enumerate(rows)
+    ]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return root
 
 
@@ -131,7 +146,7 @@ def test_config_trains_as_shipped(root, name, recipe, distributed, tmp_path):
         f"tokenizer.path={model_dir}",
         f"checkpointer.checkpoint_dir={model_dir}",
         "checkpointer.checkpoint_files=[model.safetensors]",
-        f"dataset.source={root / 'chats.jsonl'}",
+        f"dataset.source={root / ('pairs.jsonl' if 'dpo' in recipe else 'chats.jsonl')}",
         "dataset.split=train",
         "dataset.max_seq_len=128",
         "device=cpu",
