@@ -53,9 +53,11 @@ def _assert_same_metrics(ours, expected, atol):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("start", ["peft_adapter", "fresh"])
+@pytest.mark.parametrize("start", ["peft_adapter", "fresh", "fresh_dora"])
 def test_two_ranks_match_one_device(assets, peft_adapter, tmp_path, start):  # noqa: F811
     extra = [f"checkpointer.adapter_checkpoint={peft_adapter}"] if start == "peft_adapter" else []
+    if start == "fresh_dora":  # the magnitudes come from the base weights on rank 0
+        extra += ["model.use_dora=True"]
     extra += LOSSES["dpo"]
     single, dist = tmp_path / "single", tmp_path / "dist"
     single.mkdir(), dist.mkdir()

@@ -276,3 +276,20 @@ def test_compile_gives_the_same_metrics(assets, peft_adapter, tmp_path):
         got = torch.tensor([r[name] for r in rows_c], dtype=torch.float64)
         want = torch.tensor([r[name] for r in rows_e], dtype=torch.float64)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "variant", [["model.use_dora=True"], ["model.quantize_base=True"]], ids=["dora", "qlora"]
+)
+def test_dora_and_qlora_start_at_the_reference(assets, tmp_path, variant):
+    """With a fresh DoRA adapter (magnitude = the base column norms) or over an NF4 base, the
+    policy starts equal to its reference (the same model with adapters off): ln 2 and zero
+    rewards; then the adapter moves."""
+    extra = ["epochs=1", "max_steps_per_epoch=2", "lr_scheduler.num_warmup_steps=0", *variant]
+    run_tune(RECIPE, CONFIG, _overrides(assets, tmp_path, *extra), cwd=tmp_path)
+    rows = read_disk_log(tmp_path)
+    assert len(rows) == 2
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert rows[0][name] == pytest.approx(0.0, abs=1e-6)
+    assert abs(rows[1]["rewards/margins"]) > 1e-6

@@ -137,10 +137,11 @@ class LoRADPORecipeDistributed:
         has_adapter = "adapter" in ckpt  # on every rank; the tensors on rank 0
         full_sd = None
         if self._is_rank_zero:
-            adapter_sd = ckpt.pop("adapter", None)
-            if adapter_sd is None:  # the same draw as on one device
-                adapter_sd = init_lora_adapters(model, self._state.seed)
-            full_sd = {**ckpt.pop("model"), **adapter_sd}
+            adapter_sd, base_sd = ckpt.pop("adapter", None), ckpt.pop("model")
+            if adapter_sd is None:  # the same draw as on one device; DoRA's norms from base_sd
+                adapter_sd = init_lora_adapters(model, self._state.seed, base_sd)
+            full_sd = {**base_sd, **adapter_sd}
+            del base_sd
         utils.load_from_full_state_dict(model, full_sd)  # checks the keys on every rank
         del full_sd
         self._adapter_params = get_adapter_params(model)

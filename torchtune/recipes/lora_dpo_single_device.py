@@ -130,8 +130,8 @@ class LoRADPORecipeSingleDevice:
         if not self._adapter_params:
             raise ValueError(f"Model '{cfg_model._component_}' has no LoRA adapters to train")
         adapter_sd = ckpt.get("adapter")
-        if adapter_sd is None:
-            adapter_sd = init_lora_adapters(model, self._state.seed)
+        if adapter_sd is None:  # DoRA's magnitudes are the norms of the base weights
+            adapter_sd = init_lora_adapters(model, self._state.seed, ckpt["model"])
         missing, unexpected = model.load_state_dict({**ckpt["model"], **adapter_sd}, strict=False)
         if missing or unexpected:
             raise ValueError(
