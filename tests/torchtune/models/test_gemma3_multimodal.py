@@ -112,25 +112,44 @@ def test_the_hubs_sparse_4b_config_builds_the_4b_preset():
         )
 
 
-@pytest.mark.parametrize("layout", ["hub", "transformers5"])
-def test_logits_equal_transformers_and_the_round_trip_is_bit_exact(tmp_path, layout, caplog):
+def _load_all(folder):
+    """{key: (file name, tensor)} over every safetensors file in ``folder``."""
     from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update({k: (f.name, v) for k, v in load_file(f).items()})
+    return out
+
+
+@pytest.mark.parametrize("layout", ["hub", "hub-sharded", "transformers5"])
+def test_logits_equal_transformers_and_the_round_trip_is_bit_exact(tmp_path, layout, caplog):
     from transformers import Gemma3ForConditionalGeneration
 
     hf = tiny_multimodal()
     src = tmp_path / "in"
-    if layout == "hub":
-        hf.save_pretrained(src)  # transformers 5 still writes the hub's key names
-        assert any(
-            k.startswith("language_model.model.") for k in load_file(src / "model.safetensors")
-        )
+    files = ["model.safetensors"]
+    if layout.startswith("hub"):
+        # transformers 5 still writes the hub's key names; small shards as the 4B's files
+        # (some of them hold vision tensors only).
+        hf.save_pretrained(src, max_shard_size="20KB" if layout == "hub-sharded" else "5GB")
+        if layout == "hub-sharded":
+            files = ["model.safetensors.index.json"]
     else:
         _write_transformers5_layout(hf, src)
-    original = load_file(src / "model.safetensors")
-    ckpt = FullModelHFCheckpointer(src, ["model.safetensors"], None, tmp_path / "out")
+    original = _load_all(src)
+    prefix = "language_model.model." if layout.startswith("hub") else "model.language_model."
+    assert any(k.startswith(prefix) for k in original)
+    if layout == "hub-sharded":
+        kinds = {}
+        for k, (f, _) in original.items():
+            kinds.setdefault(f, set()).add("language_model" in k)
+        assert len(kinds) > 2 and {False} in kinds.values()
+    ckpt = FullModelHFCheckpointer(src, files, None, tmp_path / "out")
     with caplog.at_level("INFO"):
         sd = ckpt.load_checkpoint()["model"]
     vision = [k for k in original if "vision_tower" in k or "multi_modal_projector" in k]
+    assert len(vision) == len([k for k in original if "language_model" not in k])
     assert vision and f"skipped {len(vision)} other tensors" in caplog.text
     ours = from_hf_config(src).eval()
     ours.load_state_dict(sd)
@@ -139,17 +158,19 @@ def test_logits_equal_transformers_and_the_round_trip_is_bit_exact(tmp_path, lay
         torch.testing.assert_close(ours(TOKENS), _hf_logits(hf), atol=ATOL, rtol=RTOL)
 
     ckpt.save_checkpoint({"model": ours.state_dict()}, epoch=0)
-    saved = load_file(tmp_path / "out/epoch_0/model.safetensors")
+    out = tmp_path / "out/epoch_0"
+    saved = _load_all(out)
     assert set(saved) == set(original)
-    for k, v in original.items():
-        assert torch.equal(saved[k], v), k
-    assert json.loads((tmp_path / "out/epoch_0/config.json").read_text()) == json.loads(
+    for k, (f, v) in original.items():
+        assert saved[k][0] == f and torch.equal(saved[k][1], v), k
+    assert json.loads((out / "config.json").read_text()) == json.loads(
         (src / "config.json").read_text()
     )
-    reloaded = Gemma3ForConditionalGeneration.from_pretrained(
-        tmp_path / "out/epoch_0", attn_implementation="eager"
-    ).eval()
-    torch.testing.assert_close(_hf_logits(reloaded), _hf_logits(hf), atol=0, rtol=0)
+    if layout == "hub-sharded":
+        index = json.loads((out / files[0]).read_text())["weight_map"]
+        assert index == json.loads((src / files[0]).read_text())["weight_map"]
+    reloaded = Gemma3ForConditionalGeneration.from_pretrained(out, attn_implementation="eager")
+    torch.testing.assert_close(_hf_logits(reloaded.eval()), _hf_logits(hf), atol=0, rtol=0)
 
 
 def test_a_trained_untied_decoder_saves_into_the_multimodal_checkpoint(tmp_path):
