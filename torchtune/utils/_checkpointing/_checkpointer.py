@@ -105,6 +105,13 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
     file names (and a regenerated index) plus ``config.json`` and any generation/tokenizer files,
     so ``AutoModelForCausalLM.from_pretrained(output_dir / f"epoch_{epoch}")`` loads it.
 
+    A multimodal checkpoint whose ``model_type`` a family lists in its ``multimodal`` format
+    (a language model beside a vision tower) loads as its language model alone; the other
+    tensors are kept as read (one log line says how many) and saved back unchanged, in their
+    files and under their names, beside the trained decoder: the output is the same
+    multimodal checkpoint (its ``...ForConditionalGeneration.from_pretrained`` loads it), and
+    PEFT adapters are written for that model's module names.
+
     Args:
         checkpoint_dir: folder holding the checkpoint (and config.json / params.json).
         checkpoint_files: file names in ``checkpoint_dir`` (or absolute paths): one file, the
