@@ -157,8 +157,11 @@ def test_logits_equal_transformers_and_the_round_trip_is_bit_exact(tmp_path, lay
     with torch.no_grad():
         torch.testing.assert_close(ours(TOKENS), _hf_logits(hf), atol=ATOL, rtol=RTOL)
 
+    processor = {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 28}}
+    (src / "preprocessor_config.json").write_text(json.dumps(processor))
     ckpt.save_checkpoint({"model": ours.state_dict()}, epoch=0)
     out = tmp_path / "out/epoch_0"
+    assert json.loads((out / "preprocessor_config.json").read_text()) == processor
     saved = _load_all(out)
     assert set(saved) == set(original)
     for k, (f, v) in original.items():

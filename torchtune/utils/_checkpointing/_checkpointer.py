@@ -70,6 +70,9 @@ _HF_AUX_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    # a multimodal model's image processor, read by AutoProcessor
+    "preprocessor_config.json",
+    "processor_config.json",
 )
 
 
