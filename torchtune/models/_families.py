@@ -24,6 +24,30 @@ StateDict = Dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class MultimodalFormat:
+    """How a family's decoder sits in a multimodal HF checkpoint (Gemma 3 4B and up): the
+    checkpointer reads the decoder and writes the other tensors (vision tower, projector)
+    back untouched. The family's config functions read such a ``config.json`` themselves.
+
+    Attributes:
+        model_types: ``model_type`` values of such ``config.json`` files (``("gemma3",)``).
+        split: HF state dict -> ``(decoder tensors in the family's text-only HF keys, the
+            other tensors as they are, the key layout found or None for an empty dict)``.
+        join: ``(decoder tensors in text-only HF keys, the other tensors, layout)`` -> HF
+            state dict; inverse of ``split``.
+        tune_to_peft_adapter: native LoRA keys -> PEFT keys on the multimodal model.
+        tune_to_peft_adapter_config: as :attr:`ModelFamily.tune_to_peft_adapter_config`, with
+            ``target_modules`` limited to the decoder's modules.
+    """
+
+    model_types: Tuple[str, ...]
+    split: Callable[[StateDict], Tuple[StateDict, StateDict, Optional[str]]]
+    join: Callable[[StateDict, StateDict, str], StateDict]
+    tune_to_peft_adapter: Callable[[StateDict], StateDict]
+    tune_to_peft_adapter_config: Callable[[Dict[str, Any], Optional[str]], Dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """A family's builders and its pure converter functions (see its ``_convert_weights``).
 
@@ -49,6 +73,7 @@ class ModelFamily:
             ``adapter_config.json`` dict.
         tied_by_default: whether a ``config.json`` without ``tie_word_embeddings`` is tied
             (the family's HF config class default; the hub's Gemma files leave the key out).
+        multimodal: the multimodal checkpoints that hold this family's decoder, or None.
     """
 
     name: str
@@ -67,6 +92,7 @@ class ModelFamily:
     tune_to_peft_adapter: Callable[[StateDict], StateDict]
     tune_to_peft_adapter_config: Callable[[Dict[str, Any], Optional[str]], Dict[str, Any]]
     tied_by_default: bool = False
+    multimodal: Optional[MultimodalFormat] = None
 
 
 FAMILIES: Tuple[ModelFamily, ...] = (
@@ -190,15 +216,33 @@ FAMILIES: Tuple[ModelFamily, ...] = (
         tune_to_peft_adapter=_gemma3.tune_to_peft_adapter_weights,
         tune_to_peft_adapter_config=_gemma3.tune_to_peft_adapter_config,
         tied_by_default=True,
+        # Gemma 3 4B / 12B / 27B: Gemma3ForConditionalGeneration, a vision tower beside it.
+        multimodal=MultimodalFormat(
+            model_types=(_gemma3.MULTIMODAL_MODEL_TYPE,),
+            split=_gemma3.split_multimodal,
+            join=_gemma3.join_multimodal,
+            tune_to_peft_adapter=_gemma3.multimodal_peft_adapter_weights,
+            tune_to_peft_adapter_config=_gemma3.multimodal_peft_adapter_config,
+        ),
     ),
 )
+
+
+def _multimodal_types(family: ModelFamily) -> Tuple[str, ...]:
+    return family.multimodal.model_types if family.multimodal is not None else ()
 
 
 def _lookup(name: str, attr: str, what: str, given: str) -> ModelFamily:
     for family in FAMILIES:
         if name in getattr(family, attr):
             return family
+    if attr == "hf_model_types":
+        for family in FAMILIES:
+            if name in _multimodal_types(family):
+                return family
     supported: List[str] = [t for f in FAMILIES for t in getattr(f, attr)]
+    if attr == "hf_model_types":
+        supported += [t for f in FAMILIES for t in _multimodal_types(f)]
     raise ValueError(f"Unknown {what} '{given}'; supported: {supported}")
 
 
@@ -212,7 +256,8 @@ def family_for_model_type(model_type: str) -> ModelFamily:
 
 
 def family_for_hf_model_type(model_type: str) -> ModelFamily:
-    """The family of an HF ``config.json`` ``model_type`` (``"llama"``, exact).
+    """The family of an HF ``config.json`` ``model_type`` (``"llama"``, exact); a multimodal
+    one (``"gemma3"``) names the family of its language model.
 
     Raises:
         ValueError: on an unknown ``model_type``, listing the supported ones.

@@ -243,8 +243,10 @@ class PartialRotaryPositionalEmbeddings(nn.Module):
     ``attention_factor``. Which factor list applies depends on the forward's longest
     position, as in transformers: ``long_factor`` when ``max(input_pos) + 1`` exceeds
     ``original_max_position_embeddings``, ``short_factor`` otherwise, for all tokens of that
-    forward. (A KV cache filled below that length keeps its short-factor keys when decoding
-    crosses it; transformers' ``generate`` re-encodes the whole sequence there instead.)
+    forward. A KV cache filled below that length holds short-factor keys, so decoding that
+    crosses it must re-encode the sequence, as transformers' ``generate`` does:
+    :func:`~torchtune.utils.generate` does so at :attr:`switch_length`, and sets
+    :attr:`seq_len_override` to the sequence's length (its parked pad slots are no positions).
 
     Args:
         dim: head dimension.
@@ -302,7 +304,15 @@ class PartialRotaryPositionalEmbeddings(nn.Module):
         )
         if self._has_long:
             self.register_buffer("long_cache", torch.empty(shape), persistent=False)
+        # Set by a caller that knows the sequence's length better than max(input_pos) + 1.
+        self.seq_len_override: Optional[int] = None
         self.rope_init()
+
+    @property
+    def switch_length(self) -> Optional[int]:
+        """The longest sequence that takes the short factors (the long ones past it), or None
+        when one table serves every position."""
+        return int(self.longrope["original_max_position_embeddings"]) if self._has_long else None
 
     def _table(self, factors: Optional[list], device: torch.device) -> torch.Tensor:
         half = torch.arange(0, self.rotary_dim, 2, device=device, dtype=torch.float32)
@@ -356,8 +366,10 @@ class PartialRotaryPositionalEmbeddings(nn.Module):
             self.rope_init(x.device)
         table = self.cache
         if self._has_long:
-            # A CPU-GPU sync when input_pos is given, as in transformers' longrope update.
-            longest = s if input_pos is None else int(input_pos.max()) + 1
+            longest = self.seq_len_override
+            if longest is None:
+                # A CPU-GPU sync when input_pos is given, as in transformers' longrope update.
+                longest = s if input_pos is None else int(input_pos.max()) + 1
             if longest > self.longrope["original_max_position_embeddings"]:
                 table = self.long_cache
         rope = table[:s] if input_pos is None else table[input_pos]

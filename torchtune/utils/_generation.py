@@ -139,6 +139,12 @@ def generate(
     tokens transformers' window over the padded columns covers, so a padded row decodes exactly
     as its prompt alone.
 
+    Rotary modules whose tables depend on the sequence length (LongRoPE: short factors up to
+    its ``switch_length``, long ones past it) are told the batch's length (the padded width
+    plus the tokens so far, what transformers' position ids give; the parked pad slots are no
+    positions), and when decoding first crosses ``switch_length`` the cache is refilled: the
+    whole sequence re-encoded with the long factors, as transformers' ``generate`` does there.
+
     With ``use_cache=False`` the whole sequence is recomputed every step (slow; the reference the
     cached path is tested against). The model must have no caches then.
 
@@ -237,11 +243,19 @@ def generate(
                 layer.attn.kv_cache = kv_cache
 
 
+def _length_dependent_ropes(model: nn.Module) -> List[nn.Module]:
+    """Rotary modules that pick their tables by the sequence length (``switch_length`` set)."""
+    return [m for m in model.modules() if getattr(m, "switch_length", None) is not None]
+
+
 class _CachedStepper:
     """Prefill then one-token decode steps over the KV cache (see :func:`generate`)."""
 
     def __init__(self, model, tokens, pads, is_pad, cache_len):
         self.model, self.tokens, self.pads = model, tokens, pads
+        self.ropes = _length_dependent_ropes(model)
+        self.switches = {m.switch_length for m in self.ropes}
+        self.generated: List[torch.Tensor] = []  # [b] per decode step, for a re-encode
         self.lens = tokens.size(1) - pads  # [b]
         self.slots = torch.arange(cache_len, device=tokens.device)
         # Slots a real query may see: everything below the row's parking area (causality does the rest).
@@ -263,13 +277,31 @@ class _CachedStepper:
         pos = pos.unsqueeze(-1)
         return (slots <= pos) & (self.visible.unsqueeze(1) | (slots == pos))
 
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, seq_len: int) -> torch.Tensor:
+        for rope in self.ropes:
+            rope.seq_len_override = seq_len
+        try:
+            return self.model(tokens, input_pos=pos, mask=self._mask(pos))[:, -1]
+        finally:
+            for rope in self.ropes:
+                rope.seq_len_override = None
+
     def prefill(self) -> torch.Tensor:
-        pos = self.prompt_pos
-        return self.model(self.tokens, input_pos=pos, mask=self._mask(pos))[:, -1]
+        return self._forward(self.tokens, self.prompt_pos, self.tokens.size(1))
 
     def decode(self, next_tok: torch.Tensor, t: int) -> torch.Tensor:
+        if self.switches:
+            self.generated.append(next_tok)
+        past = self.tokens.size(1) + t  # what the cache holds, in padded columns
+        if past in self.switches:
+            # The cached keys took the short factors: re-encode everything (transformers too).
+            self.model.reset_caches()
+            new = torch.stack(self.generated, dim=1)  # [b, t + 1]
+            steps = torch.arange(t + 1, device=new.device)
+            pos = torch.cat([self.prompt_pos, self.lens.unsqueeze(1) + steps], dim=1)
+            return self._forward(torch.cat([self.tokens, new], dim=1), pos, past + 1)
         pos = (self.lens + t).unsqueeze(1)  # [b, 1]
-        return self.model(next_tok.unsqueeze(1), input_pos=pos, mask=self._mask(pos))[:, -1]
+        return self._forward(next_tok.unsqueeze(1), pos, past + 1)
 
 
 class _RecomputeStepper:

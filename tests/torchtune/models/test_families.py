@@ -9,6 +9,7 @@ from torchtune.models import gemma2, gemma3, llama2, mistral, phi3, qwen2, qwen3
 from torchtune.models._families import (
     FAMILIES,
     ModelFamily,
+    MultimodalFormat,
     family_for_hf_model_type,
     family_for_model_type,
 )
@@ -50,10 +51,12 @@ def test_unknown_model_types_raise_listing_the_supported_ones():
         family_for_model_type("gpt9")
     with pytest.raises(
         ValueError,
-        match=r"Unknown HF model_type 'gemma3'; supported: \['llama', 'qwen2', 'qwen3', "
-        r"'mistral', 'phi3', 'gemma2', 'gemma3_text'\]",
+        match=r"Unknown HF model_type 'gemma3_vision'; supported: \['llama', 'qwen2', 'qwen3', "
+        r"'mistral', 'phi3', 'gemma2', 'gemma3_text', 'gemma3'\]",
     ):
-        family_for_hf_model_type("gemma3")  # the multimodal Gemma 3 is not a text family
+        family_for_hf_model_type("gemma3_vision")
+    # The multimodal Gemma 3 names the family of its language model.
+    assert family_for_hf_model_type("gemma3").name == "gemma3"
     # HF names are exact: no fuzzy or case-folded match.
     with pytest.raises(ValueError, match="Unknown HF model_type 'Llama'"):
         family_for_hf_model_type("Llama")
@@ -70,6 +73,8 @@ def test_rows_are_frozen_complete_and_unambiguous():
             value = getattr(row, name)
             if name == "tied_by_default":
                 assert isinstance(value, bool), row.name
+            elif name == "multimodal":
+                assert value is None or isinstance(value, MultimodalFormat), row.name
             elif name not in ("name", "model_types", "hf_model_types"):
                 assert value is None or callable(value), (row.name, name)
         assert all(t == t.upper() for t in row.model_types)
@@ -80,3 +85,7 @@ def test_rows_are_frozen_complete_and_unambiguous():
             for n in ([getattr(row, attr)] if attr == "name" else getattr(row, attr))
         ]
         assert len(names) == len(set(names)), attr
+    # A multimodal model_type names one family and is no family's text model_type.
+    multimodal = [t for row in FAMILIES if row.multimodal for t in row.multimodal.model_types]
+    text = [t for row in FAMILIES for t in row.hf_model_types]
+    assert len(multimodal) == len(set(multimodal)) and not set(multimodal) & set(text)

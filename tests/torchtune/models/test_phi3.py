@@ -319,8 +319,8 @@ def test_packed_documents_equal_each_document_alone(case):
 def test_kv_cache_decode_equals_the_full_forward(case):
     hf = tiny_hf(case)
     _, ours = ours_from(hf)
-    # With LongRoPE, decode up to the original length (one table throughout); transformers'
-    # generate re-encodes everything when it crosses it, our cache keeps its keys.
+    # With LongRoPE, decode up to the original length (one table throughout): a forward with
+    # the cache keeps its keys; generate (and transformers') re-encode when crossing it.
     n = ORIGINAL if "rope_scaling" in CASES[case] else TOKENS.shape[1]
     tokens, prompt = TOKENS[:, :n], 4
     with torch.no_grad():

@@ -183,14 +183,42 @@ def test_pad_queries_past_a_window_attend_something(monkeypatch):
     assert generate(ours, prompts, 12, temperature=0.0, stop_tokens=[EOS], pad_id=PAD) == expected
 
 
-def test_longrope_past_its_original_length_recomputed_equals_hf_generate():
-    """Across LongRoPE's switch (original length 16, 11 + 30 tokens) transformers re-encodes
-    the whole sequence with the long factors; our cache-free path does the same each step.
-    (The cached path keeps the keys it cached with the short factors: see
-    PartialRotaryPositionalEmbeddings.)"""
-    hf = test_phi3.tiny_hf("all-on-tied", tie_word_embeddings=False)
+# LongRoPE switching at 16; window 5 (as the other phi3 case), or none: every cached key seen.
+# Weights at 5x the default scale: logits large enough that short-factor keys left in the
+# cache change greedy tokens (at the default scale they move logits by ~1e-3 only).
+_LONGROPE = dict(tie_word_embeddings=False, initializer_range=0.1)
+LONGROPE_CASES = {"window": _LONGROPE, "no-window": dict(_LONGROPE, sliding_window=None)}
+
+
+@pytest.mark.parametrize("case", [pytest.param("window", marks=pytest.mark.slow), "no-window"])
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "recomputed"])
+@pytest.mark.parametrize("lengths", [[11], [11, 3, 8], [16], [20, 5]])
+def test_longrope_past_its_original_length_equals_hf_generate(case, use_cache, lengths):
+    """Across LongRoPE's switch (original length 16; 30 new tokens) transformers re-encodes
+    the whole sequence with the long factors when the cache first holds 16 columns; the cached
+    path does the same, the cache-free one recomputes every step. Prompts of 16 cross at the
+    first decoded token, of 20 take the long factors from the prefill on."""
+    hf = test_phi3.tiny_hf("all-on-tied", **LONGROPE_CASES[case])
     ours = _ours(hf)
-    assert ours.layers[0].attn.pos_embeddings.longrope["original_max_position_embeddings"] == 16
+    assert {m.switch_length for m in ours.modules() if hasattr(m, "switch_length")} == {16}
+    prompts = _prompts(lengths)
+    kw = dict(temperature=0.0, stop_tokens=[EOS], pad_id=PAD, use_cache=use_cache)
+    got = generate(ours, prompts, 30, **kw)
+    assert got == _hf_greedy(hf, prompts, 30)
+    assert sum(map(len, got)) > len(lengths) * 20  # long runs, not early EOS
+
+
+def test_longrope_cached_without_the_re_encode_differs(monkeypatch):
+    """The test above could not pass with a cache that kept its short-factor keys (and a
+    table picked by the parked pad slots)."""
+    from torchtune.utils import _generation
+
+    hf = test_phi3.tiny_hf("all-on-tied", **LONGROPE_CASES["no-window"])
+    ours = _ours(hf)
     prompts = _prompts([11, 3, 8])
-    kw = dict(temperature=0.0, stop_tokens=[EOS], pad_id=PAD, use_cache=False)
-    assert generate(ours, prompts, 30, **kw) == _hf_greedy(hf, prompts, 30)
+    kw = dict(temperature=0.0, stop_tokens=[EOS], pad_id=PAD)
+    expected = _hf_greedy(hf, prompts, 30)
+    assert generate(ours, prompts, 30, **kw) == expected
+    monkeypatch.setattr(_generation, "_length_dependent_ropes", lambda model: [])
+    assert generate(ours, prompts, 30, **kw) != expected
+    assert generate(ours, prompts[:1], 30, **kw) != expected[:1]  # the re-encode alone

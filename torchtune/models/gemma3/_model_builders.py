@@ -2,8 +2,11 @@
 """Published Gemma 3 text sizes and their LoRA variants.
 
 The numbers are those of the hub's ``google/gemma-3-1b-pt`` ``config.json`` and of the
-``text_config`` of ``google/gemma-3-4b-pt`` as remembered (the hub is unreachable here, so
-unverified against the files). 1B: 262144 tokens, window 512, 32768 positions, no rope
+``text_config`` of ``google/gemma-3-4b-pt`` / ``-4b-it`` as remembered (the hub is unreachable
+here). The 4B file gives only hidden_size 2560, intermediate_size 10240, 34 layers, window 1024
+and linear rope scaling by 8; the rest are transformers' ``Gemma3TextConfig`` defaults, checked
+against the installed source: vocab 262208, 8 heads / 4 KV heads of 256,
+``query_pre_attn_scalar`` 256, RoPE 1e6 / 1e4, 131072 positions, one layer in six global. 1B: 262144 tokens, window 512, 32768 positions, no rope
 scaling. 4B: 262208 tokens, window 1024, 131072 positions, linear rope scaling by 8 on the
 global layers. Both: head_dim 256, ``query_pre_attn_scalar`` 256, five local layers to each
 global one, RoPE bases 1e4 (local) / 1e6 (global), tied. The 4B preset is the language

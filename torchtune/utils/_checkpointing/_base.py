@@ -189,6 +189,13 @@ class _Checkpointer:
     def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], epoch_dir: Path):
         raise NotImplementedError
 
+    def _peft_adapter(self, adapter: Dict[str, torch.Tensor], adapter_config: Dict[str, Any]):
+        """``(PEFT adapter weights, adapter_config.json dict)`` of native LoRA tensors."""
+        config = self._family.tune_to_peft_adapter_config(
+            adapter_config, self._peft_base_model_path()
+        )
+        return self._family.tune_to_peft_adapter(adapter), config
+
     def _save_adapter(self, writer: StagedWriter, state_dict: Dict[str, Any], epoch_dir: Path):
         adapter = state_dict["adapter"]
         writer.save_state_dict(adapter, epoch_dir / ADAPTER_FILE)
@@ -196,9 +203,8 @@ class _Checkpointer:
         if config is None:
             log.warning("Not writing PEFT's %s: no adapter_config given", PEFT_ADAPTER_FILE)
             return
-        peft_config = self._family.tune_to_peft_adapter_config(config, self._peft_base_model_path())
+        peft_weights, peft_config = self._peft_adapter(adapter, config)
         peft_dir = epoch_dir / PEFT_ADAPTER_DIR
-        peft_weights = self._family.tune_to_peft_adapter(adapter)
         writer.save_state_dict(peft_weights, peft_dir / PEFT_ADAPTER_FILE)
         writer.write_text(json.dumps(peft_config, indent=2), peft_dir / PEFT_CONFIG_FILE)
 

@@ -70,6 +70,9 @@ _HF_AUX_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    # a multimodal model's image processor, read by AutoProcessor
+    "preprocessor_config.json",
+    "processor_config.json",
 )
 
 
@@ -79,6 +82,10 @@ def _family_fn(fn: Callable, arg: Dict[str, Any], path: Path):
         return fn(arg)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
+
+
+def _multimodal_types(family) -> Tuple[str, ...]:
+    return family.multimodal.model_types if family.multimodal is not None else ()
 
 
 def _check_shard_shapes(
@@ -100,6 +107,13 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
     The family and sizes come from ``config.json`` in ``checkpoint_dir``. Saving writes the same
     file names (and a regenerated index) plus ``config.json`` and any generation/tokenizer files,
     so ``AutoModelForCausalLM.from_pretrained(output_dir / f"epoch_{epoch}")`` loads it.
+
+    A multimodal checkpoint whose ``model_type`` a family lists in its ``multimodal`` format
+    (a language model beside a vision tower) loads as its language model alone; the other
+    tensors are kept as read (one log line says how many) and saved back unchanged, in their
+    files and under their names, beside the trained decoder: the output is the same
+    multimodal checkpoint (its ``...ForConditionalGeneration.from_pretrained`` loads it), and
+    PEFT adapters are written for that model's module names.
 
     Args:
         checkpoint_dir: folder holding the checkpoint (and config.json / params.json).
@@ -130,7 +144,9 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
             if hf_type is None:
                 raise ValueError(f"{config_path} has no 'model_type'; pass model_type")
             self._family = family_for_hf_model_type(hf_type)
-        elif hf_type is not None and hf_type not in self._family.hf_model_types:
+        elif hf_type is not None and hf_type not in (
+            self._family.hf_model_types + _multimodal_types(self._family)
+        ):
             raise ValueError(
                 f"{config_path} is for model_type '{hf_type}', not the {self._family.name} "
                 f"family's {list(self._family.hf_model_types)}"
@@ -139,9 +155,29 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
         self._expected = _family_fn(fam.expected_shapes, self._config, config_path)
         self._tied = bool(self._config.get("tie_word_embeddings", fam.tied_by_default))
         self._output_from_embeddings = False  # set on load: lm_head absent, tied to the table
+        # A multimodal checkpoint: the decoder is read, the vision tower and
+        # projector are kept as loaded and written back beside the trained decoder.
+        self._multimodal = fam.multimodal if hf_type in _multimodal_types(fam) else None
+        self._passthrough: Dict[str, torch.Tensor] = {}
+        self._layout: Optional[str] = None
 
     def _peft_base_model_path(self) -> Optional[str]:
         return str(self._checkpoint_dir.resolve())
+
+    def _source_key(self, hf_key: str) -> str:
+        """A text-only HF key as the loaded checkpoint names it (prefixed if multimodal)."""
+        if self._multimodal is None:
+            return hf_key
+        return next(iter(self._multimodal.join({hf_key: None}, {}, self._layout)))
+
+    def _peft_adapter(self, adapter, adapter_config):
+        if self._multimodal is None:
+            return super()._peft_adapter(adapter, adapter_config)
+        # On the multimodal model: its module names, and the decoder's modules only.
+        config = self._multimodal.tune_to_peft_adapter_config(
+            adapter_config, self._peft_base_model_path()
+        )
+        return self._multimodal.tune_to_peft_adapter(adapter), config
 
     def _load_model(self) -> Dict[str, torch.Tensor]:
         expected_hf = self._family.tune_to_hf(
@@ -150,11 +186,31 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
         expected_hf = {k: tuple(v.shape) for k, v in expected_hf.items()}
 
         def check(shard, path):
+            if self._multimodal is not None:
+                shard = self._multimodal.split(shard)[0]
             _check_shard_shapes(shard, expected_hf, path, "config.json")
 
         model = {}
+        self._passthrough, layouts = {}, set()
         for shard in self._read_shards(check):
+            if self._multimodal is not None:
+                shard, rest, layout = self._multimodal.split(shard)
+                self._passthrough.update(rest)
+                layouts |= {layout} - {None}
             model.update(self._family.hf_to_tune(shard))
+        if self._multimodal is not None:
+            if len(layouts) != 1:
+                raise ValueError(
+                    f"The multimodal checkpoint in {self._checkpoint_dir} has key layouts "
+                    f"{sorted(layouts)} across its files; expected exactly one"
+                )
+            self._layout = layouts.pop()
+            log.info(
+                "Read the text decoder of the multimodal checkpoint in %s; skipped %d other "
+                "tensors (vision tower, projector), written back unchanged on save",
+                self._checkpoint_dir,
+                len(self._passthrough),
+            )
         # Tied embeddings (tie_word_embeddings: true): HF stores no lm_head. A copy of the
         # table fills output.weight, so an untied model starts as HF's tied one and a tied
         # model (builder's tie_word_embeddings) loads the same values into its one Parameter.
@@ -185,8 +241,14 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
                     "lm_head.weight and tie_word_embeddings=false in %s",
                     epoch_dir,
                 )
-                extra = {"lm_head.weight": self._key_to_file["model.embed_tokens.weight"]}
+                head, table = (
+                    self._source_key("lm_head.weight"),
+                    self._source_key("model.embed_tokens.weight"),
+                )
+                extra = {head: self._key_to_file[table]}
                 config = {**self._config, "tie_word_embeddings": False}
+        if self._multimodal is not None:
+            hf_sd = self._multimodal.join(hf_sd, self._passthrough, self._layout)
         self._write_shards(writer, hf_sd, epoch_dir, extra_keys=extra)
         for name in _HF_AUX_FILES:
             if name == "config.json" and config is not self._config:
