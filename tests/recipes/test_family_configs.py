@@ -42,23 +42,8 @@ CONFIGS = sorted(
     if c.alias_of is None and c.name.split("/")[0] in FOLDERS
 )
 # Configs whose download is a multimodal checkpoint (Gemma3ForConditionalGeneration): they run on
-# a tiny multimodal folder. Tested from their files until they are registered.
-MULTIMODAL = {
-    "gemma3/4B_full_single_device": "full_finetune_single_device",
-    "gemma3/4B_lora_single_device": "lora_finetune_single_device",
-}
-CONFIGS += sorted((n, r, False) for n, r in MULTIMODAL.items() if get_config(n) is None)
-_CONFIG_DIR = Path(__file__).parents[2] / "torchtune" / "recipes" / "configs"
-
-
-def _config_path(name: str) -> Path:
-    registered = get_config(name)
-    return registered.file_path if registered is not None else _CONFIG_DIR / f"{name}.yaml"
-
-
-def _config_arg(name: str) -> str:
-    """What ``tune --config`` takes: the packaged name, or the file of an unregistered one."""
-    return name if get_config(name) is not None else str(_config_path(name))
+# a tiny multimodal folder.
+MULTIMODAL = {"gemma3/4B_full_single_device", "gemma3/4B_lora_single_device"}
 
 
 # One config per family in the default suite (a few seconds each); the rest are slow.
@@ -88,7 +73,7 @@ def test_every_family_ships_full_and_lora_configs():
 
 @pytest.mark.parametrize("name,recipe,distributed", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_header_gives_the_download_and_run_commands(name, recipe, distributed):
-    path = _config_path(name)
+    path = get_config(name).file_path
     lines = path.read_text().splitlines()
     if distributed:  # full DPO needs room for the reference too: more GPUs
         assert re.fullmatch(
@@ -208,9 +193,9 @@ def test_config_trains_as_shipped(root, name, recipe, distributed, tmp_path):
         f"output_dir={out}",
     ]
     if distributed:
-        run_tune_distributed(recipe, _config_arg(name), overrides, cwd=tmp_path)
+        run_tune_distributed(recipe, name, overrides, cwd=tmp_path)
     else:
-        run_tune(recipe, _config_arg(name), overrides, cwd=tmp_path)
+        run_tune(recipe, name, overrides, cwd=tmp_path)
     rows = read_disk_log(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
