@@ -17,8 +17,8 @@ COMMANDS: Dict[str, Callable[[List[str]], int]] = {
 }
 
 _HELP = """\
-usage: tune [--debug] [options] <recipe> [recipe_args]
-       tune [--debug] run [options] <recipe> [recipe_args]
+usage: tune [options] <recipe> [recipe_args]
+       tune run [options] <recipe> [recipe_args]
        tune {ls,cp,download,validate} ...
 
 torchtune: fine-tune, evaluate and generate with LLMs in native PyTorch.
@@ -32,8 +32,8 @@ commands:
               process; any torchrun option (e.g. --nproc_per_node 2) launches it
               through torch.distributed.run. A bad input (a missing file, a wrong
               column, a checkpoint of another size, an absent device) ends the run
-              with one paragraph naming the config key and exit status 1; --debug
-              (or TUNE_DEBUG=1) shows its traceback.
+              with one paragraph naming the config key and exit status 1; 'tune --debug
+              <recipe> ...' (or TUNE_DEBUG=1) shows its traceback.
   run         the same as above: tune run <recipe> --config <config> ...
   ls          list the packaged recipes and their configs
   cp          copy a packaged recipe or config to edit it

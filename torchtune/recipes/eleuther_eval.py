@@ -348,8 +348,9 @@ class EleutherEvalRecipe:
 
     Raises:
         ImportError: if lm-eval is not installed (with the install command).
-        ValueError: on bad ``tasks``, ``limit``, ``batch_size``, ``max_seq_length`` or chat
-            options, or ``apply_chat_template`` with a tokenizer that has no chat template.
+        ValueError: on bad ``tasks``, ``limit``, ``batch_size``, ``max_seq_length`` (null means
+            the model's ``max_seq_len``) or chat options, or ``apply_chat_template`` with a
+            tokenizer that has no chat template.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -370,7 +371,9 @@ class EleutherEvalRecipe:
         self._limit = cfg.limit
         self._num_fewshot = cfg.num_fewshot
         self._batch_size = int(cfg.batch_size)
-        self._max_seq_length = int(cfg.max_seq_length)
+        # null (or absent): the model's own max_seq_len, known once the model is built.
+        max_seq_length = cfg.get("max_seq_length")
+        self._max_seq_length = None if max_seq_length is None else int(max_seq_length)
         self._add_bos = bool(cfg.add_bos)
         self._include_path = cfg.include_path
         self._include_default_tasks = bool(cfg.include_default_tasks)
@@ -411,6 +414,15 @@ class EleutherEvalRecipe:
         checkpointer = config.instantiate(cfg.checkpointer)
         ckpt = checkpointer.load_checkpoint()
         self._model = self._setup_model(cfg.model, ckpt["model"], ckpt.get("adapter"))
+        model_max = self._model.max_seq_len
+        if self._max_seq_length is None:
+            self._max_seq_length = model_max
+        elif not 2 <= self._max_seq_length <= model_max:
+            raise ValueError(
+                f"Config key 'max_seq_length' is {self._max_seq_length}, but the model "
+                f"'{cfg.model._component_}' takes at most max_seq_len={model_max} tokens (and at "
+                "least 2); set max_seq_length=null to use the model's"
+            )
 
     def _setup_model(
         self,
