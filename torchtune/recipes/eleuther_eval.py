@@ -6,7 +6,9 @@
 
 The model comes through the same checkpointers as fine-tuning: a base model, a full fine-tune,
 or a base model plus a LoRA adapter (``checkpointer.adapter_checkpoint`` with a LoRA ``model``
-config), which is merged into the base weights before evaluation. It is wrapped as an
+config), which is merged into the base weights before evaluation. A folder a training run wrote
+(``checkpointer.checkpoint_dir=<output_dir>/epoch_N``) loads as it is, its files found with
+``checkpoint_files: null``. ``max_seq_length: null`` (the default) is the model's ``max_seq_len``. It is wrapped as an
 ``lm_eval`` language model (``loglikelihood``, ``loglikelihood_rolling``, ``generate_until``,
 batched; generation uses the KV cache) and run through the harness's own evaluator. The
 harness's results table goes to stdout and its results JSON to ``output_dir``.

@@ -6,7 +6,9 @@
     tune generate --config <cfg> prompt=null 'messages=[{role: user, content: "Hi!"}]'
 
 The model comes through the same checkpointers as fine-tuning (a base model, a full fine-tune,
-or a base model plus a LoRA adapter, merged on load). ``prompt`` is used as is, or, with
+or a base model plus a LoRA adapter, merged on load). A folder a training run wrote
+(``checkpointer.checkpoint_dir=<output_dir>/epoch_N``, which holds the merged model) loads as
+it is: with ``checkpoint_files: null`` its files are found. ``prompt`` is used as is, or, with
 ``instruct_template`` set (e.g. ``torchtune.data.AlpacaInstructTemplate``), as the instruction
 of that template. A conversation (``messages``: a list of ``{role, content}``, with ``prompt``
 null; or ``chat: true``, which makes ``prompt`` one user turn) is rendered by the tokenizer's
