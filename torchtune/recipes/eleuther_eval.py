@@ -449,8 +449,10 @@ class EleutherEvalRecipe:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
-                f"Checkpoint does not fit model '{cfg_model._component_}': missing {sorted(missing)}, "
-                f"unexpected {sorted(unexpected)}"
+                f"Checkpoint does not fit model '{cfg_model._component_}': missing "
+                f"{_first(missing)}, unexpected {_first(unexpected)}. The checkpoint is for another "
+                "model: give the model builder and sizes that match checkpointer.checkpoint_dir "
+                "(its config.json)"
             )
         if lora_keys:
             model = merge_lora_in_place(model)
@@ -504,6 +506,13 @@ class EleutherEvalRecipe:
         if written:
             print(f"Results JSON: {written[-1]}")
         return results
+
+
+def _first(keys: List[str], n: int = 4) -> str:
+    """``keys`` for a message: the count and the first ``n``, sorted."""
+    keys = sorted(keys)
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return f"{len(keys)} keys {keys[:n]}{more}" if keys else "none"
 
 
 @config.parse

@@ -120,8 +120,10 @@ class GenerateRecipe:
         )
         if missing or unexpected:
             raise ValueError(
-                f"Checkpoint does not fit model '{cfg_model._component_}': missing {sorted(missing)}, "
-                f"unexpected {sorted(unexpected)}"
+                f"Checkpoint does not fit model '{cfg_model._component_}': missing "
+                f"{_first(missing)}, unexpected {_first(unexpected)}. The checkpoint is for another "
+                "model: give the model builder and sizes that match checkpointer.checkpoint_dir "
+                "(its config.json)"
             )
         if has_lora:
             model = merge_lora_in_place(model)
@@ -204,6 +206,13 @@ def _conversation(prompt: Any, messages: Any, chat: bool) -> Optional[List[Dict[
         if not isinstance(m["content"], str):
             raise ValueError(f"messages[{i}].content must be a string, got {m['content']!r}")
     return messages
+
+
+def _first(keys: List[str], n: int = 4) -> str:
+    """``keys`` for a message: the count and the first ``n``, sorted."""
+    keys = sorted(keys)
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return f"{len(keys)} keys {keys[:n]}{more}" if keys else "none"
 
 
 @config.parse
