@@ -3,9 +3,11 @@
 
 import argparse
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple, Type
+from typing import Dict, List, Optional, Tuple, Type
 
 import huggingface_hub
 from huggingface_hub import errors as hf_errors
@@ -118,6 +120,35 @@ def _explain(error: BaseException, repo_id: str, output_dir: Path, has_token: bo
             "Check that the folder is writable and the disk has room."
         )
     return f"downloading '{repo_id}' failed: {type(error).__name__}: {error}"
+
+
+# The download line every packaged config's header comment carries.
+_CONFIG_DOWNLOAD = re.compile(r"^#\s*tune download (\S+) --output-dir (\S+)(.*)$", re.M)
+
+
+def known_models() -> Dict[str, Tuple[str, str]]:
+    """Folder name -> (Hub repo id, extra options), from the packaged configs' download lines,
+    e.g. ``"Llama-2-7b-hf" -> ("meta-llama/Llama-2-7b-hf", "")``."""
+    from torchtune import _recipe_registry as registry
+
+    table: Dict[str, Tuple[str, str]] = {}
+    for name in registry.config_names():
+        path = registry.get_config(name).file_path
+        if not path.is_file():
+            continue
+        for repo, folder, rest in _CONFIG_DOWNLOAD.findall(path.read_text()):
+            table.setdefault(Path(folder).name, (repo, rest.rstrip()))
+    return table
+
+
+def download_command(folder: Path) -> str:
+    """The ``tune download`` command that fetches a model into ``folder``.
+
+    The repo id is the packaged configs' for a folder of that name (``/data/Llama-2-7b-hf`` ->
+    ``meta-llama/Llama-2-7b-hf``), else a placeholder ``<hub-id>``.
+    """
+    repo, rest = known_models().get(Path(folder).name, ("<hub-id>", ""))
+    return f"tune download {repo} --output-dir {shlex.quote(str(folder))}{rest}"
 
 
 def _scrub(text: str, token: Optional[str]) -> str:

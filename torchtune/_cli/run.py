@@ -7,11 +7,13 @@ the recipe runs in this process; with any, it launches through ``torch.distribut
 """
 
 import argparse
+import logging
 import os
 import runpy
 import sys
+import tempfile
 from pathlib import Path
-from typing import List
+from typing import Any, List, Optional
 
 USAGE = "tune [options] <recipe> [recipe_args]"
 
@@ -70,15 +72,77 @@ def run_in_process(recipe: Path, recipe_args: List[str]) -> int:
     return 0
 
 
+class _HeldLogs(logging.Filter):
+    """Holds torchrun's own reports of a worker failure until ``tune`` knows whether the
+    worker failed on a bad input (then its paragraph says it all) or crashed (then they are
+    shown, with the traceback dump)."""
+
+    LOGGERS = (
+        "torch.distributed.elastic.multiprocessing.api",
+        "torch.distributed.elastic.agent.server.api",
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: List[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+    def __enter__(self) -> "_HeldLogs":
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+    def release(self) -> None:
+        self.__exit__()
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
+        self.records = []
+
+
+def _worker_message(error: Any, error_dir: Path) -> Optional[str]:
+    """The paragraph a failing worker wrote (``config.parse`` on a bad input): the first
+    failing rank's, else the lowest rank's; None when no worker wrote one (a crash)."""
+    written = {int(p.stem.split("_", 1)[1]): p for p in error_dir.glob("rank_*.txt")}
+    if not written:
+        return None
+    first_rank, _ = error.get_first_failure()
+    return written.get(first_rank, written[min(written)]).read_text().rstrip()
+
+
 def launch_distributed(args: argparse.Namespace) -> int:
+    """Run the workers through torchrun. A bad input is reported once, by the first failing
+    rank's paragraph, rather than by every rank and torchrun's failure dump."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run
 
-    try:
-        run(args)
-    except ChildFailedError as e:
-        print(f"tune: error: a worker of {args.training_script} failed\n{e}", file=sys.stderr)
-        return 1
+    from torchtune.config._report import ERROR_DIR_ENV
+
+    old = os.environ.get(ERROR_DIR_ENV)
+    with tempfile.TemporaryDirectory(prefix="tune_errors_") as error_dir, _HeldLogs() as held:
+        os.environ[ERROR_DIR_ENV] = error_dir  # the workers inherit it
+        try:
+            run(args)
+        except ChildFailedError as e:
+            message = _worker_message(e, Path(error_dir))
+            if message is not None:
+                print(message, file=sys.stderr)
+                return 1
+            held.release()
+            print(f"tune: error: a worker of {args.training_script} failed\n{e}", file=sys.stderr)
+            return 1
+        finally:
+            if old is None:
+                os.environ.pop(ERROR_DIR_ENV, None)
+            else:
+                os.environ[ERROR_DIR_ENV] = old
+        held.release()
     return 0
 
 

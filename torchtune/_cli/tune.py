@@ -1,6 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """The ``tune`` command: run recipes, list/copy them, download models, validate configs."""
 
+import os
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -29,7 +30,10 @@ commands:
               overrides a config value (key.sub=value for nested keys); a key that
               binds to nothing is an error. Without [options] the recipe runs in this
               process; any torchrun option (e.g. --nproc_per_node 2) launches it
-              through torch.distributed.run.
+              through torch.distributed.run. A bad input (a missing file, a wrong
+              column, a checkpoint of another size, an absent device) ends the run
+              with one paragraph naming the config key and exit status 1; 'tune --debug
+              <recipe> ...' (or TUNE_DEBUG=1) shows its traceback.
   run         the same as above: tune run <recipe> --config <config> ...
   ls          list the packaged recipes and their configs
   cp          copy a packaged recipe or config to edit it
@@ -59,6 +63,12 @@ def _help() -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``tune`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--debug":
+        from torchtune.config._report import DEBUG_ENV
+
+        # An environment variable, so torchrun's workers see it too.
+        os.environ[DEBUG_ENV] = "1"
+        argv = argv[1:]
     try:
         if argv and argv[0] in ("-h", "--help"):
             print(_help())

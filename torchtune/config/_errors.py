@@ -44,3 +44,22 @@ def did_you_mean(word: str, candidates: Iterable[str], prefix: str = "") -> str:
     """``"; did you mean 'x'?"`` for the nearest candidate, or ``""`` when none is close."""
     match = nearest(word, candidates)
     return f"; did you mean '{prefix}{match}'?" if match else ""
+
+
+# Set on an exception (see ``for_argument`` and ``instantiate``) so that the report at the
+# top of a run can name the config key; the exception keeps its type.
+ARGUMENT_ATTR = "torchtune_argument"
+KEY_ATTR = "torchtune_config_key"
+
+
+def for_argument(error: BaseException, name: str) -> BaseException:
+    """Mark ``error`` as caused by the argument ``name`` of the component raising it.
+
+    ``instantiate`` then names the full config key, e.g. ``dataset.data_files`` for
+    ``raise for_argument(FileNotFoundError(...), "data_files")`` inside a dataset builder.
+
+    Returns:
+        ``error`` itself, to be raised.
+    """
+    setattr(error, ARGUMENT_ATTR, name)
+    return error

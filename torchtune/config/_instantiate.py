@@ -15,7 +15,7 @@ from torchtune.config._component import (
     key_path,
     signature,
 )
-from torchtune.config._errors import ConfigProblem, InstantiationError
+from torchtune.config._errors import ARGUMENT_ATTR, KEY_ATTR, ConfigProblem, InstantiationError
 
 
 def instantiate(
@@ -42,6 +42,9 @@ def instantiate(
     Raises:
         InstantiationError: naming the key path, when ``_component_`` is missing or does not
             import, or when the arguments do not bind to the component's signature.
+        ValueError, OSError: raised by the component itself, unchanged but marked with the key
+            path of its node (``dataset``, or ``dataset.data_files`` for an error raised through
+            ``config.for_argument``), for the message ``config.parse`` prints.
     """
     if config is None:
         return None
@@ -108,7 +111,20 @@ def _build_component(
             raise _fail(path, f"arguments do not bind to {component}: {e}") from e
     if partial:
         return functools.partial(fn, *args, **call_kwargs)
-    return fn(*args, **call_kwargs)
+    try:
+        return fn(*args, **call_kwargs)
+    except (ValueError, OSError) as e:
+        _tag(e, path)
+        raise
+
+
+def _tag(error: BaseException, path: str) -> None:
+    """Record on ``error`` the config key it came from: ``path``, or ``path.<argument>`` when
+    the component marked the argument (``for_argument``). A component that instantiates another has tagged it already; the innermost key wins."""
+    if getattr(error, KEY_ATTR, None) is not None:
+        return
+    argument = getattr(error, ARGUMENT_ATTR, None)
+    setattr(error, KEY_ATTR, join_key(path, argument) if argument else path or None)
 
 
 def _build_value(parent: Union[DictConfig, ListConfig], key: Any, path: str) -> Any:

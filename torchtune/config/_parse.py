@@ -1,6 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 import argparse
 import functools
+import inspect
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Union
@@ -9,6 +10,7 @@ from omegaconf import DictConfig
 
 from torchtune.config._errors import ConfigError
 from torchtune.config._overrides import load_config
+from torchtune.config._report import report
 from torchtune.config._validate import validate
 
 
@@ -32,8 +34,11 @@ def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[..., Any]:
     YAML, applies the overrides, validates the result (every override key binds, every
     ``_component_`` imports, every argument name binds) and only then calls
     ``recipe_main(cfg)``, so a typo stops the run before any model is built. Config
-    problems are printed as one message to stderr and exit with status 1. Passing a
-    ``DictConfig`` instead calls ``recipe_main`` with it directly.
+    problems, and the bad inputs the recipe meets later (a missing file, a wrong column, a
+    checkpoint of another size, an absent device: see ``config._report``), are printed as one
+    paragraph to stderr, naming the config key, and exit with status 1; other errors keep their
+    traceback, and ``TUNE_DEBUG=1`` keeps it for all. Passing a ``DictConfig`` instead calls
+    ``recipe_main`` with it directly.
     """
 
     @functools.wraps(recipe_main)
@@ -55,12 +60,20 @@ def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[..., Any]:
         unknown = [a for a in overrides if a.startswith("-")]
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides are key=value)")
+        code = getattr(inspect.unwrap(recipe_main), "__code__", None)
+        recipe_file = code.co_filename if code is not None else None
         try:
             cfg = load_config(resolve_config_path(namespace.config), overrides)
             validate(cfg)
         except ConfigError as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
-        return recipe_main(cfg)
+            if report(e, prog):
+                raise SystemExit(1) from None
+            raise
+        try:
+            return recipe_main(cfg)
+        except Exception as e:
+            if report(e, prog, cfg, recipe_file):
+                raise SystemExit(1) from None
+            raise
 
     return wrapper

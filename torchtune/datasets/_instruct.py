@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, InstructTemplate, padding_id
 from torchtune.datasets._packed import PackedDataset
-from torchtune.datasets._utils import get_component, load_hf_dataset, validate_columns
+from torchtune.datasets._utils import get_component, load_source, validate_columns
 from torchtune.modules.tokenizers import Tokenizer
 
 TemplateLike = Union[str, Type[InstructTemplate], InstructTemplate]
@@ -85,10 +85,10 @@ class InstructDataset(Dataset):
             )
         self.train_on_input = train_on_input
         self.max_seq_len = max_seq_len
-        self._data = load_hf_dataset(source, split, **load_dataset_kwargs)
+        self._data, label = load_source(source, split, **load_dataset_kwargs)
         self._output_column = self._column_map.get("output", "output")
         columns = {self._column_map.get(f, f): required for f, required in fields.items()}
-        self._indices = validate_columns(self._data, columns, source, skip_bad_rows)
+        self._indices = validate_columns(self._data, columns, label, skip_bad_rows)
         self.num_skipped = 0 if self._indices is None else len(self._data) - len(self._indices)
 
     def __len__(self) -> int:

@@ -7,7 +7,7 @@ from torch.utils.data import Dataset
 
 from torchtune.data import padding_id
 from torchtune.datasets._packed import PackedDataset
-from torchtune.datasets._utils import load_hf_dataset, validate_columns
+from torchtune.datasets._utils import load_source, validate_columns
 from torchtune.modules.tokenizers import Tokenizer
 
 
@@ -42,8 +42,8 @@ class TextCompletionDataset(Dataset):
         self._tokenizer = tokenizer
         self._column = column
         self.max_seq_len = max_seq_len
-        self._data = load_hf_dataset(source, split, **load_dataset_kwargs)
-        self._indices = validate_columns(self._data, {column: True}, source, skip_bad_rows)
+        self._data, label = load_source(source, split, **load_dataset_kwargs)
+        self._indices = validate_columns(self._data, {column: True}, label, skip_bad_rows)
         self.num_skipped = 0 if self._indices is None else len(self._data) - len(self._indices)
 
     def __len__(self) -> int:

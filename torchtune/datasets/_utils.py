@@ -8,6 +8,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import datasets
 
+from torchtune.config import for_argument
+
 logger = logging.getLogger(__name__)
 
 
@@ -18,8 +20,11 @@ def load_hf_dataset(source: str, split: str, **load_dataset_kwargs: Any) -> data
     ``"csv"`` or ``"parquet"`` with ``data_files=...``.
 
     Raises:
+        FileNotFoundError: naming ``data_files`` when a local file in it does not exist (before
+            ``datasets`` reports it from deep inside its resolver).
         ValueError: if the result is not a single map-style split.
     """
+    _check_local_files(load_dataset_kwargs.get("data_files"))
     # Called through the module so tests can patch datasets.load_dataset at the network edge.
     ds = datasets.load_dataset(source, split=split, **load_dataset_kwargs)
     if not isinstance(ds, datasets.Dataset):
@@ -28,6 +33,27 @@ def load_hf_dataset(source: str, split: str, **load_dataset_kwargs: Any) -> data
             "map-style split is needed (pass split='train', and no streaming=True)"
         )
     return ds
+
+
+def _check_local_files(data_files: Any) -> None:
+    if isinstance(data_files, dict):  # {split: files}
+        for files in data_files.values():
+            _check_local_files(files)
+        return
+    if data_files is None:
+        return
+    for name in [data_files] if isinstance(data_files, (str, Path)) else list(data_files):
+        name = str(name)
+        if "://" in name or any(c in name for c in "*?[") or Path(name).exists():
+            continue  # remote, a glob (datasets resolves those), or there
+        where = "" if Path(name).is_absolute() else f" (relative to {Path.cwd()})"
+        raise for_argument(
+            FileNotFoundError(
+                f"data file {name} does not exist{where}. Give the path of an existing .json, "
+                ".jsonl, .parquet or .csv file, or a Hugging Face dataset id as source."
+            ),
+            "data_files",
+        )
 
 
 # A local file given as ``source`` picks its ``datasets`` builder from the suffix.
@@ -43,7 +69,17 @@ def load_source(
     """:func:`load_hf_dataset` that also takes a local ``.json`` / ``.jsonl`` / ``.parquet``
     file as ``source``; returns the split and a label naming where it came from (for errors).
     """
-    if data_files is None and Path(source).suffix.lower() in _BUILDERS and Path(source).is_file():
+    if data_files is None and Path(source).suffix.lower() in _BUILDERS:
+        if not Path(source).is_file():
+            raise for_argument(
+                FileNotFoundError(
+                    f"source {source} looks like a local file but does not exist"
+                    + ("" if Path(source).is_absolute() else f" (relative to {Path.cwd()})")
+                    + ". Give an existing .json, .jsonl or .parquet file, or a Hugging Face "
+                    "dataset id."
+                ),
+                "source",
+            )
         source, data_files = _BUILDERS[Path(source).suffix.lower()], source
     if data_files is not None:
         load_dataset_kwargs["data_files"] = data_files

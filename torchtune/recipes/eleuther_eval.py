@@ -6,7 +6,9 @@
 
 The model comes through the same checkpointers as fine-tuning: a base model, a full fine-tune,
 or a base model plus a LoRA adapter (``checkpointer.adapter_checkpoint`` with a LoRA ``model``
-config), which is merged into the base weights before evaluation. It is wrapped as an
+config), which is merged into the base weights before evaluation. A folder a training run wrote
+(``checkpointer.checkpoint_dir=<output_dir>/epoch_N``) loads as it is, its files found with
+``checkpoint_files: null``. ``max_seq_length: null`` (the default) is the model's ``max_seq_len``. It is wrapped as an
 ``lm_eval`` language model (``loglikelihood``, ``loglikelihood_rolling``, ``generate_until``,
 batched; generation uses the KV cache) and run through the harness's own evaluator. The
 harness's results table goes to stdout and its results JSON to ``output_dir``.
@@ -348,8 +350,9 @@ class EleutherEvalRecipe:
 
     Raises:
         ImportError: if lm-eval is not installed (with the install command).
-        ValueError: on bad ``tasks``, ``limit``, ``batch_size``, ``max_seq_length`` or chat
-            options, or ``apply_chat_template`` with a tokenizer that has no chat template.
+        ValueError: on bad ``tasks``, ``limit``, ``batch_size``, ``max_seq_length`` (null means
+            the model's ``max_seq_len``) or chat options, or ``apply_chat_template`` with a
+            tokenizer that has no chat template.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -370,7 +373,9 @@ class EleutherEvalRecipe:
         self._limit = cfg.limit
         self._num_fewshot = cfg.num_fewshot
         self._batch_size = int(cfg.batch_size)
-        self._max_seq_length = int(cfg.max_seq_length)
+        # null (or absent): the model's own max_seq_len, known once the model is built.
+        max_seq_length = cfg.get("max_seq_length")
+        self._max_seq_length = None if max_seq_length is None else int(max_seq_length)
         self._add_bos = bool(cfg.add_bos)
         self._include_path = cfg.include_path
         self._include_default_tasks = bool(cfg.include_default_tasks)
@@ -411,6 +416,15 @@ class EleutherEvalRecipe:
         checkpointer = config.instantiate(cfg.checkpointer)
         ckpt = checkpointer.load_checkpoint()
         self._model = self._setup_model(cfg.model, ckpt["model"], ckpt.get("adapter"))
+        model_max = self._model.max_seq_len
+        if self._max_seq_length is None:
+            self._max_seq_length = model_max
+        elif not 2 <= self._max_seq_length <= model_max:
+            raise ValueError(
+                f"Config key 'max_seq_length' is {self._max_seq_length}, but the model "
+                f"'{cfg.model._component_}' takes at most max_seq_len={model_max} tokens (and at "
+                "least 2); set max_seq_length=null to use the model's"
+            )
 
     def _setup_model(
         self,
@@ -435,8 +449,10 @@ class EleutherEvalRecipe:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
-                f"Checkpoint does not fit model '{cfg_model._component_}': missing {sorted(missing)}, "
-                f"unexpected {sorted(unexpected)}"
+                f"Checkpoint does not fit model '{cfg_model._component_}': missing "
+                f"{_first(missing)}, unexpected {_first(unexpected)}. The checkpoint is for another "
+                "model: give the model builder and sizes that match checkpointer.checkpoint_dir "
+                "(its config.json)"
             )
         if lora_keys:
             model = merge_lora_in_place(model)
@@ -490,6 +506,13 @@ class EleutherEvalRecipe:
         if written:
             print(f"Results JSON: {written[-1]}")
         return results
+
+
+def _first(keys: List[str], n: int = 4) -> str:
+    """``keys`` for a message: the count and the first ``n``, sorted."""
+    keys = sorted(keys)
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return f"{len(keys)} keys {keys[:n]}{more}" if keys else "none"
 
 
 @config.parse

@@ -6,7 +6,9 @@
     tune generate --config <cfg> prompt=null 'messages=[{role: user, content: "Hi!"}]'
 
 The model comes through the same checkpointers as fine-tuning (a base model, a full fine-tune,
-or a base model plus a LoRA adapter, merged on load). ``prompt`` is used as is, or, with
+or a base model plus a LoRA adapter, merged on load). A folder a training run wrote
+(``checkpointer.checkpoint_dir=<output_dir>/epoch_N``, which holds the merged model) loads as
+it is: with ``checkpoint_files: null`` its files are found. ``prompt`` is used as is, or, with
 ``instruct_template`` set (e.g. ``torchtune.data.AlpacaInstructTemplate``), as the instruction
 of that template. A conversation (``messages``: a list of ``{role, content}``, with ``prompt``
 null; or ``chat: true``, which makes ``prompt`` one user turn) is rendered by the tokenizer's
@@ -118,8 +120,10 @@ class GenerateRecipe:
         )
         if missing or unexpected:
             raise ValueError(
-                f"Checkpoint does not fit model '{cfg_model._component_}': missing {sorted(missing)}, "
-                f"unexpected {sorted(unexpected)}"
+                f"Checkpoint does not fit model '{cfg_model._component_}': missing "
+                f"{_first(missing)}, unexpected {_first(unexpected)}. The checkpoint is for another "
+                "model: give the model builder and sizes that match checkpointer.checkpoint_dir "
+                "(its config.json)"
             )
         if has_lora:
             model = merge_lora_in_place(model)
@@ -202,6 +206,13 @@ def _conversation(prompt: Any, messages: Any, chat: bool) -> Optional[List[Dict[
         if not isinstance(m["content"], str):
             raise ValueError(f"messages[{i}].content must be a string, got {m['content']!r}")
     return messages
+
+
+def _first(keys: List[str], n: int = 4) -> str:
+    """``keys`` for a message: the count and the first ``n``, sorted."""
+    keys = sorted(keys)
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return f"{len(keys)} keys {keys[:n]}{more}" if keys else "none"
 
 
 @config.parse

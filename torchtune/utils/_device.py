@@ -35,16 +35,24 @@ def get_device(device: Optional[str] = None) -> torch.device:
         raise ValueError(f"Unknown device '{device}': expected cpu, cuda, cuda:N or mps") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device='{device}' but CUDA is not available on this machine")
+            raise ValueError(
+                f"device={device} but CUDA is not available on this machine (torch "
+                f"{torch.__version__}, built {'without' if torch.version.cuda is None else 'with'} "
+                "CUDA); set device=cpu, or run on a machine with an NVIDIA GPU and a CUDA build "
+                "of torch"
+            )
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         elif dev.index >= torch.cuda.device_count():
             raise ValueError(
-                f"device='{device}' but only {torch.cuda.device_count()} CUDA device(s) exist"
+                f"device={device} but only {torch.cuda.device_count()} CUDA device(s) exist; "
+                "set device=cuda (each rank picks its own) or a lower index"
             )
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
-            raise ValueError(f"device='{device}' but MPS is not available on this machine")
+            raise ValueError(
+                f"device={device} but MPS is not available on this machine; set device=cpu"
+            )
     elif dev.type != "cpu":
         raise ValueError(f"Unsupported device '{device}': expected cpu, cuda, cuda:N or mps")
     return dev

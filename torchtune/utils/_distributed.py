@@ -314,7 +314,8 @@ def record_rank_on_failure(fn: Callable) -> Callable:
     ``RuntimeError`` whose message starts with ``"rank N: "``; the worker then exits non-zero
     and torchrun stops the other workers on its node. Peers elsewhere that are blocked in a
     collective with this rank see its connections close (gloo) or, at worst, reach the
-    process-group timeout (NCCL). Without ``RANK`` exceptions pass through unchanged.
+    process-group timeout (NCCL). Without ``RANK`` exceptions pass through unchanged, and so do
+    bad inputs (a missing file, an absent device, ...): ``config.parse`` reports those once.
     """
 
     @functools.wraps(fn)
@@ -322,9 +323,15 @@ def record_rank_on_failure(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except Exception as e:
+            from torchtune.config._report import debug_enabled, user_message
+
             rank = os.environ.get("RANK")
             if rank is None:  # not launched by torchrun: nothing to add
                 raise
+            code = getattr(fn, "__code__", None)
+            recipe_file = code.co_filename if code is not None else None
+            if not debug_enabled() and user_message(e, recipe_file=recipe_file) is not None:
+                raise  # a bad input, not a crash: config.parse prints one paragraph
             log.error("rank %s failed: %s: %s", rank, type(e).__name__, e)
             raise RuntimeError(f"rank {rank}: {type(e).__name__}: {e}") from e
 

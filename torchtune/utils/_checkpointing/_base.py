@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from torchtune.config import for_argument
 from torchtune.models._families import FAMILIES, ModelFamily, family_for_model_type
 from torchtune.utils._checkpointing._io import StagedWriter, load_state_dict_file, safe_torch_load
 
@@ -22,7 +23,74 @@ RECIPE_STATE_FILE = "recipe_state.pt"
 # What a recipe's state dict may hold besides the recipe state proper.
 _WEIGHT_KEYS = ("model", "adapter", "adapter_config")
 _ADAPTER_SUFFIXES = ("lora_a.weight", "lora_b.weight", ".magnitude")  # DoRA's magnitude too
+# What ``checkpoint_files: null`` finds, in order of preference: the first pattern with a match.
+_WEIGHT_PATTERNS = (
+    "*.safetensors.index.json",
+    "*.safetensors",
+    "*.bin.index.json",
+    "*.bin",
+    "*.pth",
+    "*.pt",
+)
+_NOT_MODEL_FILES = (ADAPTER_FILE, PEFT_ADAPTER_FILE, RECIPE_STATE_FILE)
 PathLike = Union[str, Path]
+
+
+def find_checkpoint_files(checkpoint_dir: Path) -> List[str]:
+    """The model's files in ``checkpoint_dir``, for ``checkpoint_files: null``.
+
+    The first of these that matches: one ``*.safetensors.index.json`` (its shards are read),
+    every ``*.safetensors``, one ``*.bin.index.json``, every ``*.bin``, ``*.pth``, ``*.pt``;
+    adapter and recipe-state files are never taken for the model. So a Hugging Face download
+    and a folder that training wrote (``output_dir/epoch_N``) both load without naming files.
+
+    Raises:
+        FileNotFoundError: if nothing matches, or ValueError for several indexes.
+    """
+    for pattern in _WEIGHT_PATTERNS:
+        found = sorted(
+            p.name
+            for p in checkpoint_dir.glob(pattern)
+            if p.is_file() and p.name not in _NOT_MODEL_FILES
+        )
+        if pattern.endswith(".index.json") and len(found) > 1:
+            raise for_argument(
+                ValueError(
+                    f"checkpoint_dir {checkpoint_dir} holds several indexes {found}; name the "
+                    "one to load in checkpoint_files"
+                ),
+                "checkpoint_files",
+            )
+        if found:
+            return found
+    held = sorted(p.name for p in checkpoint_dir.iterdir())
+    raise for_argument(
+        FileNotFoundError(
+            f"checkpoint_dir {checkpoint_dir} holds no model weights (*.safetensors, *.bin, *.pth "
+            f"or *.pt){'; it holds ' + ', '.join(held[:10]) if held else '; it is empty'}. Point "
+            "checkpoint_dir at the model's folder (or a training output_dir/epoch_N), or fetch "
+            f"the model: {_download_command(checkpoint_dir)}"
+        ),
+        "checkpoint_files",
+    )
+
+
+def _download_command(folder: Path) -> str:
+    from torchtune._cli.download import download_command
+
+    return download_command(folder)
+
+
+def _missing_checkpoint_dir(folder: Path) -> OSError:
+    if folder.exists():
+        return NotADirectoryError(
+            f"checkpoint_dir {folder} is a file; give the folder that holds the checkpoint"
+        )
+    return FileNotFoundError(
+        f"checkpoint_dir {folder} does not exist. Download the model into it first: "
+        f"{_download_command(folder)} (or point checkpoint_dir at a folder a training run wrote, "
+        "output_dir/epoch_N)"
+    )
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -46,7 +114,7 @@ class _Checkpointer:
     def __init__(
         self,
         checkpoint_dir: PathLike,
-        checkpoint_files: Union[PathLike, Sequence[PathLike]],
+        checkpoint_files: Union[PathLike, Sequence[PathLike], None] = None,
         model_type: Optional[str] = None,
         output_dir: Optional[PathLike] = None,
         adapter_checkpoint: Optional[PathLike] = None,
@@ -55,7 +123,7 @@ class _Checkpointer:
     ) -> None:
         self._checkpoint_dir = Path(checkpoint_dir)
         if not self._checkpoint_dir.is_dir():
-            raise FileNotFoundError(f"checkpoint_dir {self._checkpoint_dir} is not a directory")
+            raise for_argument(_missing_checkpoint_dir(self._checkpoint_dir), "checkpoint_dir")
         if output_dir is None:
             raise ValueError(f"{type(self).__name__} needs output_dir")
         if model_type is None and not self._FORMAT_NAMES_FAMILY:
@@ -65,11 +133,16 @@ class _Checkpointer:
         self._family: Optional[ModelFamily] = (
             family_for_model_type(model_type) if model_type is not None else None
         )
+        if checkpoint_files is None:
+            checkpoint_files = find_checkpoint_files(self._checkpoint_dir)
         if isinstance(checkpoint_files, (str, Path)):
             checkpoint_files = [checkpoint_files]
         names = [str(f) for f in checkpoint_files]
         if not names:
-            raise ValueError("checkpoint_files is empty")
+            raise for_argument(
+                ValueError("checkpoint_files is empty; name the files, or null to find them"),
+                "checkpoint_files",
+            )
         self._checkpoint_paths = self._resolve(names)
         self._adapter_path = (
             self._resolve_adapter(adapter_checkpoint) if adapter_checkpoint else None
@@ -81,16 +154,26 @@ class _Checkpointer:
                 raise ValueError(
                     "resume_from_checkpoint=True needs recipe_checkpoint (recipe_state.pt)"
                 )
-            self._recipe_path = self._resolve([recipe_checkpoint])[0]
+            self._recipe_path = self._resolve([recipe_checkpoint], "recipe_checkpoint")[0]
         self._output_dir = Path(output_dir)
 
-    def _resolve(self, names: Sequence[PathLike]) -> List[Path]:
+    def _resolve(self, names: Sequence[PathLike], argument: str = "checkpoint_files") -> List[Path]:
         """Paths relative to checkpoint_dir (absolute ones as given); all must exist."""
         paths = [Path(n) if Path(n).is_absolute() else self._checkpoint_dir / n for n in names]
         missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"Checkpoint files not found: {missing}")
-        return paths
+        if not missing:
+            return paths
+        message = f"{argument} not found: {missing}."
+        if argument == "checkpoint_files":
+            try:
+                held = find_checkpoint_files(self._checkpoint_dir)
+                message += (
+                    f" {self._checkpoint_dir} holds {held}: name those, or set checkpoint_files "
+                    "to null to load them."
+                )
+            except (OSError, ValueError) as e:
+                message += f" {e}"
+        raise for_argument(FileNotFoundError(message), argument)
 
     def _resolve_adapter(self, adapter_checkpoint: PathLike) -> Path:
         """A file as :meth:`_resolve`; a folder is PEFT's ``save_pretrained`` output, whose
@@ -99,12 +182,15 @@ class _Checkpointer:
         if not folder.is_absolute():
             folder = self._checkpoint_dir / folder
         if not folder.is_dir():
-            return self._resolve([adapter_checkpoint])[0]
+            return self._resolve([adapter_checkpoint], "adapter_checkpoint")[0]
         missing = [n for n in (PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE) if not (folder / n).is_file()]
         if missing:
-            raise FileNotFoundError(
-                f"adapter_checkpoint {folder} is a folder but lacks {missing}; expected PEFT's "
-                f"{PEFT_ADAPTER_FILE} and {PEFT_CONFIG_FILE}"
+            raise for_argument(
+                FileNotFoundError(
+                    f"adapter_checkpoint {folder} is a folder but lacks {missing}; expected PEFT's "
+                    f"{PEFT_ADAPTER_FILE} and {PEFT_CONFIG_FILE}"
+                ),
+                "adapter_checkpoint",
             )
         return folder / PEFT_ADAPTER_FILE
 

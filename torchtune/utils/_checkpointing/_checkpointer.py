@@ -4,7 +4,8 @@ write it back in the same format and file layout after (or during) training.
 
 Every checkpointer takes ``(checkpoint_dir, checkpoint_files, model_type, output_dir,
 adapter_checkpoint=None, recipe_checkpoint=None, resume_from_checkpoint=False)``;
-``model_type`` may be None (or omitted, with ``output_dir=`` by keyword) for HF checkpoints.
+``model_type`` may be None (or omitted, with ``output_dir=`` by keyword) for HF checkpoints;
+``checkpoint_files`` None finds the model's files in ``checkpoint_dir``.
 
 ``load_checkpoint()`` returns ``{"model": native state dict}``, plus ``"adapter"`` (native LoRA
 keys) when ``adapter_checkpoint`` is given, plus the recipe state (optimizer, epochs_run, rng
@@ -118,7 +119,9 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
     Args:
         checkpoint_dir: folder holding the checkpoint (and config.json / params.json).
         checkpoint_files: file names in ``checkpoint_dir`` (or absolute paths): one file, the
-            shards, or a single ``*.index.json``.
+            shards, or a single ``*.index.json``; None finds them (its ``*.safetensors`` index,
+            else every ``*.safetensors``, ...: see ``find_checkpoint_files``), so a training
+            run's ``output_dir/epoch_N`` folder loads as it is.
         model_type: a family's legacy name in ``torchtune.models._families`` (any case); for
             HF checkpoints None means the family of config.json's ``model_type``.
         output_dir: where ``epoch_{epoch}/`` folders are written (required).
