@@ -101,6 +101,12 @@ class LoRAFinetuneRecipeSingleDevice:
             self._loop.gradient_accumulation_steps,
             self._state.max_steps_per_epoch,
         )
+        self._validator = training.Validator.from_config(  # validation_dataset, if any
+            cfg,
+            self._tokenizer,
+            steps_per_epoch=self._steps_per_epoch,
+            device=self._device,
+        )
         self._lr_scheduler = training.build_lr_scheduler(
             cfg.lr_scheduler,
             self._optimizer,
@@ -188,8 +194,10 @@ class LoRAFinetuneRecipeSingleDevice:
                     clip_grad_norm=self._loop.clip_grad_norm,
                     lr_scheduler=self._lr_scheduler,
                 )
+                seconds = time.perf_counter() - t0
                 state.end_step()
-                progress.step(state.global_step, loss, lr, n_tokens, time.perf_counter() - t0)
+                val = self._validator.maybe_run(self._model, self._loss_fn, state)  # or None
+                progress.step(state.global_step, loss, lr, n_tokens, seconds, extra=val)
             progress.close()
             state.end_epoch()
             self.save_checkpoint(epoch)
