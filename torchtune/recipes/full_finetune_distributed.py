@@ -26,6 +26,11 @@ epoch_N checkpointer.recipe_checkpoint=recipe_state.pt resume_from_checkpoint=Tr
 
 A rank that raises logs and re-raises ``rank N: <error>``; torchrun then stops the others.
 Collectives give up after 10 minutes (``utils.init_distributed``'s timeout).
+
+With ``validation_dataset`` set, ``training.Validator`` logs ``val_loss`` and
+``val_perplexity`` (token-weighted over the whole split, each rank scoring a disjoint share)
+with the step's training metrics, every ``eval_every_n_steps`` steps or, by default, after each
+epoch's last step; the training RNG and data order stay as they were.
 """
 
 import logging

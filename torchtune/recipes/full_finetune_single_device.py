@@ -13,6 +13,11 @@ At the end of every epoch ``output_dir/epoch_N/`` receives the model in the form
 plus, except after the last epoch, ``recipe_state.pt`` (optimizer, epoch, seed, RNG). To
 resume, point the checkpointer at that folder: ``checkpointer.checkpoint_dir=<output_dir>/epoch_N
 checkpointer.recipe_checkpoint=recipe_state.pt resume_from_checkpoint=True``.
+
+With ``validation_dataset`` set, ``training.Validator`` logs ``val_loss`` and
+``val_perplexity`` (token-weighted over the whole split) with the step's training metrics,
+every ``eval_every_n_steps`` steps or, by default, after each epoch's last step; the training
+RNG and data order stay as they were.
 """
 
 import logging

@@ -20,6 +20,12 @@ checkpointer.recipe_checkpoint=<output_dir>/epoch_N/recipe_state.pt resume_from_
 Fresh adapters (no ``checkpointer.adapter_checkpoint``) are drawn on rank 0 from ``seed``
 alone (``peft.init_lora_adapters``: ``lora_a`` kaiming-uniform, ``lora_b`` zero), as the
 single-device recipe draws them: a fresh run on N ranks logs the single-device run's losses.
+
+With ``validation_dataset`` set, ``training.Validator`` logs ``val_loss`` and
+``val_perplexity`` (token-weighted over the whole split, each rank scoring a disjoint share)
+with the step's training metrics, every ``eval_every_n_steps`` steps or, by default, after each
+epoch's last step; the model runs in eval mode there, so without ``lora_dropout``, and the
+training RNG and data order stay as they were.
 """
 
 import logging

@@ -16,6 +16,12 @@ base came in, ``adapter.safetensors`` (our keys) and PEFT's ``adapter_model.safe
 last epoch, ``recipe_state.pt``. To resume, keep the base checkpoint and add
 ``checkpointer.adapter_checkpoint=<output_dir>/epoch_N/adapter.safetensors
 checkpointer.recipe_checkpoint=<output_dir>/epoch_N/recipe_state.pt resume_from_checkpoint=True``.
+
+With ``validation_dataset`` set, ``training.Validator`` logs ``val_loss`` and
+``val_perplexity`` (token-weighted over the whole split) with the step's training metrics,
+every ``eval_every_n_steps`` steps or, by default, after each epoch's last step; the model runs
+in eval mode there, so without ``lora_dropout``, and the training RNG and data order stay as
+they were.
 """
 
 import logging
