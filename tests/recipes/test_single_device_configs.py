@@ -36,8 +36,12 @@ TRAINING_KEYS = {
 }
 
 
+# Keys a config may leave out (the recipes read them with cfg.get).
+OPTIONAL_KEYS = {"validation_dataset", "eval_every_n_steps", "validation_batch_size"}
+
+
 def assert_training_keys(name, cfg):
-    assert set(cfg.keys()) == TRAINING_KEYS, name
+    assert TRAINING_KEYS <= set(cfg.keys()) <= TRAINING_KEYS | OPTIONAL_KEYS, name
 
 
 CONFIGS = [

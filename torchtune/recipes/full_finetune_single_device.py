@@ -13,6 +13,11 @@ At the end of every epoch ``output_dir/epoch_N/`` receives the model in the form
 plus, except after the last epoch, ``recipe_state.pt`` (optimizer, epoch, seed, RNG). To
 resume, point the checkpointer at that folder: ``checkpointer.checkpoint_dir=<output_dir>/epoch_N
 checkpointer.recipe_checkpoint=recipe_state.pt resume_from_checkpoint=True``.
+
+With ``validation_dataset`` set, ``training.Validator`` logs ``val_loss`` and
+``val_perplexity`` (token-weighted over the whole split) with the step's training metrics,
+every ``eval_every_n_steps`` steps or, by default, after each epoch's last step; the training
+RNG and data order stay as they were.
 """
 
 import logging
@@ -80,6 +85,12 @@ class FullFinetuneRecipeSingleDevice:
             self._loop.gradient_accumulation_steps,
             self._state.max_steps_per_epoch,
         )
+        self._validator = training.Validator.from_config(  # validation_dataset, if any
+            cfg,
+            self._tokenizer,
+            steps_per_epoch=self._steps_per_epoch,
+            device=self._device,
+        )
         self._lr_scheduler = training.build_lr_scheduler(
             cfg.lr_scheduler,
             self._optimizer,
@@ -140,8 +151,10 @@ class FullFinetuneRecipeSingleDevice:
                     clip_grad_norm=self._loop.clip_grad_norm,
                     lr_scheduler=self._lr_scheduler,
                 )
+                seconds = time.perf_counter() - t0
                 state.end_step()
-                progress.step(state.global_step, loss, lr, n_tokens, time.perf_counter() - t0)
+                val = self._validator.maybe_run(self._model, self._loss_fn, state)  # or None
+                progress.step(state.global_step, loss, lr, n_tokens, seconds, extra=val)
             progress.close()
             state.end_epoch()
             self.save_checkpoint(epoch)

@@ -20,6 +20,12 @@ checkpointer.recipe_checkpoint=<output_dir>/epoch_N/recipe_state.pt resume_from_
 Fresh adapters (no ``checkpointer.adapter_checkpoint``) are drawn on rank 0 from ``seed``
 alone (``peft.init_lora_adapters``: ``lora_a`` kaiming-uniform, ``lora_b`` zero), as the
 single-device recipe draws them: a fresh run on N ranks logs the single-device run's losses.
+
+With ``validation_dataset`` set, ``training.Validator`` logs ``val_loss`` and
+``val_perplexity`` (token-weighted over the whole split, each rank scoring a disjoint share)
+with the step's training metrics, every ``eval_every_n_steps`` steps or, by default, after each
+epoch's last step; the model runs in eval mode there, so without ``lora_dropout``, and the
+training RNG and data order stay as they were.
 """
 
 import logging
@@ -114,6 +120,14 @@ class LoRAFinetuneRecipeDistributed:
             self._loop.gradient_accumulation_steps,
             self._state.max_steps_per_epoch,
         )
+        self._validator = training.Validator.from_config(  # validation_dataset, if any
+            cfg,
+            self._tokenizer,
+            steps_per_epoch=self._steps_per_epoch,
+            device=self._device,
+            world_size=self._world_size,
+            rank=self._rank,
+        )
         self._lr_scheduler = training.build_lr_scheduler(
             cfg.lr_scheduler,
             self._optimizer,
@@ -204,8 +218,10 @@ class LoRAFinetuneRecipeDistributed:
                     clip_grad_norm=self._loop.clip_grad_norm,
                     lr_scheduler=self._lr_scheduler,
                 )
+                seconds = time.perf_counter() - t0
                 state.end_step()
-                progress.step(state.global_step, loss, lr, n_tokens, time.perf_counter() - t0)
+                val = self._validator.maybe_run(self._model, self._loss_fn, state)  # or None
+                progress.step(state.global_step, loss, lr, n_tokens, seconds, extra=val)
             progress.close()
             state.end_epoch()
             self.save_checkpoint(epoch)

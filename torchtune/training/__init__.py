@@ -1,6 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """The recipe kit: the loss, the next-token loss of a batch, the lr schedule, the loop's
-settings and saved state, the data loader, one optimizer step, progress logging."""
+settings and saved state, the data loader, one optimizer step, progress logging, the
+validation loss."""
 
 from torchtune.training._data import (
     build_dataloader,
@@ -21,6 +22,12 @@ from torchtune.training._setup import (
     load_checkpoint_on_rank_zero,
 )
 from torchtune.training._step import optimizer_step
+from torchtune.training._validation import (
+    Validator,
+    build_validation_dataloader,
+    validation_dataset_config,
+    validation_loss,
+)
 
 __all__ = [
     "ChunkedCrossEntropyLoss",
@@ -28,8 +35,10 @@ __all__ = [
     "LoopSettings",
     "RecipeState",
     "StepLog",
+    "Validator",
     "build_dataloader",
     "build_lr_scheduler",
+    "build_validation_dataloader",
     "count_tokens",
     "epoch_micro_batches",
     "get_cosine_schedule_with_warmup",
@@ -40,4 +49,6 @@ __all__ = [
     "optimizer_step",
     "restore_rng_state",
     "steps_per_epoch",
+    "validation_dataset_config",
+    "validation_loss",
 ]

@@ -45,11 +45,14 @@ class StepLog:
         extra: Optional[Dict[str, float]] = None,
     ) -> None:
         """Record one optimizer step (``tokens`` over ``seconds``, all ranks together);
-        ``extra`` metrics (a preference recipe's rewards) join the row."""
+        ``extra`` metrics (a preference recipe's rewards, or validation's ``val_loss``) join
+        the row. A row whose ``extra`` has ``val_loss`` is logged even between the logging
+        period's steps, so no validation result is dropped."""
         tokens_per_second = tokens / max(seconds, 1e-9)
         self._pbar.update(1)
         self._pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}")
-        if self._metric_logger is not None and global_step % self._every == 0:
+        validated = extra is not None and "val_loss" in extra
+        if self._metric_logger is not None and (global_step % self._every == 0 or validated):
             mem = utils.get_memory_stats(self._device)
             self._metric_logger.log_dict(
                 {
