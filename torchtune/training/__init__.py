@@ -13,8 +13,15 @@ from torchtune.training._loss import ChunkedCrossEntropyLoss
 from torchtune.training._lr_schedulers import get_cosine_schedule_with_warmup
 from torchtune.training._next_token_loss import next_token_loss_sum
 from torchtune.training._progress import StepLog
-from torchtune.training._recipe_state import LoopSettings, RecipeState, restore_rng_state
+from torchtune.training._recipe_state import (
+    LoopSettings,
+    RecipeState,
+    check_resume_signature,
+    restore_rng_state,
+    run_signature,
+)
 from torchtune.training._setup import (
+    build_checkpointer,
     build_lr_scheduler,
     init_device,
     init_distributed_device,
@@ -28,8 +35,10 @@ __all__ = [
     "LoopSettings",
     "RecipeState",
     "StepLog",
+    "build_checkpointer",
     "build_dataloader",
     "build_lr_scheduler",
+    "check_resume_signature",
     "count_tokens",
     "epoch_micro_batches",
     "get_cosine_schedule_with_warmup",
@@ -39,5 +48,6 @@ __all__ = [
     "next_token_loss_sum",
     "optimizer_step",
     "restore_rng_state",
+    "run_signature",
     "steps_per_epoch",
 ]

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from torchtune.data import padded_collate
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate
 
 log = logging.getLogger(__name__)
 
@@ -111,5 +111,12 @@ def epoch_micro_batches(
 
 
 def count_tokens(micro_batches: List[Dict[str, torch.Tensor]]) -> int:
-    """Tokens of the micro-batches, padding included."""
-    return sum(mb["tokens"].numel() for mb in micro_batches)
+    """Tokens of the micro-batches whose label is not ignored: no padding (nor masked
+    prompt tokens), so tokens/s measures the text trained on. Batches without ``labels``
+    count every token."""
+    return sum(
+        int((mb["labels"] != CROSS_ENTROPY_IGNORE_IDX).sum())
+        if "labels" in mb
+        else mb["tokens"].numel()
+        for mb in micro_batches
+    )
