@@ -109,10 +109,6 @@ class _Checkpointer:
         )
         self._recipe_path = None
         if self._resume:
-            if recipe_checkpoint is None:
-                raise ValueError(
-                    "resume_from_checkpoint=True needs recipe_checkpoint (recipe_state.pt)"
-                )
             self._recipe_path = self._resolve([recipe_checkpoint])[0]
 
     def _resolve(self, names: Sequence[PathLike]) -> List[Path]:
@@ -229,8 +225,7 @@ class _Checkpointer:
                 raise ValueError("save_checkpoint needs name= or epoch=")
             name = f"epoch_{epoch}"
         paths = checkpoint_paths(self._output_dir, name)
-        # A folder we read from is never deleted; others of that name are stale.
-        forget_checkpoint(self._output_dir, name, protect=self._read_paths())
+        forget_checkpoint(self._output_dir, name)
         with StagedWriter() as writer:
             self._save_model(writer, state_dict["model"], paths.model_dir)
             if "adapter" in state_dict:
@@ -259,9 +254,6 @@ class _Checkpointer:
         record_checkpoint(out, entry, self._keep_last_n)
         log.info("Saved checkpoint %s to %s", name, out)
         return paths.model_dir
-
-    def _read_paths(self) -> List[Path]:
-        return [self._checkpoint_dir, *self._checkpoint_paths, self._adapter_path]
 
     def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], model_dir: Path):
         raise NotImplementedError

@@ -28,7 +28,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 from torchtune.utils._checkpointing._io import write_json_atomic
 
@@ -103,22 +103,15 @@ def _write(output_dir: Path, entries: List[Dict[str, Any]]) -> None:
     write_json_atomic({"version": _VERSION, "checkpoints": entries}, output_dir / CHECKPOINTS_INDEX)
 
 
-def forget_checkpoint(
-    output_dir: Union[str, Path], name: str, protect: Sequence[Optional[Path]] = ()
-) -> None:
-    """Drop ``name`` from the index (before it is rewritten) and delete its stale folders
-    (left by a write that was killed, or by an earlier run into the same ``output_dir``),
-    except a folder that holds one of the ``protect`` paths (what the run reads from)."""
+def forget_checkpoint(output_dir: Union[str, Path], name: str) -> None:
+    """Drop ``name`` from the index before its files are rewritten (an earlier run into the
+    same ``output_dir``): while the new files replace the old one by one, the folder is no
+    complete checkpoint. The old files stay, each whole, until replaced."""
     output_dir = Path(output_dir)
     entries = read_checkpoints(output_dir)
     kept = [e for e in entries if e["name"] != name]
     if len(kept) != len(entries):
         _write(output_dir, kept)
-    protected = [Path(p).resolve() for p in protect if p is not None]
-    for suffix in _SUFFIXES:
-        folder = (output_dir / f"{name}{suffix}").resolve()
-        if not any(p == folder or folder in p.parents for p in protected):
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def record_checkpoint(
