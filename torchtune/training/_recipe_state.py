@@ -174,7 +174,9 @@ class RecipeState:
 
     def state_dict(self, device: torch.device) -> Dict[str, Any]:
         """The state plus the RNG states to save: the CPU generator's, and on CUDA the
-        current device's."""
+        current device's; under torch.distributed every rank's too (``rank_rng_states``:
+        ranks draw differently, e.g. dropout over batches of other lengths), so every rank
+        must call this."""
         state = {
             "epochs_run": self.epochs_run,
             "total_epochs": self.total_epochs,
@@ -186,6 +188,13 @@ class RecipeState:
         }
         if self.signature is not None:
             state["run_signature"] = dict(self.signature)
+        if _world_size() > 1:
+            ours = (state["rng_state"], state.get("cuda_rng_state"))
+            per_rank = [None] * _world_size()
+            torch.distributed.all_gather_object(per_rank, ours)
+            state["rank_rng_states"] = [
+                {"rng_state": cpu, "cuda_rng_state": cuda} for cpu, cuda in per_rank
+            ]
         if device.type == "cuda":
             state["cuda_rng_state"] = torch.cuda.get_rng_state(device)
         return state
@@ -303,12 +312,26 @@ def check_resume_signature(ckpt: Mapping[str, Any], signature: Mapping[str, Any]
         )
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def restore_rng_state(ckpt: Mapping[str, Any], device: torch.device) -> None:
     """Continue from the RNG states saved by :meth:`RecipeState.state_dict` (CUDA's only on
-    CUDA, and only when the checkpoint has one). Call it last in setup: building the model
-    draws from the generator. Nothing to restore for a finished run."""
+    CUDA, and only when the checkpoint has one): this rank's own when the checkpoint has one
+    per rank of a run with as many ranks, else rank 0's. Call it last in setup: building the
+    model draws from the generator. Nothing to restore for a finished run."""
     if "rng_state" not in ckpt:
         return
+    per_rank = ckpt.get("rank_rng_states")
+    if per_rank is not None and len(per_rank) == _world_size():  # each rank its own
+        ckpt = {k: v for k, v in per_rank[_rank()].items() if v is not None}
     torch.set_rng_state(ckpt["rng_state"])
     if device.type == "cuda" and "cuda_rng_state" in ckpt:
         torch.cuda.set_rng_state(ckpt["cuda_rng_state"], device)
