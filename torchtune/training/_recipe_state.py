@@ -230,7 +230,8 @@ class RecipeState:
         if missing:
             raise ValueError(
                 f"resume_from_checkpoint=True but the checkpoint lacks {missing}; resume from an "
-                "intermediate checkpoint (recipe_state.pt, written after every epoch but the last)"
+                "intermediate checkpoint (NAME_state/recipe_state.pt, written with every "
+                "checkpoint but the run's last)"
             )
         for key, ours in (
             ("total_epochs", self.total_epochs),
