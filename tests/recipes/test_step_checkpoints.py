@@ -160,14 +160,16 @@ def _resume_and_compare(variant, assets, straight_out: Path, out: Path, cwd: Pat
     start = latest["global_step"]
     assert [r["step"] for r in read_disk_log(log_dir)] == list(range(start + 1, 11))
     expected = logged_losses(straight_out)[start:]
-    torch.testing.assert_close(logged_losses(log_dir), expected, rtol=0, atol=1e-6)
+    # Bit for bit on one device; 1e-6 on two ranks (as the other distributed resume tests).
+    atol = 1e-6 if variant.endswith("2ranks") else 0.0
+    torch.testing.assert_close(logged_losses(log_dir), expected, rtol=0, atol=atol)
     lrs = [r["lr"] for r in read_disk_log(straight_out)][start:]
     assert [r["lr"] for r in read_disk_log(log_dir)] == lrs
     for name in _final_files(variant):
         a, b = load_file(straight_out / name), load_file(out / name)
         assert a.keys() == b.keys()
         for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=f"{name}: {k}")
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol, msg=f"{name}: {k}")
     return start
 
 

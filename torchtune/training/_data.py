@@ -51,7 +51,16 @@ def build_dataloader(
         dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
     )
     collate = partial(collate_fn or padded_collate, padding_idx=pad_id)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+    # Its own generator: starting an epoch's iterator draws a seed from the loader's
+    # generator, which would otherwise be the global one, moving the stream dropout draws
+    # from by one at every epoch start, and a mid-epoch resume would draw it at another point.
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
     log.info(
         "Dataset: %d samples, %d batches of %d per rank, %d rank(s)",
         len(dataset),
