@@ -90,6 +90,10 @@ def build_lr_scheduler(
     """
     if cfg_lr_scheduler is None:
         return None
+    # A resumed optimizer's groups carry initial_lr; a fresh one's (a finished run, resumed
+    # to nothing) do not, and torch refuses last_epoch >= 0 without it.
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
     return config.instantiate(
         cfg_lr_scheduler,
         optimizer,
