@@ -200,8 +200,8 @@ def test_resumed_run_equals_the_uninterrupted_one(assets, tmp_path, variant):
     )
     torch.testing.assert_close(logged_losses(resumed), logged_losses(out)[5:], rtol=0, atol=0)
     assert [r["lr"] for r in read_disk_log(resumed)] == [r["lr"] for r in read_disk_log(out)][5:]
-    for name in ("adapter.safetensors", "model.safetensors"):
-        a, b = load_file(out / "epoch_2" / name), load_file(resumed / "epoch_2" / name)
+    for name in ("epoch_2_adapter/adapter.safetensors", "epoch_2/model.safetensors"):
+        a, b = load_file(out / name), load_file(resumed / name)
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=f"{name}: {key}")
