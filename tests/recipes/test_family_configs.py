@@ -199,11 +199,11 @@ def test_config_trains_as_shipped(root, name, recipe, distributed, tmp_path):
     rows = read_disk_log(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
-    epoch = out / "epoch_0"
+    epoch = out / "epoch_1"
     assert (epoch / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
     assert (epoch / "model.safetensors").is_file()
     if "lora" in name:
-        assert (epoch / "adapter" / "adapter_config.json").is_file()
+        assert (out / "epoch_1_peft" / "adapter_config.json").is_file()
     if name in MULTIMODAL:
         from safetensors.torch import load_file
 
@@ -219,6 +219,6 @@ def test_config_trains_as_shipped(root, name, recipe, distributed, tmp_path):
             from transformers import Gemma3ForConditionalGeneration
 
             base = Gemma3ForConditionalGeneration.from_pretrained(model_dir)
-            peft = PeftModel.from_pretrained(base, epoch / "adapter")
+            peft = PeftModel.from_pretrained(base, out / "epoch_1_peft")
             adapted = [n for n, _ in peft.named_modules() if n.endswith(".lora_A")]
             assert adapted and all(".language_model.layers." in n for n in adapted)

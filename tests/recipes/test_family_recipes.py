@@ -256,7 +256,7 @@ def _check_full(family, overrides, out):
     torch.testing.assert_close(logged_losses(out), expected, rtol=0, atol=1e-4)
     print(f"{family} full: max |loss - HF loop| {(logged_losses(out) - expected).abs().max():.2e}")
 
-    epoch = out / "epoch_0"
+    epoch = out / "epoch_1"
     saved = load_file(epoch / "model.safetensors")
     tied = FAMILIES[family][2].get("tie_word_embeddings", False)
     assert ("lm_head.weight" in saved) != tied  # a tied input stays tied: one table
@@ -306,13 +306,13 @@ def _check_lora(family, kind, overrides, out):
     torch.testing.assert_close(ours_losses, expected, rtol=0, atol=1e-4)
     print(f"{family} {kind}: max |loss - PEFT loop| {(ours_losses - expected).abs().max():.2e}")
 
-    epoch = out / "epoch_0"
-    adapter = load_file(epoch / "adapter.safetensors")
+    epoch = out / "epoch_1"
+    adapter = load_file(out / "epoch_1_adapter" / "adapter.safetensors")
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_b" in k)  # trained
     ours = _ours(model_dir, model_dir, **lora_kwargs)
     ours.load_state_dict(adapter, strict=False)
     tokens = _tokens(1)
-    peft_config = json.loads((epoch / "adapter" / "adapter_config.json").read_text())
+    peft_config = json.loads((out / "epoch_1_peft" / "adapter_config.json").read_text())
     assert sorted(peft_config["target_modules"]) == sorted(targets)
     config_in = json.loads((model_dir / "config.json").read_text())
     config_out = json.loads((epoch / "config.json").read_text())
@@ -325,7 +325,7 @@ def _check_lora(family, kind, overrides, out):
         assert (epoch / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
     with torch.no_grad():
         want = ours(tokens)
-        loaded = PeftModel.from_pretrained(load_auto(model_dir).eval(), epoch / "adapter").eval()
+        loaded = PeftModel.from_pretrained(load_auto(model_dir).eval(), out / "epoch_1_peft").eval()
         torch.testing.assert_close(loaded(input_ids=tokens).logits, want, rtol=0, atol=1e-5)
         merged = load_auto(epoch).eval()
         torch.testing.assert_close(merged(input_ids=tokens).logits, want, rtol=0, atol=1e-5)
@@ -407,5 +407,10 @@ def test_two_ranks_of_packed_windowed_lora_match_one_device(shared, tmp_path, fa
     assert len(losses) == 3
     torch.testing.assert_close(losses, logged_losses(single), rtol=0, atol=1e-5)
     print(f"2 ranks: max |loss - 1 device| {(losses - logged_losses(single)).abs().max():.2e}")
-    for name in ("model.safetensors", "adapter.safetensors", "adapter/adapter_model.safetensors"):
-        assert_same_weights(single / "epoch_0" / name, dist / "epoch_0" / name, atol=1e-5)
+    for name in (
+        "model.safetensors",
+        "_adapter/adapter.safetensors",
+        "_peft/adapter_model.safetensors",
+    ):
+        path = f"epoch_1{'/' if name[0] != '_' else ''}{name}"
+        assert_same_weights(single / path, dist / path, atol=1e-5)

@@ -76,9 +76,9 @@ def test_tied_llama3_model_from_hf_config_trains_like_hf(tied_assets, tmp_path):
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, weight_decay=0.0)
     expected = hf_reference_losses(hf, opt, cfg, steps_per_epoch=4)
     torch.testing.assert_close(logged_losses(out), expected, rtol=0, atol=1e-4)
-    saved = load_file(out / "epoch_0" / "model.safetensors")
+    saved = load_file(out / "epoch_1" / "model.safetensors")
     assert "lm_head.weight" not in saved  # still tied: one table, as the input
-    assert (out / "epoch_0" / "config.json").read_bytes() == (
+    assert (out / "epoch_1" / "config.json").read_bytes() == (
         model_dir / "config.json"
     ).read_bytes()
     for name, param in hf.state_dict().items():
@@ -105,7 +105,7 @@ def test_two_ranks_with_a_tied_parameter_match_one_device(tied_assets, tmp_path)
         cwd=tmp_path,
     )
     torch.testing.assert_close(logged_losses(dist), logged_losses(single), rtol=0, atol=1e-4)
-    for epoch in (0, 1):
+    for epoch in (1, 2):
         a, b = (load_file(run / f"epoch_{epoch}" / "model.safetensors") for run in (single, dist))
         assert a.keys() == b.keys() and "lm_head.weight" not in b
         for name in a:
@@ -113,8 +113,8 @@ def test_two_ranks_with_a_tied_parameter_match_one_device(tied_assets, tmp_path)
             # all keys): AdamW's normalised step moves it by each run's round-off, up to lr.
             atol = 1e-3 if name.endswith("k_proj.bias") else 1e-5
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=atol, msg=name)
-    state = torch.load(dist / "epoch_0" / "recipe_state.pt", weights_only=True)["optimizer"]
-    want = torch.load(single / "epoch_0" / "recipe_state.pt", weights_only=True)["optimizer"]
+    state = torch.load(dist / "epoch_1_state" / "recipe_state.pt", weights_only=True)["optimizer"]
+    want = torch.load(single / "epoch_1_state" / "recipe_state.pt", weights_only=True)["optimizer"]
     assert state["param_groups"] == want["param_groups"]
     for i, moments in want["state"].items():
         for key, value in moments.items():

@@ -51,7 +51,7 @@ def test_two_ranks_match_one_rank(assets, tmp_path):  # noqa: F811
     _assert_same_metrics(ours, expected, atol=1e-5)
     assert ours[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # at the reference
     assert abs(ours[-1]["rewards/margins"]) > 1e-4  # the policy moved off it
-    assert_same_weights(one / "epoch_1/model.safetensors", two / "epoch_1/model.safetensors", 1e-5)
+    assert_same_weights(one / "epoch_2/model.safetensors", two / "epoch_2/model.safetensors", 1e-5)
 
 
 @pytest.mark.slow
@@ -60,7 +60,7 @@ def test_resume_gives_the_uninterrupted_run(assets, tmp_path):  # noqa: F811
     full.mkdir(), resumed.mkdir()
     overrides = _overrides(assets, full, PER_RANK_BATCH)
     run_tune_distributed(RECIPE, str(CONFIG), overrides, cwd=full)
-    # The reference is the original model; the policy resumes from epoch_0.
+    # The reference is the original model; the policy resumes from epoch_1.
     cfg = yaml.safe_load(CONFIG.read_text())
     cfg["ref_checkpointer"] = dict(
         cfg["checkpointer"], checkpoint_dir=str(assets.model_dir), output_dir=str(resumed)
@@ -68,14 +68,14 @@ def test_resume_gives_the_uninterrupted_run(assets, tmp_path):  # noqa: F811
     resume_config = tmp_path / "resume.yaml"
     resume_config.write_text(yaml.safe_dump(cfg))
     resume = [
-        f"checkpointer.checkpoint_dir={full / 'epoch_0'}",
-        "checkpointer.recipe_checkpoint=recipe_state.pt",
+        f"checkpointer.checkpoint_dir={full / 'epoch_1'}",
+        f"checkpointer.recipe_checkpoint={full / 'epoch_1_state' / 'recipe_state.pt'}",
         "resume_from_checkpoint=True",
         f"output_dir={resumed}",
     ]
     run_tune_distributed(RECIPE, str(resume_config), overrides + resume, cwd=resumed)
     _assert_same_metrics(read_disk_log(resumed), read_disk_log(full)[2:], atol=1e-6)
-    name = "epoch_1/model.safetensors"
+    name = "epoch_2/model.safetensors"
     assert_same_weights(full / name, resumed / name, atol=1e-6)
 
 

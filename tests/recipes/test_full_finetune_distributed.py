@@ -97,8 +97,8 @@ def assert_same_weights(a_file: Path, b_file: Path, atol: float) -> None:
 
 def resume_overrides(run_dir: Path, output_dir: Path) -> List[str]:
     return [
-        f"checkpointer.checkpoint_dir={run_dir / 'epoch_0'}",
-        "checkpointer.recipe_checkpoint=recipe_state.pt",
+        f"checkpointer.checkpoint_dir={run_dir / 'epoch_1'}",
+        f"checkpointer.recipe_checkpoint={run_dir / 'epoch_1_state' / 'recipe_state.pt'}",
         "resume_from_checkpoint=True",
         f"output_dir={output_dir}",
     ]
@@ -173,7 +173,7 @@ def test_two_processes_match_single_device(dist_run, single_run):
     ours, expected = logged_losses(out), logged_losses(single_run)
     assert len(ours) == 10
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
-    for epoch in (0, 1):
+    for epoch in (1, 2):
         name = f"epoch_{epoch}/model.safetensors"
         assert_same_weights(single_run / name, out / name, atol=1e-5)
     # Rank 0 alone logs: one file, one row per step, the single-device columns.
@@ -182,12 +182,14 @@ def test_two_processes_match_single_device(dist_run, single_run):
     columns = {"step", "loss", "lr", "tokens_per_second", "peak_memory_gib"}
     assert all(set(r) == columns for r in rows)
     assert all(r["tokens_per_second"] > 0 for r in rows)
-    assert (out / "epoch_0" / "recipe_state.pt").is_file()
-    assert not (out / "epoch_1" / "recipe_state.pt").exists()
+    assert (out / "epoch_1_state" / "recipe_state.pt").is_file()
+    assert not (out / "epoch_2_state" / "recipe_state.pt").exists()
     # recipe_state.pt as the single-device recipe writes it (optimizer state keyed by index).
-    state = torch.load(out / "epoch_0" / "recipe_state.pt", weights_only=True)
-    single = torch.load(single_run / "epoch_0" / "recipe_state.pt", weights_only=True)
-    assert state.keys() == single.keys()
+    state = torch.load(out / "epoch_1_state" / "recipe_state.pt", weights_only=True)
+    single = torch.load(single_run / "epoch_1_state" / "recipe_state.pt", weights_only=True)
+    # Plus each rank's RNG states (ranks draw differently; one device has one).
+    assert state.keys() - {"rank_rng_states"} == single.keys()
+    assert len(state["rank_rng_states"]) == WORLD_SIZE
     keys = ("epochs_run", "global_step", "seed", "total_epochs", "max_steps_per_epoch")
     for key in (*keys, "steps_in_epoch"):
         assert state[key] == single[key], key
@@ -209,7 +211,7 @@ def test_resume_gives_identical_second_epoch(dist_run, tmp_path):
     )
     torch.testing.assert_close(logged_losses(resumed), logged_losses(out)[5:], rtol=0, atol=1e-6)
     assert [r["step"] for r in read_disk_log(resumed)] == list(range(6, 11))
-    name = "epoch_1/model.safetensors"
+    name = "epoch_2/model.safetensors"
     assert_same_weights(out / name, resumed / name, atol=1e-6)
 
 
@@ -227,7 +229,7 @@ def test_resumes_a_single_device_run(dist_run, single_run, tmp_path):
     )
     expected = logged_losses(single_run)[5:]
     torch.testing.assert_close(logged_losses(resumed), expected, rtol=0, atol=1e-4)
-    name = "epoch_1/model.safetensors"
+    name = "epoch_2/model.safetensors"
     assert_same_weights(single_run / name, resumed / name, atol=1e-5)
 
 
@@ -266,7 +268,7 @@ def test_two_node_launch_on_one_machine(dist_run, tmp_path):
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stdout[-3000:] + stderr[-6000:]
     torch.testing.assert_close(logged_losses(node_out), logged_losses(out)[:5], rtol=0, atol=1e-6)
-    assert (node_out / "epoch_0" / "model.safetensors").is_file()
+    assert (node_out / "epoch_1" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -299,7 +301,7 @@ def test_a_failing_rank_ends_the_job_quickly(assets, tmp_path):
     assert teardown < 30, f"the job ended {teardown:.0f}s after rank 1 failed"
     output = proc.stdout + proc.stderr
     assert "rank 1: RuntimeError: injected failure after 6 samples" in output, output[-6000:]
-    assert not (tmp_path / "epoch_0").exists()
+    assert not (tmp_path / "epoch_1").exists()
     print(f"failing rank: exit {proc.returncode} in {elapsed:.1f}s, {teardown:.1f}s after failing")
 
 
@@ -326,7 +328,7 @@ def test_activation_checkpointing_and_bf16(dist_run, tmp_path):
     bf16, fp32 = logged_losses(tmp_path / "bf16"), logged_losses(out)[:5]
     assert torch.isfinite(bf16).all()
     torch.testing.assert_close(bf16[0], fp32[0], rtol=2e-2, atol=0)
-    saved = load_file(tmp_path / "bf16" / "epoch_0" / "model.safetensors")
+    saved = load_file(tmp_path / "bf16" / "epoch_1" / "model.safetensors")
     assert all(v.dtype == torch.bfloat16 for v in saved.values())
 
 

@@ -56,7 +56,7 @@ def test_losses_match_hf_training_loop(full_run, assets):
     assert len(ours) == 10
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
     # The weights the recipe saved after the last epoch are the reference's trained weights.
-    saved = load_file(out / "epoch_1" / "model.safetensors")
+    saved = load_file(out / "epoch_2" / "model.safetensors")
     for name, param in hf.state_dict().items():
         torch.testing.assert_close(saved[name], param, rtol=0, atol=1e-4, msg=name)
 
@@ -70,9 +70,9 @@ def test_log_rows_and_checkpoints(full_run):
         assert row["lr"] == pytest.approx(2e-4)  # constant lr: lr_scheduler is null
         assert row["tokens_per_second"] > 0 and row["peak_memory_gib"] > 0
     # Intermediate checkpoint after epoch 0 carries the recipe state; the last one does not.
-    assert (out / "epoch_0" / "recipe_state.pt").is_file()
-    assert not (out / "epoch_1" / "recipe_state.pt").exists()
-    assert (out / "epoch_1" / "config.json").is_file()
+    assert (out / "epoch_1_state" / "recipe_state.pt").is_file()
+    assert not (out / "epoch_2_state" / "recipe_state.pt").exists()
+    assert (out / "epoch_2" / "config.json").is_file()
 
 
 @pytest.mark.slow
@@ -84,8 +84,8 @@ def test_resume_gives_identical_second_epoch(full_run, assets, tmp_path):
         "tiny/full",
         overrides
         + [
-            f"checkpointer.checkpoint_dir={out / 'epoch_0'}",
-            "checkpointer.recipe_checkpoint=recipe_state.pt",
+            f"checkpointer.checkpoint_dir={out / 'epoch_1'}",
+            f"checkpointer.recipe_checkpoint={out / 'epoch_1_state' / 'recipe_state.pt'}",
             "resume_from_checkpoint=True",
             f"output_dir={resumed}",
         ],
@@ -94,8 +94,8 @@ def test_resume_gives_identical_second_epoch(full_run, assets, tmp_path):
     straight = logged_losses(out)
     torch.testing.assert_close(logged_losses(resumed), straight[5:], rtol=0, atol=0)
     assert [r["step"] for r in read_disk_log(resumed)] == list(range(6, 11))
-    a = load_file(out / "epoch_1" / "model.safetensors")
-    b = load_file(resumed / "epoch_1" / "model.safetensors")
+    a = load_file(out / "epoch_2" / "model.safetensors")
+    b = load_file(resumed / "epoch_2" / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
@@ -112,8 +112,8 @@ def test_shuffled_resume_and_activation_checkpointing(assets, tmp_path):
         "tiny/full",
         base
         + [
-            f"checkpointer.checkpoint_dir={tmp_path / 'a' / 'epoch_0'}",
-            "checkpointer.recipe_checkpoint=recipe_state.pt",
+            f"checkpointer.checkpoint_dir={tmp_path / 'a' / 'epoch_1'}",
+            f"checkpointer.recipe_checkpoint={tmp_path / 'a' / 'epoch_1_state' / 'recipe_state.pt'}",
             "resume_from_checkpoint=True",
             "enable_activation_checkpointing=True",
             f"output_dir={tmp_path / 'b'}",
@@ -138,7 +138,7 @@ def test_bf16_run_tracks_fp32(full_run, assets, tmp_path):
     assert torch.isfinite(bf16).all()
     # bf16 has 8 mantissa bits: the first step (same weights, same data) agrees to ~1%.
     torch.testing.assert_close(bf16[0], fp32[0], rtol=2e-2, atol=0)
-    saved = load_file(tmp_path / "epoch_0" / "model.safetensors")
+    saved = load_file(tmp_path / "epoch_1" / "model.safetensors")
     assert all(v.dtype == torch.bfloat16 for v in saved.values())
 
 
@@ -237,7 +237,7 @@ def test_tiny_config_runs_on_bundled_assets(tmp_path):
     run_tune(RECIPE, "tiny/full", [f"output_dir={tmp_path}", "max_steps_per_epoch=3"], cwd=tmp_path)
     losses = logged_losses(tmp_path)
     assert len(losses) == 3 and torch.isfinite(losses).all()
-    assert (tmp_path / "epoch_0" / "model.safetensors").is_file()
+    assert (tmp_path / "epoch_1" / "model.safetensors").is_file()
 
 
 @pytest.mark.gpu

@@ -1,5 +1,5 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-"""``generate`` and ``eleuther_eval`` on the folder a training run writes (``output_dir/epoch_0``,
+"""``generate`` and ``eleuther_eval`` on the folder a training run writes (``output_dir/epoch_1``,
 passed as ``checkpointer.checkpoint_dir`` with the files found by ``checkpoint_files: null``):
 greedy text equals transformers' on ``from_pretrained`` of that folder, the eval model's logits
 equal it, and ``max_seq_length`` defaults to the model's ``max_seq_len``."""
@@ -47,7 +47,7 @@ def epoch_dir(tmp_path_factory):
         "max_steps_per_epoch=2",
         cwd=root,
     )
-    folder = root / "run" / "epoch_0"
+    folder = root / "run" / "epoch_1"
     trained = load_file(folder / "model.safetensors")
     base = load_file(ASSETS / "model" / "model.safetensors")
     assert trained.keys() == base.keys()
@@ -159,7 +159,7 @@ def test_tune_eleuther_eval_on_a_trained_folder(epoch_dir, tmp_path):
     (written,) = out.glob("eval_results_*.json")
     acc = json.loads(written.read_text())["results"]["tiny_mc"]["acc,none"]
 
-    # The harness's own HF model on from_pretrained(epoch_0): which choices it scores best.
+    # The harness's own HF model on from_pretrained(epoch_1): which choices it scores best.
     ref = _hflm({"hf": _hf(epoch_dir), "sp": ASSETS / "tokenizer.model"}, True, 256)
     correct = 0
     for doc in MC_DOCS:

@@ -76,8 +76,8 @@ def test_resume_gives_the_uninterrupted_run(assets, peft_adapter, tmp_path):  # 
     overrides = _overrides(assets, full, True, *extra)
     run_tune_distributed(RECIPE, CONFIG, overrides, cwd=full)
     resume = [
-        f"checkpointer.adapter_checkpoint={full / 'epoch_0' / 'adapter.safetensors'}",
-        f"checkpointer.recipe_checkpoint={full / 'epoch_0' / 'recipe_state.pt'}",
+        f"checkpointer.adapter_checkpoint={full / 'epoch_1_adapter' / 'adapter.safetensors'}",
+        f"checkpointer.recipe_checkpoint={full / 'epoch_1_state' / 'recipe_state.pt'}",
         "resume_from_checkpoint=True",
         f"output_dir={resumed}",
     ]

@@ -221,7 +221,7 @@ def test_fresh_adapter_starts_at_ln2_with_zero_rewards(assets, tmp_path):
         assert first[name] == pytest.approx(0.0, abs=1e-7)
     assert first["rewards/accuracies"] == 0.0
     assert abs(rows[1]["rewards/margins"]) > 1e-6  # the adapter moved off the reference
-    assert (tmp_path / "epoch_0" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "epoch_1_peft" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -236,8 +236,8 @@ def test_resume_gives_the_uninterrupted_second_epoch(assets, peft_adapter, tmp_p
         CONFIG,
         overrides
         + [
-            f"checkpointer.adapter_checkpoint={full / 'epoch_0' / 'adapter.safetensors'}",
-            f"checkpointer.recipe_checkpoint={full / 'epoch_0' / 'recipe_state.pt'}",
+            f"checkpointer.adapter_checkpoint={full / 'epoch_1_adapter' / 'adapter.safetensors'}",
+            f"checkpointer.recipe_checkpoint={full / 'epoch_1_state' / 'recipe_state.pt'}",
             "resume_from_checkpoint=True",
             f"output_dir={resumed}",
         ],

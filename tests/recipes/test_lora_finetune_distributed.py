@@ -43,7 +43,12 @@ COMMON = [
     "clip_grad_norm=0.05",  # small enough to bite
 ]
 ONE_STEP = ["epochs=1", "max_steps_per_epoch=1"]
-SAVED = ["model.safetensors", "adapter.safetensors", "adapter/adapter_model.safetensors"]
+# Under output_dir, for checkpoint NAME: merged model, our adapter, PEFT's adapter.
+SAVED = [
+    "{}/model.safetensors",
+    "{}_adapter/adapter.safetensors",
+    "{}_peft/adapter_model.safetensors",
+]
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +104,12 @@ def test_two_processes_match_single_device(dist_run, single_run):
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
     # The lr schedule steps the same way.
     assert [r["lr"] for r in read_disk_log(out)] == [r["lr"] for r in read_disk_log(single_run)]
-    for epoch in (0, 1):
+    for epoch in (1, 2):
         for name in SAVED:  # merged model, our adapter, PEFT's adapter
-            path = f"epoch_{epoch}/{name}"
+            path = name.format(f"epoch_{epoch}")
             assert_same_weights(single_run / path, out / path, atol=1e-5)
-    assert (out / "epoch_1" / "adapter" / "adapter_config.json").read_text() == (
-        single_run / "epoch_1" / "adapter" / "adapter_config.json"
+    assert (out / "epoch_2_peft" / "adapter_config.json").read_text() == (
+        single_run / "epoch_2_peft" / "adapter_config.json"
     ).read_text()
     print(f"LoRA max |loss diff| {(ours - expected).abs().max():.2e}")
 
@@ -143,11 +148,11 @@ def test_fresh_adapters_are_the_same_on_one_device_and_two_ranks(assets, tmp_pat
     print(f"fresh LoRA 2 ranks vs 1 device: max |loss diff| {(two_ranks - single).abs().max():.2e}")
     for other in ("d1", "s"):
         assert_same_weights(
-            tmp_path / other / "epoch_0" / "adapter.safetensors",
-            tmp_path / "d2" / "epoch_0" / "adapter.safetensors",
+            tmp_path / other / "epoch_1_adapter" / "adapter.safetensors",
+            tmp_path / "d2" / "epoch_1_adapter" / "adapter.safetensors",
             atol=1e-5,
         )
-    adapter = load_file(tmp_path / "d2" / "epoch_0" / "adapter.safetensors")
+    adapter = load_file(tmp_path / "d2" / "epoch_1_adapter" / "adapter.safetensors")
     assert set(adapter) == set(load_file(assets.adapter))
 
 
@@ -160,8 +165,8 @@ def test_resume_gives_identical_second_epoch(dist_run, tmp_path):
         "tiny/lora_distributed",
         overrides
         + [
-            f"checkpointer.adapter_checkpoint={out / 'epoch_0' / 'adapter.safetensors'}",
-            f"checkpointer.recipe_checkpoint={out / 'epoch_0' / 'recipe_state.pt'}",
+            f"checkpointer.adapter_checkpoint={out / 'epoch_1_adapter' / 'adapter.safetensors'}",
+            f"checkpointer.recipe_checkpoint={out / 'epoch_1_state' / 'recipe_state.pt'}",
             "resume_from_checkpoint=True",
             f"output_dir={resumed}",
         ],
@@ -170,7 +175,8 @@ def test_resume_gives_identical_second_epoch(dist_run, tmp_path):
     torch.testing.assert_close(logged_losses(resumed), logged_losses(out)[5:], rtol=0, atol=1e-6)
     assert [r["lr"] for r in read_disk_log(resumed)] == [r["lr"] for r in read_disk_log(out)][5:]
     for name in SAVED:
-        assert_same_weights(out / "epoch_1" / name, resumed / "epoch_1" / name, atol=1e-6)
+        path = name.format("epoch_2")
+        assert_same_weights(out / path, resumed / path, atol=1e-6)
 
 
 @pytest.mark.gpu
@@ -190,5 +196,5 @@ def test_nccl_bf16_on_one_gpu(assets, tmp_path):
     )
     losses = logged_losses(tmp_path)
     assert len(losses) == 5 and torch.isfinite(losses).all()
-    saved = load_file(tmp_path / "epoch_0" / "adapter.safetensors")
+    saved = load_file(tmp_path / "epoch_1_adapter" / "adapter.safetensors")
     assert all(v.dtype == torch.bfloat16 for v in saved.values())

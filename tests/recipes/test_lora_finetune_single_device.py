@@ -150,14 +150,16 @@ def test_only_adapters_are_trained(assets, tmp_path):
 
 
 def test_exports_load_in_peft_and_transformers(lora_run, assets):
-    """epoch_N/ holds the merged model (HF format), our adapter, and PEFT's in epoch_N/adapter/
-    (a subfolder, so transformers' from_pretrained(epoch_N) does not apply it a second time)."""
+    """epoch_N/ holds the merged model (HF format) alone; our adapter is in epoch_N_adapter/,
+    PEFT's in epoch_N_peft/ (so transformers' from_pretrained(epoch_N) does not apply it a
+    second time, and a *.safetensors glob of epoch_N/ finds only the model)."""
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
     out, overrides = lora_run
-    epoch_dir = out / "epoch_1"
-    adapter = load_file(epoch_dir / "adapter.safetensors")
+    epoch_dir = out / "epoch_2"
+    assert sorted(p.name for p in epoch_dir.glob("*.safetensors")) == ["model.safetensors"]
+    adapter = load_file(out / "epoch_2_adapter" / "adapter.safetensors")
     assert set(adapter) == {
         f"layers.{i}.attn.{p}.lora_{ab}.weight"
         for i in range(3)
@@ -170,16 +172,16 @@ def test_exports_load_in_peft_and_transformers(lora_run, assets):
     with torch.no_grad():
         expected = ours(tokens)
         peft_model = PeftModel.from_pretrained(
-            load_hf_model(assets.model_dir).eval(), epoch_dir / "adapter"
+            load_hf_model(assets.model_dir).eval(), out / "epoch_2_peft"
         )
         torch.testing.assert_close(peft_model(input_ids=tokens).logits, expected, rtol=0, atol=1e-5)
         merged = LlamaForCausalLM.from_pretrained(epoch_dir, attn_implementation="eager").eval()
         torch.testing.assert_close(merged(input_ids=tokens).logits, expected, rtol=0, atol=2e-5)
-    peft_config = json.loads((epoch_dir / "adapter" / "adapter_config.json").read_text())
+    peft_config = json.loads((out / "epoch_2_peft" / "adapter_config.json").read_text())
     assert peft_config["r"] == 4 and peft_config["lora_alpha"] == 8
     assert sorted(peft_config["target_modules"]) == ["k_proj", "q_proj", "v_proj"]
-    assert (out / "epoch_0" / "recipe_state.pt").is_file()
-    assert not (epoch_dir / "recipe_state.pt").exists()
+    assert (out / "epoch_1_state" / "recipe_state.pt").is_file()
+    assert not (out / "epoch_2_state").exists()
 
 
 @pytest.mark.slow
@@ -191,8 +193,8 @@ def test_resume_gives_identical_second_epoch(lora_run, tmp_path):
         "tiny/lora",
         overrides
         + [
-            f"checkpointer.adapter_checkpoint={out / 'epoch_0' / 'adapter.safetensors'}",
-            f"checkpointer.recipe_checkpoint={out / 'epoch_0' / 'recipe_state.pt'}",
+            f"checkpointer.adapter_checkpoint={out / 'epoch_1_adapter' / 'adapter.safetensors'}",
+            f"checkpointer.recipe_checkpoint={out / 'epoch_1_state' / 'recipe_state.pt'}",
             "resume_from_checkpoint=True",
             f"output_dir={resumed}",
         ],
@@ -200,8 +202,8 @@ def test_resume_gives_identical_second_epoch(lora_run, tmp_path):
     )
     torch.testing.assert_close(logged_losses(resumed), logged_losses(out)[5:], rtol=0, atol=0)
     assert [r["lr"] for r in read_disk_log(resumed)] == [r["lr"] for r in read_disk_log(out)][5:]
-    for name in ("adapter.safetensors", "model.safetensors"):
-        a, b = load_file(out / "epoch_1" / name), load_file(resumed / "epoch_1" / name)
+    for name in ("epoch_2_adapter/adapter.safetensors", "epoch_2/model.safetensors"):
+        a, b = load_file(out / name), load_file(resumed / name)
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=f"{name}: {key}")
@@ -215,7 +217,7 @@ def test_tiny_config_runs_on_bundled_assets(tmp_path):
     run_tune(RECIPE, "tiny/lora", [f"output_dir={tmp_path}", "max_steps_per_epoch=3"], cwd=tmp_path)
     losses = logged_losses(tmp_path)
     assert len(losses) == 3 and torch.isfinite(losses).all()
-    assert (tmp_path / "epoch_0" / "adapter.safetensors").is_file()
+    assert (tmp_path / "epoch_1_adapter" / "adapter.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -234,12 +236,12 @@ def test_mlp_and_output_adapters_export_to_peft(assets, tmp_path):
         ]
     )
     run_tune(RECIPE, "tiny/lora", overrides, cwd=tmp_path)
-    adapter_dir = tmp_path / "epoch_0" / "adapter"
+    adapter_dir = tmp_path / "epoch_1_peft"
     peft_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert sorted(peft_config["target_modules"]) == sorted(
         ["o_proj", "gate_proj", "down_proj", "up_proj", "lm_head"]
     )
-    adapter = load_file(tmp_path / "epoch_0" / "adapter.safetensors")
+    adapter = load_file(tmp_path / "epoch_1_adapter" / "adapter.safetensors")
     ours = _our_lora_model(_cfg(overrides), adapter)
     tokens = torch.randint(0, 400, (2, 19), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

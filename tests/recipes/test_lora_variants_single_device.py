@@ -104,13 +104,13 @@ def _check_exports(out, overrides, assets, hf_base):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    epoch_dir = out / "epoch_1"
-    adapter = load_file(epoch_dir / "adapter.safetensors")
+    epoch_dir = out / "epoch_2"
+    adapter = load_file(out / "epoch_2_adapter" / "adapter.safetensors")
     ours = _our_lora_model(_cfg(overrides), adapter)
     tokens = torch.randint(0, 400, (2, 23), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ours(tokens)
-        peft_model = PeftModel.from_pretrained(hf_base.eval(), epoch_dir / "adapter").eval()
+        peft_model = PeftModel.from_pretrained(hf_base.eval(), out / "epoch_2_peft").eval()
         torch.testing.assert_close(peft_model(input_ids=tokens).logits, expected, rtol=0, atol=1e-5)
         merged = LlamaForCausalLM.from_pretrained(epoch_dir, attn_implementation="eager").eval()
         torch.testing.assert_close(merged(input_ids=tokens).logits, expected, rtol=0, atol=2e-5)
@@ -127,9 +127,9 @@ def test_dora_exports_load_in_peft_and_transformers(dora_run, assets):
     out, overrides = dora_run
     adapter = _check_exports(out, overrides, assets, load_hf_model(assets.model_dir))
     assert sum(k.endswith(".magnitude") for k in adapter) == 3 * len(TARGETS)
-    peft_sd = load_file(out / "epoch_1" / "adapter" / "adapter_model.safetensors")
+    peft_sd = load_file(out / "epoch_2_peft" / "adapter_model.safetensors")
     assert sum(k.endswith(".lora_magnitude_vector") for k in peft_sd) == 3 * len(TARGETS)
-    peft_config = json.loads((out / "epoch_1" / "adapter" / "adapter_config.json").read_text())
+    peft_config = json.loads((out / "epoch_2_peft" / "adapter_config.json").read_text())
     assert peft_config["use_dora"] is True
 
 
@@ -191,8 +191,8 @@ def test_resumed_run_equals_the_uninterrupted_one(assets, tmp_path, variant):
         "tiny/lora",
         overrides
         + [
-            f"checkpointer.adapter_checkpoint={out / 'epoch_0' / 'adapter.safetensors'}",
-            f"checkpointer.recipe_checkpoint={out / 'epoch_0' / 'recipe_state.pt'}",
+            f"checkpointer.adapter_checkpoint={out / 'epoch_1_adapter' / 'adapter.safetensors'}",
+            f"checkpointer.recipe_checkpoint={out / 'epoch_1_state' / 'recipe_state.pt'}",
             "resume_from_checkpoint=True",
             f"output_dir={resumed}",
         ],
@@ -200,8 +200,8 @@ def test_resumed_run_equals_the_uninterrupted_one(assets, tmp_path, variant):
     )
     torch.testing.assert_close(logged_losses(resumed), logged_losses(out)[5:], rtol=0, atol=0)
     assert [r["lr"] for r in read_disk_log(resumed)] == [r["lr"] for r in read_disk_log(out)][5:]
-    for name in ("adapter.safetensors", "model.safetensors"):
-        a, b = load_file(out / "epoch_1" / name), load_file(resumed / "epoch_1" / name)
+    for name in ("epoch_2_adapter/adapter.safetensors", "epoch_2/model.safetensors"):
+        a, b = load_file(out / name), load_file(resumed / name)
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=f"{name}: {key}")

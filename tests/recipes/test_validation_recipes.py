@@ -121,12 +121,12 @@ def test_lora_validation_is_the_plain_loss_and_leaves_training_alone(lora_runs, 
     rows = _val_rows(out)
     assert sorted(rows) == [2, 4] and not _val_rows(plain_out)
     assert all(r["loss"] == ours[r["step"] - 1] for r in rows.values())  # one row per step
-    # Step 4's validation ran on the final adapter, the one epoch_0 holds.
+    # Step 4's validation ran on the final adapter, the one epoch_1_adapter holds.
     cfg = _cfg("tiny/lora", overrides)
     model = _model_from(
         cfg,
         Path(cfg.checkpointer.checkpoint_dir) / "model.safetensors",
-        out / "epoch_0" / "adapter.safetensors",
+        out / "epoch_1_adapter" / "adapter.safetensors",
     )
     want, count = _plain_val_loss(model, cfg, assets.val)
     assert rows[4]["val_tokens"] == count
@@ -143,7 +143,7 @@ def test_full_validates_at_each_epoch_end(assets, tmp_path):
     rows = _val_rows(tmp_path)
     assert sorted(rows) == [2, 4]  # eval_every_n_steps=null: after each epoch's last step
     cfg = _cfg("tiny/full", overrides)
-    model = _model_from(cfg, tmp_path / "epoch_1" / "model.safetensors")
+    model = _model_from(cfg, tmp_path / "epoch_2" / "model.safetensors")
     want, count = _plain_val_loss(model, cfg, assets.val)
     assert rows[4]["val_tokens"] == count
     assert rows[4]["val_loss"] == pytest.approx(want, abs=1e-6)
@@ -190,8 +190,8 @@ def test_two_ranks_give_the_one_device_val_loss(assets, tmp_path, recipe, single
         assert rows_two[step]["val_tokens"] == rows_one[step]["val_tokens"]
         assert rows_two[step]["val_loss"] == pytest.approx(rows_one[step]["val_loss"], abs=1e-6)
     cfg = _cfg(single, _common(assets, one) + extra)
-    adapter = one / "epoch_0" / "adapter.safetensors" if recipe == "lora_finetune" else None
-    model_file = one / "epoch_0" / "model.safetensors" if adapter is None else None
+    adapter = one / "epoch_1_adapter" / "adapter.safetensors" if recipe == "lora_finetune" else None
+    model_file = one / "epoch_1" / "model.safetensors" if adapter is None else None
     model_file = model_file or Path(cfg.checkpointer.checkpoint_dir) / "model.safetensors"
     want, _ = _plain_val_loss(_model_from(cfg, model_file, adapter), cfg, assets.val)
     assert rows_one[2]["val_loss"] == pytest.approx(want, abs=1e-6)

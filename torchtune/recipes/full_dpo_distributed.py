@@ -197,7 +197,9 @@ class FullDPORecipeDistributed:
             ckpt.update(self._state.state_dict(self._device))
             ckpt["optimizer"] = utils.gather_optimizer_state_dict(self._model, self._optimizer)
         if self._is_rank_zero:
-            self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=not last)
+            self._checkpointer.save_checkpoint(
+                ckpt, epoch=epoch + 1, intermediate_checkpoint=not last
+            )
         torch.distributed.barrier()  # nobody reads or resumes before the files exist
 
     def cleanup(self) -> None:

@@ -20,9 +20,12 @@ in bf16 and gradients are reduced in fp32; checkpoints are written in bf16, as o
 The loss of an optimizer step is the sum of token cross-entropies over every rank's
 micro-batches divided by the global count of scored tokens (an all-reduce), so uneven
 sequence lengths across ranks still give exactly the single-device gradient. Rank 0 alone
-logs and writes checkpoints, gathered into the single-device formats, ``recipe_state.pt``
-included: either recipe resumes the other's run (``checkpointer.checkpoint_dir=<output_dir>/
-epoch_N checkpointer.recipe_checkpoint=recipe_state.pt resume_from_checkpoint=True``).
+logs and writes checkpoints, gathered into the single-device formats and layout (``epoch_N``,
+``step_N`` with ``save_every_n_steps``, ``NAME_state/recipe_state.pt``, ``checkpoints.json``):
+either recipe resumes the other's run with the same global batch, mid-epoch.
+``resume_from_checkpoint=True`` alone continues from the latest complete checkpoint; an
+explicit one is ``checkpointer.checkpoint_dir=<output_dir>/NAME
+checkpointer.recipe_checkpoint=<output_dir>/NAME_state/recipe_state.pt``.
 
 A rank that raises logs and re-raises ``rank N: <error>``; torchrun then stops the others.
 Collectives give up after 10 minutes (``utils.init_distributed``'s timeout).
@@ -78,9 +81,7 @@ class FullFinetuneRecipeDistributed:
     def setup(self, cfg: DictConfig) -> None:
         """Build everything from the config; on resume, restore the recipe state last."""
         self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
-        self._checkpointer = config.instantiate(
-            cfg.checkpointer, resume_from_checkpoint=self._loop.resume
-        )
+        self._checkpointer = training.build_checkpointer(cfg)
         ckpt = training.load_checkpoint_on_rank_zero(self._checkpointer, self._is_rank_zero)
         if self._loop.resume:
             self._state = self._state.resumed_from(ckpt)
@@ -97,8 +98,9 @@ class FullFinetuneRecipeDistributed:
         if "optimizer" in ckpt:  # on every rank: loading is collective
             utils.load_optimizer_state_dict(self._model, self._optimizer, ckpt["optimizer"])
         self._loss_fn = config.instantiate(cfg.loss)
+        dataset = config.instantiate(cfg.dataset, tokenizer=self._tokenizer)
         self._dataloader = training.build_dataloader(
-            config.instantiate(cfg.dataset, tokenizer=self._tokenizer),
+            dataset,
             batch_size=cfg.batch_size,
             pad_id=padding_id(self._tokenizer),
             shuffle=cfg.shuffle,
@@ -106,6 +108,9 @@ class FullFinetuneRecipeDistributed:
             world_size=self._world_size,
             rank=self._rank,
         )
+        self._state.signature = training.run_signature(cfg, dataset, self._world_size)
+        if self._loop.resume:  # the same batches as the run resumed, or a ValueError
+            training.check_resume_signature(ckpt, self._state.signature)
         self._steps_per_epoch = training.steps_per_epoch(
             len(self._dataloader),
             self._loop.gradient_accumulation_steps,
@@ -122,7 +127,7 @@ class FullFinetuneRecipeDistributed:
         self._lr_scheduler = training.build_lr_scheduler(
             cfg.lr_scheduler,
             self._optimizer,
-            num_training_steps=self._state.total_epochs * self._steps_per_epoch,
+            num_training_steps=self._state.total_steps(self._steps_per_epoch),
             global_step=self._state.global_step,
         )
         if self._loop.resume:
@@ -162,22 +167,24 @@ class FullFinetuneRecipeDistributed:
 
     def train(self) -> None:
         """Run the remaining epochs; rank 0 logs every ``log_every_n_steps`` optimizer steps."""
-        state = self._state
+        state, steps_per_epoch = self._state, self._steps_per_epoch
         if state.finished:
             log.info("Nothing to do: %d of %d epochs run", state.epochs_run, state.total_epochs)
-        for epoch in range(state.epochs_run, state.total_epochs):
-            progress = training.StepLog(
-                self._metric_logger,
-                self._loop.log_every_n_steps,
-                self._device,
-                self._steps_per_epoch,
-                desc=f"epoch {epoch + 1}/{state.total_epochs}",
-                show=self._is_rank_zero,
-            )
+        progress = training.StepLog(
+            self._metric_logger,
+            self._loop.log_every_n_steps,
+            self._device,
+            state.total_steps(steps_per_epoch),
+            desc="train",
+            show=self._is_rank_zero,
+            initial=state.global_step,
+        )
+        for epoch in state.remaining_epochs():  # stops at max_steps
+            progress.set_description(f"epoch {epoch + 1}/{state.total_epochs}")
             for micro_batches in training.epoch_micro_batches(
                 self._dataloader,
                 epoch,
-                self._steps_per_epoch,
+                state.epoch_steps(steps_per_epoch),
                 self._loop.gradient_accumulation_steps,
                 start_step=state.steps_in_epoch,
             ):
@@ -198,12 +205,14 @@ class FullFinetuneRecipeDistributed:
                 state.end_step()
                 val = self._validator.maybe_run(self._model, self._loss_fn, state)  # or None
                 progress.step(state.global_step, loss, lr, n_tokens, seconds, extra=val)
-            progress.close()
-            state.end_epoch()
-            self.save_checkpoint(epoch)
+                if state.step_checkpoint_due(self._loop.save_every_n_steps, steps_per_epoch):
+                    self.save_checkpoint()
+            state.close_epoch(steps_per_epoch)
+            self.save_checkpoint()  # epoch_N, or step_N where max_steps ends the run
+        progress.close()
         log.info("Peak memory (rank 0): %s", utils.get_memory_stats(self._device))
 
-    def save_checkpoint(self, epoch: int) -> None:
+    def save_checkpoint(self) -> None:
         """Gather the model (and, unless this was the last epoch, the state to resume from)
         on rank 0 and write it there. Every rank must call this."""
         ckpt: Dict[str, Any] = {"model": utils.gather_full_state_dict(self._model, self._dtype)}
@@ -213,7 +222,10 @@ class FullFinetuneRecipeDistributed:
             ckpt.update(self._state.state_dict(self._device))
         if self._is_rank_zero:
             self._checkpointer.save_checkpoint(
-                ckpt, epoch=epoch, intermediate_checkpoint=intermediate
+                ckpt,
+                intermediate_checkpoint=intermediate,
+                name=self._state.checkpoint_name,
+                info=self._state.checkpoint_info(),
             )
         torch.distributed.barrier()  # nobody reads or resumes before the files exist
 

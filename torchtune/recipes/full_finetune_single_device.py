@@ -9,10 +9,17 @@ over all its micro-batches divided by the number of scored tokens in the whole s
 ``gradient_accumulation_steps=k`` gives exactly the gradient of a k-times larger batch
 (batches left over at the end of an epoch that do not fill a step are skipped).
 
-At the end of every epoch ``output_dir/epoch_N/`` receives the model in the format it came in,
-plus, except after the last epoch, ``recipe_state.pt`` (optimizer, epoch, seed, RNG). To
-resume, point the checkpointer at that folder: ``checkpointer.checkpoint_dir=<output_dir>/epoch_N
-checkpointer.recipe_checkpoint=recipe_state.pt resume_from_checkpoint=True``.
+Checkpoints (layout in ``torchtune/utils/_checkpointing/_index.py``): at the end of every
+epoch ``output_dir/epoch_N/`` (N epochs run) receives the model in the format it came in, and
+with ``save_every_n_steps: K`` every K global steps ``output_dir/step_N/`` does (the newest
+``keep_last_n_checkpoints`` of them are kept). Each but the run's last also has
+``NAME_state/recipe_state.pt`` (optimizer, position in the epoch's data order, seed, RNG);
+``checkpoints.json`` lists the complete ones. ``resume_from_checkpoint=True`` alone continues
+from the latest, mid-epoch with the same batches, learning rates and random draws (the
+checkpointer reads the model from its folder); an explicit one is
+``checkpointer.checkpoint_dir=<output_dir>/NAME
+checkpointer.recipe_checkpoint=<output_dir>/NAME_state/recipe_state.pt``. ``max_steps`` caps
+the optimizer steps over all epochs.
 
 With ``validation_dataset`` set, ``training.Validator`` logs ``val_loss`` and
 ``val_perplexity`` (token-weighted over the whole split) with the step's training metrics,
@@ -54,9 +61,7 @@ class FullFinetuneRecipeSingleDevice:
     def setup(self, cfg: DictConfig) -> None:
         """Build everything from the config; on resume, restore the recipe state last."""
         self._metric_logger = config.instantiate(cfg.metric_logger)
-        self._checkpointer = config.instantiate(
-            cfg.checkpointer, resume_from_checkpoint=self._loop.resume
-        )
+        self._checkpointer = training.build_checkpointer(cfg)
         ckpt = self._checkpointer.load_checkpoint()
         if self._loop.resume:
             self._state = self._state.resumed_from(ckpt)
@@ -73,13 +78,17 @@ class FullFinetuneRecipeSingleDevice:
         if "optimizer" in ckpt:
             self._optimizer.load_state_dict(ckpt["optimizer"])
         self._loss_fn = config.instantiate(cfg.loss)
+        dataset = config.instantiate(cfg.dataset, tokenizer=self._tokenizer)
         self._dataloader = training.build_dataloader(
-            config.instantiate(cfg.dataset, tokenizer=self._tokenizer),
+            dataset,
             batch_size=cfg.batch_size,
             pad_id=padding_id(self._tokenizer),
             shuffle=cfg.shuffle,
             seed=self._state.seed,
         )
+        self._state.signature = training.run_signature(cfg, dataset)
+        if self._loop.resume:  # the same batches as the run resumed, or a ValueError
+            training.check_resume_signature(ckpt, self._state.signature)
         self._steps_per_epoch = training.steps_per_epoch(
             len(self._dataloader),
             self._loop.gradient_accumulation_steps,
@@ -94,7 +103,7 @@ class FullFinetuneRecipeSingleDevice:
         self._lr_scheduler = training.build_lr_scheduler(
             cfg.lr_scheduler,
             self._optimizer,
-            num_training_steps=self._state.total_epochs * self._steps_per_epoch,
+            num_training_steps=self._state.total_steps(self._steps_per_epoch),
             global_step=self._state.global_step,
         )
         if self._loop.resume:
@@ -121,21 +130,23 @@ class FullFinetuneRecipeSingleDevice:
 
     def train(self) -> None:
         """Run the remaining epochs, logging every ``log_every_n_steps`` optimizer steps."""
-        state = self._state
+        state, steps_per_epoch = self._state, self._steps_per_epoch
         if state.finished:
             log.info("Nothing to do: %d of %d epochs run", state.epochs_run, state.total_epochs)
-        for epoch in range(state.epochs_run, state.total_epochs):
-            progress = training.StepLog(
-                self._metric_logger,
-                self._loop.log_every_n_steps,
-                self._device,
-                self._steps_per_epoch,
-                desc=f"epoch {epoch + 1}/{state.total_epochs}",
-            )
+        progress = training.StepLog(
+            self._metric_logger,
+            self._loop.log_every_n_steps,
+            self._device,
+            state.total_steps(steps_per_epoch),
+            desc="train",
+            initial=state.global_step,
+        )
+        for epoch in state.remaining_epochs():  # stops at max_steps
+            progress.set_description(f"epoch {epoch + 1}/{state.total_epochs}")
             for micro_batches in training.epoch_micro_batches(
                 self._dataloader,
                 epoch,
-                self._steps_per_epoch,
+                state.epoch_steps(steps_per_epoch),
                 self._loop.gradient_accumulation_steps,
                 start_step=state.steps_in_epoch,
             ):
@@ -155,12 +166,14 @@ class FullFinetuneRecipeSingleDevice:
                 state.end_step()
                 val = self._validator.maybe_run(self._model, self._loss_fn, state)  # or None
                 progress.step(state.global_step, loss, lr, n_tokens, seconds, extra=val)
-            progress.close()
-            state.end_epoch()
-            self.save_checkpoint(epoch)
+                if state.step_checkpoint_due(self._loop.save_every_n_steps, steps_per_epoch):
+                    self.save_checkpoint()
+            state.close_epoch(steps_per_epoch)
+            self.save_checkpoint()  # epoch_N, or step_N where max_steps ends the run
+        progress.close()
         log.info("Peak memory: %s", utils.get_memory_stats(self._device))
 
-    def save_checkpoint(self, epoch: int) -> None:
+    def save_checkpoint(self) -> None:
         """Save the model (and, unless this was the last epoch, the state to resume from)."""
         ckpt: Dict[str, Any] = {
             "model": {k: v.detach().cpu() for k, v in self._model.state_dict().items()}
@@ -169,7 +182,12 @@ class FullFinetuneRecipeSingleDevice:
         if intermediate:
             ckpt["optimizer"] = self._optimizer.state_dict()
             ckpt.update(self._state.state_dict(self._device))
-        self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=intermediate)
+        self._checkpointer.save_checkpoint(
+            ckpt,
+            intermediate_checkpoint=intermediate,
+            name=self._state.checkpoint_name,
+            info=self._state.checkpoint_info(),
+        )
 
     def cleanup(self) -> None:
         self._metric_logger.close()

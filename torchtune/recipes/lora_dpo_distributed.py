@@ -232,7 +232,9 @@ class LoRADPORecipeDistributed:
                     k: v.full_tensor().cpu() for k, v in self._reference_adapter.items()
                 }
         if self._is_rank_zero:
-            self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=not last)
+            self._checkpointer.save_checkpoint(
+                ckpt, epoch=epoch + 1, intermediate_checkpoint=not last
+            )
         torch.distributed.barrier()  # nobody reads or resumes before the files exist
 
     def cleanup(self) -> None:

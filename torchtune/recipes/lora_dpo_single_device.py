@@ -220,7 +220,7 @@ class LoRADPORecipeSingleDevice:
                     k: v.cpu() for k, v in self._reference_adapter.items()
                 }
         self._checkpointer.save_checkpoint(
-            ckpt, epoch=epoch, intermediate_checkpoint=not self._state.finished
+            ckpt, epoch=epoch + 1, intermediate_checkpoint=not self._state.finished
         )
 
     def cleanup(self) -> None:

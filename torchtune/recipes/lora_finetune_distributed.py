@@ -10,12 +10,14 @@
 Same config keys, data order and numbers as ``lora_finetune_single_device`` with a batch of
 ``world_size * batch_size`` (see ``full_finetune_distributed`` for the sharding, the loss
 normalisation and the data split). The base model is frozen; only the LoRA matrices train
-and only they are in the optimizer. At the end of every epoch rank 0 writes, as on one
-device, the merged model in the format the base came in and the adapter alone in
-torchtune's format and in PEFT's. To resume, keep the base checkpoint and add
-``checkpointer.adapter_checkpoint=<output_dir>/epoch_N/adapter.safetensors
-checkpointer.recipe_checkpoint=<output_dir>/epoch_N/recipe_state.pt resume_from_checkpoint=True``;
-``recipe_state.pt`` has the single-device layout, so either recipe resumes the other's run.
+and only they are in the optimizer. Rank 0 writes the checkpoints of the single-device
+recipe in its layout (``epoch_N``, ``step_N`` with ``save_every_n_steps``, each with
+``NAME_adapter/``, ``NAME_peft/``, ``NAME_state/``, listed in ``checkpoints.json``).
+``resume_from_checkpoint=True`` alone continues from the latest complete one, mid-epoch, on any
+number of ranks with the same global batch (``world_size * batch_size``); ``recipe_state.pt``
+has the single-device layout, so either recipe resumes the other's run. An explicit one is
+``checkpointer.adapter_checkpoint=<output_dir>/NAME_adapter/adapter.safetensors
+checkpointer.recipe_checkpoint=<output_dir>/NAME_state/recipe_state.pt``.
 
 Fresh adapters (no ``checkpointer.adapter_checkpoint``) are drawn on rank 0 from ``seed``
 alone (``peft.init_lora_adapters``: ``lora_a`` kaiming-uniform, ``lora_b`` zero), as the
@@ -82,9 +84,7 @@ class LoRAFinetuneRecipeDistributed:
     def setup(self, cfg: DictConfig) -> None:
         """Build everything from the config; on resume, restore the recipe state last."""
         self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
-        self._checkpointer = config.instantiate(
-            cfg.checkpointer, resume_from_checkpoint=self._loop.resume
-        )
+        self._checkpointer = training.build_checkpointer(cfg)
         ckpt = training.load_checkpoint_on_rank_zero(self._checkpointer, self._is_rank_zero)
         if self._loop.resume:
             self._state = self._state.resumed_from(ckpt)
@@ -106,8 +106,9 @@ class LoRAFinetuneRecipeDistributed:
         if "optimizer" in ckpt:  # on every rank: loading is collective
             utils.load_optimizer_state_dict(self._model, self._optimizer, ckpt["optimizer"])
         self._loss_fn = config.instantiate(cfg.loss)
+        dataset = config.instantiate(cfg.dataset, tokenizer=self._tokenizer)
         self._dataloader = training.build_dataloader(
-            config.instantiate(cfg.dataset, tokenizer=self._tokenizer),
+            dataset,
             batch_size=cfg.batch_size,
             pad_id=padding_id(self._tokenizer),
             shuffle=cfg.shuffle,
@@ -115,6 +116,9 @@ class LoRAFinetuneRecipeDistributed:
             world_size=self._world_size,
             rank=self._rank,
         )
+        self._state.signature = training.run_signature(cfg, dataset, self._world_size)
+        if self._loop.resume:  # the same batches as the run resumed, or a ValueError
+            training.check_resume_signature(ckpt, self._state.signature)
         self._steps_per_epoch = training.steps_per_epoch(
             len(self._dataloader),
             self._loop.gradient_accumulation_steps,
@@ -131,7 +135,7 @@ class LoRAFinetuneRecipeDistributed:
         self._lr_scheduler = training.build_lr_scheduler(
             cfg.lr_scheduler,
             self._optimizer,
-            num_training_steps=self._state.total_epochs * self._steps_per_epoch,
+            num_training_steps=self._state.total_steps(self._steps_per_epoch),
             global_step=self._state.global_step,
         )
         if self._loop.resume:
@@ -186,22 +190,24 @@ class LoRAFinetuneRecipeDistributed:
 
     def train(self) -> None:
         """Run the remaining epochs; rank 0 logs every ``log_every_n_steps`` optimizer steps."""
-        state = self._state
+        state, steps_per_epoch = self._state, self._steps_per_epoch
         if state.finished:
             log.info("Nothing to do: %d of %d epochs run", state.epochs_run, state.total_epochs)
-        for epoch in range(state.epochs_run, state.total_epochs):
-            progress = training.StepLog(
-                self._metric_logger,
-                self._loop.log_every_n_steps,
-                self._device,
-                self._steps_per_epoch,
-                desc=f"epoch {epoch + 1}/{state.total_epochs}",
-                show=self._is_rank_zero,
-            )
+        progress = training.StepLog(
+            self._metric_logger,
+            self._loop.log_every_n_steps,
+            self._device,
+            state.total_steps(steps_per_epoch),
+            desc="train",
+            show=self._is_rank_zero,
+            initial=state.global_step,
+        )
+        for epoch in state.remaining_epochs():  # stops at max_steps
+            progress.set_description(f"epoch {epoch + 1}/{state.total_epochs}")
             for micro_batches in training.epoch_micro_batches(
                 self._dataloader,
                 epoch,
-                self._steps_per_epoch,
+                state.epoch_steps(steps_per_epoch),
                 self._loop.gradient_accumulation_steps,
                 start_step=state.steps_in_epoch,
             ):
@@ -222,12 +228,14 @@ class LoRAFinetuneRecipeDistributed:
                 state.end_step()
                 val = self._validator.maybe_run(self._model, self._loss_fn, state)  # or None
                 progress.step(state.global_step, loss, lr, n_tokens, seconds, extra=val)
-            progress.close()
-            state.end_epoch()
-            self.save_checkpoint(epoch)
+                if state.step_checkpoint_due(self._loop.save_every_n_steps, steps_per_epoch):
+                    self.save_checkpoint()
+            state.close_epoch(steps_per_epoch)
+            self.save_checkpoint()  # epoch_N, or step_N where max_steps ends the run
+        progress.close()
         log.info("Peak memory (rank 0): %s", utils.get_memory_stats(self._device))
 
-    def save_checkpoint(self, epoch: int) -> None:
+    def save_checkpoint(self) -> None:
         """Gather the model on rank 0 and write the merged model and the adapter there (plus,
         unless this was the last epoch, the state to resume from). Every rank must call this."""
         state_dict = utils.gather_full_state_dict(self._model)  # fp32 masters; {} off rank 0
@@ -248,7 +256,10 @@ class LoRAFinetuneRecipeDistributed:
             ckpt.update(self._state.state_dict(self._device))
         if self._is_rank_zero:
             self._checkpointer.save_checkpoint(
-                ckpt, epoch=epoch, intermediate_checkpoint=intermediate
+                ckpt,
+                intermediate_checkpoint=intermediate,
+                name=self._state.checkpoint_name,
+                info=self._state.checkpoint_info(),
             )
         torch.distributed.barrier()  # nobody reads or resumes before the files exist
 

@@ -14,8 +14,15 @@ from torchtune.training._loss import ChunkedCrossEntropyLoss
 from torchtune.training._lr_schedulers import get_cosine_schedule_with_warmup
 from torchtune.training._next_token_loss import next_token_loss_sum
 from torchtune.training._progress import StepLog
-from torchtune.training._recipe_state import LoopSettings, RecipeState, restore_rng_state
+from torchtune.training._recipe_state import (
+    LoopSettings,
+    RecipeState,
+    check_resume_signature,
+    restore_rng_state,
+    run_signature,
+)
 from torchtune.training._setup import (
+    build_checkpointer,
     build_lr_scheduler,
     init_device,
     init_distributed_device,
@@ -36,9 +43,11 @@ __all__ = [
     "RecipeState",
     "StepLog",
     "Validator",
+    "build_checkpointer",
     "build_dataloader",
     "build_lr_scheduler",
     "build_validation_dataloader",
+    "check_resume_signature",
     "count_tokens",
     "epoch_micro_batches",
     "get_cosine_schedule_with_warmup",
@@ -48,6 +57,7 @@ __all__ = [
     "next_token_loss_sum",
     "optimizer_step",
     "restore_rng_state",
+    "run_signature",
     "steps_per_epoch",
     "validation_dataset_config",
     "validation_loss",

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from torchtune.data import padded_collate
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,16 @@ def build_dataloader(
         dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
     )
     collate = partial(collate_fn or padded_collate, padding_idx=pad_id)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+    # Its own generator: starting an epoch's iterator draws a seed from the loader's
+    # generator, which would otherwise be the global one, moving the stream dropout draws
+    # from by one at every epoch start, and a mid-epoch resume would draw it at another point.
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
     log.info(
         "Dataset: %d samples, %d batches of %d per rank, %d rank(s)",
         len(dataset),
@@ -111,5 +120,12 @@ def epoch_micro_batches(
 
 
 def count_tokens(micro_batches: List[Dict[str, torch.Tensor]]) -> int:
-    """Tokens of the micro-batches, padding included."""
-    return sum(mb["tokens"].numel() for mb in micro_batches)
+    """Tokens of the micro-batches whose label is not ignored: no padding (nor masked
+    prompt tokens), so tokens/s measures the text trained on. Batches without ``labels``
+    count every token."""
+    return sum(
+        int((mb["labels"] != CROSS_ENTROPY_IGNORE_IDX).sum())
+        if "labels" in mb
+        else mb["tokens"].numel()
+        for mb in micro_batches
+    )

@@ -1,5 +1,5 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-"""An epoch's progress bar and metric rows."""
+"""The run's progress bar and metric rows."""
 
 from typing import Any, Dict, Optional
 
@@ -9,16 +9,19 @@ from torchtune import utils
 
 
 class StepLog:
-    """One epoch's tqdm bar, and a metric-logger row every ``log_every_n_steps`` steps:
-    ``loss``, ``lr``, ``tokens_per_second`` and ``peak_memory_gib``.
+    """A tqdm bar (elapsed time, ETA, loss, lr, tokens/s), and a metric-logger row every
+    ``log_every_n_steps`` steps: ``loss``, ``lr``, ``tokens_per_second`` and
+    ``peak_memory_gib``. Tokens are those :func:`count_tokens` counts: labels not ignored,
+    so no padding.
 
     Args:
         metric_logger: has ``log_dict(dict, step=)``; None logs nothing (ranks but 0).
         log_every_n_steps: logging period, in global steps.
         device: whose peak memory is logged.
-        num_steps: steps in the epoch (the bar's length).
-        desc: the bar's label.
+        num_steps: the bar's length (an epoch's steps, or the run's with ``initial``).
+        desc: the bar's label (:meth:`set_description` changes it).
         show: draw the bar (False on ranks but 0).
+        initial: steps already done (a resumed run), so the ETA counts only what is left.
     """
 
     def __init__(
@@ -29,11 +32,15 @@ class StepLog:
         num_steps: int,
         desc: str,
         show: bool = True,
+        initial: int = 0,
     ) -> None:
         self._metric_logger = metric_logger
         self._every = log_every_n_steps
         self._device = device
-        self._pbar = tqdm(total=num_steps, desc=desc, disable=not show)
+        self._pbar = tqdm(total=num_steps, desc=desc, disable=not show, initial=initial)
+
+    def set_description(self, desc: str) -> None:
+        self._pbar.set_description(desc)
 
     def step(
         self,
@@ -51,6 +58,7 @@ class StepLog:
         tokens_per_second = tokens / max(seconds, 1e-9)
         self._pbar.update(1)
         self._pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}")
+        # tqdm's own rate/ETA include the step's dataloading; ours is the step alone.
         validated = extra is not None and "val_loss" in extra
         if self._metric_logger is not None and (global_step % self._every == 0 or validated):
             mem = utils.get_memory_stats(self._device)

@@ -51,6 +51,16 @@ def init_distributed_device(
     return (*init_device(device, dtype, retain_freed_memory), world_size, rank)
 
 
+def build_checkpointer(cfg: Any) -> Any:
+    """The config's ``checkpointer``, given the top-level ``resume_from_checkpoint`` and
+    ``keep_last_n_checkpoints`` (optional, null keeps every step checkpoint)."""
+    return config.instantiate(
+        cfg.checkpointer,
+        resume_from_checkpoint=bool(cfg.resume_from_checkpoint),
+        keep_last_n_checkpoints=cfg.get("keep_last_n_checkpoints"),
+    )
+
+
 def load_checkpoint_on_rank_zero(checkpointer: Any, is_rank_zero: bool) -> Dict[str, Any]:
     """Rank 0 reads the checkpoint; the others receive everything but the weights and the
     optimizer state, whose keys they get with None values (so every rank sees which parts
@@ -80,6 +90,10 @@ def build_lr_scheduler(
     """
     if cfg_lr_scheduler is None:
         return None
+    # A resumed optimizer's groups carry initial_lr; a fresh one's (a finished run, resumed
+    # to nothing) do not, and torch refuses last_epoch >= 0 without it.
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
     return config.instantiate(
         cfg_lr_scheduler,
         optimizer,

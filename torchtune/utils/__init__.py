@@ -7,7 +7,10 @@ from torchtune.utils._checkpointing import (
     FullModelHFCheckpointer,
     FullModelMetaCheckpointer,
     FullModelTorchTuneCheckpointer,
+    checkpoint_paths,
+    latest_checkpoint,
     load_state_dict_file,
+    read_checkpoints,
     safe_torch_load,
     validate_state_dict_shapes,
 )
@@ -35,6 +38,9 @@ from torchtune.utils._memory import (
 from torchtune.utils._seed import set_seed
 
 __all__ = [
+    "checkpoint_paths",
+    "latest_checkpoint",
+    "read_checkpoints",
     "FullModelHFCheckpointer",
     "FullModelMetaCheckpointer",
     "FullModelTorchTuneCheckpointer",

@@ -250,14 +250,14 @@ def test_lora_adapter_loads_on_the_multimodal_model_with_peft(tmp_path):
         ["model.safetensors"],
         None,
         tmp_path / "o2",
-        adapter_checkpoint=out / "adapter",
+        adapter_checkpoint=out.parent / "epoch_0_peft",
     ).load_checkpoint()["adapter"]
     assert set(again) == set(adapter) and all(torch.equal(again[k], adapter[k]) for k in adapter)
 
     base = Gemma3ForConditionalGeneration.from_pretrained(
         tmp_path / "in", attn_implementation="eager"
     )
-    peft = PeftModel.from_pretrained(base.eval(), out / "adapter").eval()
+    peft = PeftModel.from_pretrained(base.eval(), out.parent / "epoch_0_peft").eval()
     adapted = {n for n, _ in peft.named_modules() if n.endswith("lora_A")}
     assert not [n for n in adapted if "vision_tower" in n]  # the tower has q_proj / v_proj too
     n_layers = BASE["num_hidden_layers"]

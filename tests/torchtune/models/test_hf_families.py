@@ -536,7 +536,7 @@ def test_peft_loads_the_adapter_the_checkpointer_saves(tmp_path, case, attn, mlp
         "adapter_config": {"r": 4, "lora_alpha": 8.0, "target_modules": targets},
     }
     out = ckpt.save_checkpoint(state, epoch=0)
-    peft_model = PeftModel.from_pretrained(hf, out / "adapter").eval()
+    peft_model = PeftModel.from_pretrained(hf, out.parent / "epoch_0_peft").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(TOKENS).logits, ours, atol=ATOL, rtol=RTOL)
 

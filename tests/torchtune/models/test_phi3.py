@@ -246,14 +246,14 @@ def test_peft_loads_the_adapter_the_checkpointer_saves(tmp_path, case, attn, mlp
     out = ckpt.save_checkpoint(state, epoch=0)
     import json
 
-    peft_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    peft_config = json.loads((out.parent / "epoch_0_peft" / "adapter_config.json").read_text())
     want = (["qkv_proj"] if "qkv_proj" in attn else []) + (
         ["o_proj"] if "output_proj" in attn else []
     )
     want += ["gate_up_proj", "down_proj"] if mlp else []
     want += ["lm_head"] if output else []
     assert sorted(peft_config["target_modules"]) == sorted(want)
-    peft_model = PeftModel.from_pretrained(hf, out / "adapter").eval()
+    peft_model = PeftModel.from_pretrained(hf, out.parent / "epoch_0_peft").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(TOKENS).logits, ours, atol=ATOL, rtol=RTOL)
     # and the merged export is HF's model with the adapter folded in

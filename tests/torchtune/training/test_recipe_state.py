@@ -98,3 +98,99 @@ def test_resume_warns_when_the_totals_change(caplog):
     assert "Resuming with max_steps_per_epoch=5; the checkpoint has None" in caplog.text
     assert (resumed.total_epochs, resumed.max_steps_per_epoch) == (3, 5)  # this run's config
     assert not resumed.finished
+
+
+@pytest.mark.parametrize("key", ["save_every_n_steps", "max_steps", "keep_last_n_checkpoints"])
+def test_optional_step_keys_are_null_or_positive(key):
+    assert LoopSettings.from_config({**CFG, key: None}).save_every_n_steps is None
+    with pytest.raises(ValueError, match=f"Config key '{key}' must be null or >= 1, got 0"):
+        LoopSettings.from_config({**CFG, key: 0})
+
+
+def _walk(state: RecipeState, steps_per_epoch: int, every):
+    """The recipes' loop without the model: (name, final) of every checkpoint written."""
+    saved = []
+    for _ in state.remaining_epochs():
+        for _ in range(state.steps_in_epoch, state.epoch_steps(steps_per_epoch)):
+            state.end_step()
+            if state.step_checkpoint_due(every, steps_per_epoch):
+                saved.append((state.checkpoint_name, state.finished))
+        state.close_epoch(steps_per_epoch)
+        saved.append((state.checkpoint_name, state.finished))
+    return saved
+
+
+def test_step_checkpoints_epoch_checkpoints_and_max_steps():
+    state = RecipeState.from_config({**CFG, "max_steps": None}, seed=0)
+    assert state.total_steps(5) == 15
+    assert _walk(state, 5, every=2) == [
+        ("step_2", False),
+        ("step_4", False),
+        ("epoch_1", False),
+        ("step_6", False),
+        ("step_8", False),
+        ("epoch_2", False),
+        ("step_12", False),
+        ("step_14", False),
+        ("epoch_3", True),
+    ]
+    # max_steps ends the run mid-epoch: the last checkpoint is step_N, final; the schedule
+    # is max_steps long.
+    state = RecipeState.from_config({**CFG, "max_steps": 7}, seed=0)
+    assert state.total_steps(5) == 7
+    assert _walk(state, 5, every=3) == [
+        ("step_3", False),
+        ("epoch_1", False),
+        ("step_6", False),
+        ("step_7", True),
+    ]
+    assert (state.global_step, state.epochs_run, state.steps_in_epoch) == (7, 1, 2)
+    # Resumed from step_6 (mid-epoch): the same remaining checkpoints.
+    resumed = RecipeState.from_config({**CFG, "max_steps": 7}, seed=0)
+    resumed.global_step, resumed.epochs_run, resumed.steps_in_epoch = 6, 1, 1
+    assert _walk(resumed, 5, every=3) == [("step_7", True)]
+    # max_steps at an epoch's end: epoch_N is the final one.
+    state = RecipeState.from_config({**CFG, "max_steps": 10}, seed=0)
+    assert _walk(state, 5, every=None) == [("epoch_1", False), ("epoch_2", True)]
+
+
+def test_finished_checkpoint_resumes_to_nothing(caplog):
+    state = RecipeState.from_config(CFG, seed=0)
+    done = {"name": "step_7", "global_step": 7, "epochs_run": 1, "steps_in_epoch": 2}
+    with caplog.at_level(logging.INFO):
+        resumed = state.resumed_from({"finished_checkpoint": done})
+    assert resumed.finished and list(resumed.remaining_epochs()) == []
+    assert "finished" in caplog.text and "nothing to do" in caplog.text
+
+
+def test_resume_signature_refuses_other_batches():
+    from torchtune.training import check_resume_signature, run_signature
+
+    cfg = {"dataset": {"source": "json", "max_seq_len": 64}, "batch_size": 4}
+    cfg["gradient_accumulation_steps"] = 2
+    ours = run_signature(cfg, list(range(40)), world_size=1)
+    saved = {"run_signature": ours}
+    check_resume_signature(saved, ours)  # the same run
+    # W ranks of b/W samples draw the one-device batches: accepted.
+    check_resume_signature(saved, run_signature({**cfg, "batch_size": 2}, range(40), 2))
+    check_resume_signature({}, ours)  # recipe state from before signatures: unchecked
+    cases = {
+        "world_size x batch_size: the checkpoint has 1 x 4, this run 2 x 4": run_signature(
+            cfg, range(40), 2
+        ),
+        "world_size x batch_size: the checkpoint has 1 x 4, this run 1 x 8": run_signature(
+            {**cfg, "batch_size": 8}, range(40), 1
+        ),
+        "gradient_accumulation_steps: the checkpoint has 2, this run 1": run_signature(
+            {**cfg, "gradient_accumulation_steps": 1}, range(40), 1
+        ),
+        "dataset: the checkpoint's has 40 samples .*, this run's 39": run_signature(
+            cfg, range(39), 1
+        ),
+    }
+    for message, theirs in cases.items():
+        with pytest.raises(ValueError, match=message):
+            check_resume_signature(saved, theirs)
+    other = run_signature({**cfg, "dataset": {"source": "json", "max_seq_len": 32}}, range(40))
+    with pytest.raises(ValueError, match=f"config hash {ours['dataset']['config_sha256'][:12]}"):
+        check_resume_signature(saved, other)

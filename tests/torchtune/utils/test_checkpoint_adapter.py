@@ -86,7 +86,7 @@ def test_peft_loads_our_adapter_with_same_logits(tmp_path, num_kv_heads, attn, m
         ours = model(TOKENS)
     out, adapter, merged_sd = _save_lora(ckpt, model, attn)
 
-    peft_dir = out / "adapter"
+    peft_dir = out.parent / "epoch_0_peft"
     peft_config = json.loads((peft_dir / "adapter_config.json").read_text())
     assert peft_config["r"] == RANK and peft_config["lora_alpha"] == ALPHA
     assert peft_config["base_model_name_or_path"] == str((tmp_path / "in").resolve())
@@ -110,9 +110,9 @@ def test_peft_loads_our_adapter_with_same_logits(tmp_path, num_kv_heads, attn, m
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
     # Both adapter files load back into our keys, bit for bit.
-    for name in ("adapter.safetensors", "adapter/adapter_model.safetensors"):
+    for name in ("epoch_0_adapter/adapter.safetensors", "epoch_0_peft/adapter_model.safetensors"):
         back = FullModelHFCheckpointer(
-            out, names, "LLAMA2", tmp_path / "o2", adapter_checkpoint=name
+            out, names, "LLAMA2", tmp_path / "o2", adapter_checkpoint=out.parent / name
         ).load_checkpoint()["adapter"]
         assert sorted(back) == sorted(adapter)
         for k in adapter:
@@ -171,16 +171,12 @@ def test_meta_and_native_write_adapter_files(tmp_path):
     with torch.no_grad():
         ours = model(TOKENS)
     out, adapter, _ = _save_lora(meta, model, ["q_proj", "k_proj"])
-    assert {p.name for p in out.iterdir()} == {
-        name,
-        "params.json",
-        "adapter.safetensors",
-        "adapter",
-    }
-    peft_files = {p.name for p in (out / "adapter").iterdir()}
+    assert {p.name for p in out.iterdir()} == {name, "params.json"}
+    peft_dir = out.parent / "epoch_0_peft"
+    peft_files = {p.name for p in peft_dir.iterdir()}
     assert peft_files == {"adapter_model.safetensors", "adapter_config.json"}
     with torch.no_grad():
-        theirs = PeftModel.from_pretrained(hf, out / "adapter").eval()(TOKENS).logits
+        theirs = PeftModel.from_pretrained(hf, peft_dir).eval()(TOKENS).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
     # Native format, no config.json or params.json nearby: PEFT's files are a rename of ours,
@@ -191,14 +187,14 @@ def test_meta_and_native_write_adapter_files(tmp_path):
     )
     native.load_checkpoint()
     out, adapter, _ = _save_lora(native, model, ["q_proj", "k_proj"])
-    assert {p.name for p in out.iterdir()} == {"native.pt", "adapter.safetensors", "adapter"}
-    loaded = load_file(str(out / "adapter.safetensors"))
+    assert {p.name for p in out.iterdir()} == {"native.pt"}
+    loaded = load_file(str(out.parent / "epoch_0_adapter" / "adapter.safetensors"))
     assert all(torch.equal(loaded[k], adapter[k]) for k in adapter)
-    peft_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    peft_config = json.loads((out.parent / "epoch_0_peft" / "adapter_config.json").read_text())
     assert peft_config["base_model_name_or_path"] is None
     fresh = tiny_hf(2, seed=5)  # from_pretrained modified hf in place
     with torch.no_grad():
-        theirs = PeftModel.from_pretrained(fresh, out / "adapter").eval()(TOKENS).logits
+        theirs = PeftModel.from_pretrained(fresh, out.parent / "epoch_0_peft").eval()(TOKENS).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     # And its PEFT adapter loads back into our keys, bit for bit.
     back = FullModelTorchTuneCheckpointer(
@@ -206,7 +202,7 @@ def test_meta_and_native_write_adapter_files(tmp_path):
         ["native.pt"],
         "LLAMA2",
         tmp_path / "o3",
-        adapter_checkpoint="adapter/adapter_model.safetensors",
+        adapter_checkpoint=out.parent / "epoch_0_peft",
     ).load_checkpoint()["adapter"]
     assert sorted(back) == sorted(adapter) and all(
         torch.equal(back[k], adapter[k]) for k in adapter
@@ -215,7 +211,7 @@ def test_meta_and_native_write_adapter_files(tmp_path):
 
 def test_why_peft_files_are_not_beside_merged_weights(tmp_path):
     """transformers applies an adapter_config.json found next to a full model: with merged
-    weights that doubles the adapter. Guards the choice of the ``adapter/`` subfolder."""
+    weights that doubles the adapter. Guards the choice of the sibling ``NAME_peft/`` folder."""
     import shutil
 
     from transformers import AutoModelForCausalLM
@@ -227,7 +223,7 @@ def test_why_peft_files_are_not_beside_merged_weights(tmp_path):
     with torch.no_grad():
         ours = model(TOKENS)
     out, _, _ = _save_lora(ckpt, model, ["q_proj", "v_proj"])
-    for f in (out / "adapter").iterdir():
+    for f in (out.parent / "epoch_0_peft").iterdir():
         shutil.copy(f, out / f.name)
     doubled = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
     with torch.no_grad():

@@ -180,14 +180,16 @@ def test_recipe_state_round_trip_on_resume(tmp_path):
         "data_position": {"epoch": 1, "step": 11},
     }
     out = ckpt.save_checkpoint(state, epoch=1, intermediate_checkpoint=True)
-    assert (out / "recipe_state.pt").is_file()
+    assert out == tmp_path / "out" / "epoch_1"
+    recipe_file = tmp_path / "out" / "epoch_1_state" / "recipe_state.pt"
+    assert recipe_file.is_file() and not (out / "recipe_state.pt").exists()
     # Resume from the intermediate checkpoint: the epoch folder is itself an HF checkpoint.
     resumed = FullModelHFCheckpointer(
         out,
         names,
         "LLAMA2",
         tmp_path / "out2",
-        recipe_checkpoint="recipe_state.pt",
+        recipe_checkpoint=recipe_file,
         resume_from_checkpoint=True,
     ).load_checkpoint()
     assert set(resumed) == set(state)
@@ -202,7 +204,8 @@ def test_recipe_state_round_trip_on_resume(tmp_path):
         got, want = opt2.state_dict()["state"][0][name], opt.state_dict()["state"][0][name]
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     # A final (non-intermediate) checkpoint has no recipe state.
-    assert not (ckpt.save_checkpoint(state, epoch=2) / "recipe_state.pt").exists()
+    ckpt.save_checkpoint(state, epoch=2)
+    assert not (tmp_path / "out" / "epoch_2_state").exists()
 
 
 class _RunsCode:
@@ -243,7 +246,8 @@ def test_errors_name_the_problem(tmp_path):
         )
     with pytest.raises(ValueError, match="Unknown model_type 'GPT9'"):
         FullModelHFCheckpointer(tmp_path / "in", names, "GPT9", tmp_path / "o")
-    with pytest.raises(ValueError, match="needs recipe_checkpoint"):
+    # Resume without recipe_checkpoint needs a complete checkpoint in output_dir.
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint.*checkpoints.json"):
         FullModelHFCheckpointer(
             tmp_path / "in", names, "LLAMA2", tmp_path / "o", resume_from_checkpoint=True
         )

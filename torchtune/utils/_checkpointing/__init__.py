@@ -1,13 +1,19 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 from torchtune.utils._checkpointing._checkpointer import (
     ADAPTER_FILE,
-    PEFT_ADAPTER_DIR,
     PEFT_ADAPTER_FILE,
     PEFT_CONFIG_FILE,
     RECIPE_STATE_FILE,
     FullModelHFCheckpointer,
     FullModelMetaCheckpointer,
     FullModelTorchTuneCheckpointer,
+)
+from torchtune.utils._checkpointing._index import (
+    CHECKPOINTS_INDEX,
+    CheckpointPaths,
+    checkpoint_paths,
+    latest_checkpoint,
+    read_checkpoints,
 )
 from torchtune.utils._checkpointing._io import (
     load_state_dict_file,
@@ -17,10 +23,14 @@ from torchtune.utils._checkpointing._io import (
 
 __all__ = [
     "ADAPTER_FILE",
+    "CHECKPOINTS_INDEX",
+    "CheckpointPaths",
+    "checkpoint_paths",
+    "latest_checkpoint",
+    "read_checkpoints",
     "FullModelHFCheckpointer",
     "FullModelMetaCheckpointer",
     "FullModelTorchTuneCheckpointer",
-    "PEFT_ADAPTER_DIR",
     "PEFT_ADAPTER_FILE",
     "PEFT_CONFIG_FILE",
     "RECIPE_STATE_FILE",

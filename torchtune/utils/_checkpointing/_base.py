@@ -1,6 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-"""What every checkpointer shares: argument checks, adapter and recipe-state I/O, and the
-bookkeeping that writes each key of a multi-file checkpoint back to the file it came from."""
+"""What every checkpointer shares: argument checks, finding the checkpoint to resume from,
+adapter and recipe-state I/O in the output layout of ``_index.py``, and the bookkeeping that
+writes each key of a multi-file checkpoint back to the file it came from."""
 
 import json
 import logging
@@ -11,17 +12,24 @@ import torch
 
 from torchtune.config import for_argument
 from torchtune.models._families import FAMILIES, ModelFamily, family_for_model_type
+from torchtune.utils._checkpointing._index import (
+    ADAPTER_FILE,
+    RECIPE_STATE_FILE,
+    checkpoint_paths,
+    forget_checkpoint,
+    latest_checkpoint,
+    record_checkpoint,
+)
 from torchtune.utils._checkpointing._io import StagedWriter, load_state_dict_file, safe_torch_load
 
 log = logging.getLogger(__name__)
 
-ADAPTER_FILE = "adapter.safetensors"
 PEFT_ADAPTER_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
-PEFT_ADAPTER_DIR = "adapter"  # in the epoch folder; why: see _checkpointer.py's docstring
-RECIPE_STATE_FILE = "recipe_state.pt"
 # What a recipe's state dict may hold besides the recipe state proper.
 _WEIGHT_KEYS = ("model", "adapter", "adapter_config")
+# Recipe state keys copied into the checkpoints.json entry.
+_POSITION_KEYS = ("global_step", "epochs_run", "steps_in_epoch")
 _ADAPTER_SUFFIXES = ("lora_a.weight", "lora_b.weight", ".magnitude")  # DoRA's magnitude too
 # What ``checkpoint_files: null`` finds, in order of preference: the first pattern with a match.
 _WEIGHT_PATTERNS = (
@@ -120,12 +128,21 @@ class _Checkpointer:
         adapter_checkpoint: Optional[PathLike] = None,
         recipe_checkpoint: Optional[PathLike] = None,
         resume_from_checkpoint: bool = False,
+        keep_last_n_checkpoints: Optional[int] = None,
     ) -> None:
         self._checkpoint_dir = Path(checkpoint_dir)
         if not self._checkpoint_dir.is_dir():
             raise for_argument(_missing_checkpoint_dir(self._checkpoint_dir), "checkpoint_dir")
         if output_dir is None:
             raise ValueError(f"{type(self).__name__} needs output_dir")
+        self._output_dir = Path(output_dir)
+        if keep_last_n_checkpoints is not None and int(keep_last_n_checkpoints) < 1:
+            raise ValueError(
+                f"keep_last_n_checkpoints must be >= 1 or null, got {keep_last_n_checkpoints}"
+            )
+        self._keep_last_n = (
+            None if keep_last_n_checkpoints is None else int(keep_last_n_checkpoints)
+        )
         if model_type is None and not self._FORMAT_NAMES_FAMILY:
             supported = [t for f in FAMILIES for t in f.model_types]
             raise ValueError(f"{type(self).__name__} needs model_type, one of {supported}")
@@ -143,19 +160,34 @@ class _Checkpointer:
                 ValueError("checkpoint_files is empty; name the files, or null to find them"),
                 "checkpoint_files",
             )
+        self._resume = bool(resume_from_checkpoint)
+        # The checkpoint resumed from when resume_from_checkpoint=True names no file: the
+        # latest complete one in output_dir (checkpoints.json).
+        self.resume_entry: Optional[Dict[str, Any]] = None
+        if self._resume and recipe_checkpoint is None:
+            entry = self.resume_entry = latest_checkpoint(self._output_dir)
+            files = entry["files"]
+            if files.get("adapter"):  # LoRA: the same base, the saved adapter
+                if adapter_checkpoint is None:
+                    adapter_checkpoint = self._output_dir / files["adapter"]
+            else:  # full fine-tuning: the saved model, under the input's file names
+                checkpoint_dir = self._output_dir / files["model"]
+                names = [Path(n).name for n in names]
+            if entry.get("final"):
+                self._resume = False  # nothing to resume: the recipe sees "finished_checkpoint"
+            else:
+                recipe_checkpoint = self._output_dir / files["recipe_state"]
+            log.info("Resuming from %s", self._output_dir / entry["name"])
+        self._checkpoint_dir = Path(checkpoint_dir)
+        if not self._checkpoint_dir.is_dir():
+            raise for_argument(_missing_checkpoint_dir(self._checkpoint_dir), "checkpoint_dir")
         self._checkpoint_paths = self._resolve(names)
         self._adapter_path = (
             self._resolve_adapter(adapter_checkpoint) if adapter_checkpoint else None
         )
-        self._resume = bool(resume_from_checkpoint)
         self._recipe_path = None
         if self._resume:
-            if recipe_checkpoint is None:
-                raise ValueError(
-                    "resume_from_checkpoint=True needs recipe_checkpoint (recipe_state.pt)"
-                )
             self._recipe_path = self._resolve([recipe_checkpoint], "recipe_checkpoint")[0]
-        self._output_dir = Path(output_dir)
 
     def _resolve(self, names: Sequence[PathLike], argument: str = "checkpoint_files") -> List[Path]:
         """Paths relative to checkpoint_dir (absolute ones as given); all must exist."""
@@ -211,6 +243,8 @@ class _Checkpointer:
         state = {"model": self._load_model()}
         if self._adapter_path is not None:
             state["adapter"] = self._load_adapter(self._adapter_path)
+        if self.resume_entry is not None and self.resume_entry.get("final"):
+            state["finished_checkpoint"] = dict(self.resume_entry)
         if self._resume:
             recipe_state = safe_torch_load(self._recipe_path)
             if not isinstance(recipe_state, dict):
@@ -240,39 +274,79 @@ class _Checkpointer:
 
     # ---- save -------------------------------------------------------------------------------
     def save_checkpoint(
-        self, state_dict: Dict[str, Any], epoch: int, intermediate_checkpoint: bool = False
+        self,
+        state_dict: Dict[str, Any],
+        epoch: Optional[int] = None,
+        intermediate_checkpoint: bool = False,
+        *,
+        name: Optional[str] = None,
+        info: Optional[Dict[str, Any]] = None,
     ) -> Path:
-        """Write ``output_dir/epoch_{epoch}/``; all files appear together or not at all.
+        """Write checkpoint ``name`` (default ``epoch_{epoch}``) in the layout of ``_index.py``,
+        then list it in ``checkpoints.json`` and prune old step checkpoints.
+
+        Each folder's files appear together or not at all; the checkpoint counts (for resume)
+        only once ``checkpoints.json`` lists it, after all its folders are in place.
 
         Args:
             state_dict: ``"model"`` (native keys, merged weights); optionally ``"adapter"``
                 (native LoRA keys) and ``"adapter_config"`` (``r``, ``lora_alpha``,
                 ``target_modules``); for intermediate checkpoints the recipe state.
-            epoch: epoch number, used in the folder name.
-            intermediate_checkpoint: also write ``recipe_state.pt`` (every key but the weights).
+            epoch: epochs finished, for the default name.
+            intermediate_checkpoint: also write ``NAME_state/recipe_state.pt`` (every key but
+                the weights); without it the checkpoint is listed as the run's final one.
+            name: the checkpoint's name (``epoch_N`` or ``step_N``).
+            info: more fields for the checkpoints.json entry (the position and what a resume
+                must match; ``RecipeState.checkpoint_info``). Without it the position comes
+                from the recipe state keys in ``state_dict``, when there.
 
         Returns:
-            The epoch folder.
+            The model folder ``output_dir/NAME``.
 
         Raises:
-            ValueError: if ``"model"`` is missing or its keys do not fit the format's layout.
+            ValueError: if ``"model"`` is missing or its keys do not fit the format's layout,
+                or neither ``name`` nor ``epoch`` is given.
         """
         if "model" not in state_dict:
             raise ValueError(
                 f"save_checkpoint needs a 'model' entry; got keys {sorted(state_dict)}"
             )
-        epoch_dir = self._output_dir / f"epoch_{epoch}"
+        if name is None:
+            if epoch is None:
+                raise ValueError("save_checkpoint needs name= or epoch=")
+            name = f"epoch_{epoch}"
+        paths = checkpoint_paths(self._output_dir, name)
+        forget_checkpoint(self._output_dir, name)
         with StagedWriter() as writer:
-            self._save_model(writer, state_dict["model"], epoch_dir)
+            self._save_model(writer, state_dict["model"], paths.model_dir)
             if "adapter" in state_dict:
-                self._save_adapter(writer, state_dict, epoch_dir)
+                self._save_adapter(writer, state_dict, paths)
             if intermediate_checkpoint:
                 recipe_state = {k: v for k, v in state_dict.items() if k not in _WEIGHT_KEYS}
-                writer.save_object(recipe_state, epoch_dir / RECIPE_STATE_FILE)
-        log.info("Saved checkpoint to %s", epoch_dir)
-        return epoch_dir
+                writer.save_object(recipe_state, paths.recipe_state)
+        out = self._output_dir
 
-    def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], epoch_dir: Path):
+        def rel(path: Path) -> str:
+            return str(path.relative_to(out))
+
+        has_peft = "adapter" in state_dict and state_dict.get("adapter_config") is not None
+        entry = {
+            "name": name,
+            **{k: state_dict[k] for k in _POSITION_KEYS if k in state_dict},
+            **(info or {}),
+            "final": not intermediate_checkpoint,
+            "files": {
+                "model": rel(paths.model_dir),
+                "adapter": rel(paths.adapter_file) if "adapter" in state_dict else None,
+                "peft": rel(paths.peft_dir) if has_peft else None,
+                "recipe_state": rel(paths.recipe_state) if intermediate_checkpoint else None,
+            },
+        }
+        record_checkpoint(out, entry, self._keep_last_n)
+        log.info("Saved checkpoint %s to %s", name, out)
+        return paths.model_dir
+
+    def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], model_dir: Path):
         raise NotImplementedError
 
     def _peft_adapter(self, adapter: Dict[str, torch.Tensor], adapter_config: Dict[str, Any]):
@@ -282,17 +356,16 @@ class _Checkpointer:
         )
         return self._family.tune_to_peft_adapter(adapter), config
 
-    def _save_adapter(self, writer: StagedWriter, state_dict: Dict[str, Any], epoch_dir: Path):
+    def _save_adapter(self, writer: StagedWriter, state_dict: Dict[str, Any], paths):
         adapter = state_dict["adapter"]
-        writer.save_state_dict(adapter, epoch_dir / ADAPTER_FILE)
+        writer.save_state_dict(adapter, paths.adapter_file)
         config = state_dict.get("adapter_config")
         if config is None:
             log.warning("Not writing PEFT's %s: no adapter_config given", PEFT_ADAPTER_FILE)
             return
         peft_weights, peft_config = self._peft_adapter(adapter, config)
-        peft_dir = epoch_dir / PEFT_ADAPTER_DIR
-        writer.save_state_dict(peft_weights, peft_dir / PEFT_ADAPTER_FILE)
-        writer.write_text(json.dumps(peft_config, indent=2), peft_dir / PEFT_CONFIG_FILE)
+        writer.save_state_dict(peft_weights, paths.peft_dir / PEFT_ADAPTER_FILE)
+        writer.write_text(json.dumps(peft_config, indent=2), paths.peft_dir / PEFT_CONFIG_FILE)
 
 
 class _ShardedCheckpointer(_Checkpointer):
@@ -341,7 +414,7 @@ class _ShardedCheckpointer(_Checkpointer):
         self,
         writer: StagedWriter,
         sd: Dict[str, torch.Tensor],
-        epoch_dir: Path,
+        model_dir: Path,
         extra_keys: Optional[Dict[str, str]] = None,
     ):
         """Write ``sd`` in the loaded files' layout; ``extra_keys`` (key -> file name) places
@@ -358,11 +431,11 @@ class _ShardedCheckpointer(_Checkpointer):
             )
         for path in self._checkpoint_paths:
             shard = {k: v for k, v in sd.items() if layout[k] == path.name}
-            writer.save_state_dict(shard, epoch_dir / path.name)
+            writer.save_state_dict(shard, model_dir / path.name)
         if self._index_name is not None:
             total = sum(v.numel() * v.element_size() for v in sd.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(layout.items()))}
-            writer.write_text(json.dumps(index, indent=2), epoch_dir / self._index_name)
+            writer.write_text(json.dumps(index, indent=2), model_dir / self._index_name)
 
 
 def _ignored_on_save(key: str) -> bool:

@@ -3,27 +3,36 @@
 write it back in the same format and file layout after (or during) training.
 
 Every checkpointer takes ``(checkpoint_dir, checkpoint_files, model_type, output_dir,
-adapter_checkpoint=None, recipe_checkpoint=None, resume_from_checkpoint=False)``;
-``model_type`` may be None (or omitted, with ``output_dir=`` by keyword) for HF checkpoints;
-``checkpoint_files`` None finds the model's files in ``checkpoint_dir``.
+adapter_checkpoint=None, recipe_checkpoint=None, resume_from_checkpoint=False,
+keep_last_n_checkpoints=None)``; ``model_type`` may be None (or omitted, with ``output_dir=``
+by keyword) for HF checkpoints; ``checkpoint_files`` None finds the model's files in
+``checkpoint_dir``.
 
 ``load_checkpoint()`` returns ``{"model": native state dict}``, plus ``"adapter"`` (native LoRA
 keys) when ``adapter_checkpoint`` is given, plus the recipe state (optimizer, epochs_run, rng
-state, ...) when resuming. ``save_checkpoint(state_dict, epoch, intermediate_checkpoint)`` writes
-``output_dir/epoch_{epoch}/``: the model in the input's format and file names; when
-``state_dict`` has ``"adapter"``, ``adapter.safetensors`` (native keys) and, given
-``"adapter_config"``, PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` in
-``epoch_{epoch}/adapter/``; for intermediate checkpoints, ``recipe_state.pt``.
+state, ...) when resuming. ``resume_from_checkpoint=True`` without ``recipe_checkpoint`` resumes
+from the latest complete checkpoint in ``output_dir`` (``checkpoints.json``): a full model is
+then read from that checkpoint's model folder (same file names), a LoRA run keeps its base and
+reads the saved adapter; when that checkpoint is the run's final one, ``load_checkpoint()``
+adds ``"finished_checkpoint"`` (its entry) instead of recipe state.
+
+``save_checkpoint(state_dict, epoch, intermediate_checkpoint, name=, info=)`` writes
+checkpoint ``name`` (default ``epoch_{epoch}``) as sibling folders of ``output_dir`` (see
+``_index.py``): ``NAME/`` the model in the input's format and file names; given ``"adapter"``,
+``NAME_adapter/adapter.safetensors`` (native keys) and, given ``"adapter_config"``, PEFT's
+``adapter_model.safetensors`` + ``adapter_config.json`` in ``NAME_peft/``; for intermediate
+checkpoints, ``NAME_state/recipe_state.pt``. It then lists the checkpoint in
+``checkpoints.json`` and keeps the last ``keep_last_n_checkpoints`` step checkpoints.
 
 The checkpointers only read and write files: every key map, shape and config rule is the
 model family's (``torchtune.models._families``), found from ``model_type`` (a row's legacy
 name) or, for HF checkpoints when it is omitted, from ``config.json``'s ``model_type``.
 
-Why PEFT's files sit in a subfolder: ``transformers.AutoModelForCausalLM.from_pretrained(dir)``
+Why PEFT's files sit in a sibling folder: ``transformers.AutoModelForCausalLM.from_pretrained(dir)``
 looks for ``adapter_config.json`` in ``dir`` and, when it finds one next to a full model, loads
 that adapter on top. Our model files already hold the merged weights, so the adapter would be
 applied twice, silently. Load the adapter with
-``PeftModel.from_pretrained(base_model, output_dir / f"epoch_{epoch}" / "adapter")``.
+``PeftModel.from_pretrained(base_model, output_dir / "epoch_1_peft")``.
 """
 
 import json
@@ -35,15 +44,13 @@ import torch
 
 from torchtune.models._families import family_for_hf_model_type
 from torchtune.utils._checkpointing._base import (
-    ADAPTER_FILE,
-    PEFT_ADAPTER_DIR,
     PEFT_ADAPTER_FILE,
     PEFT_CONFIG_FILE,
-    RECIPE_STATE_FILE,
     _Checkpointer,
     _read_json,
     _ShardedCheckpointer,
 )
+from torchtune.utils._checkpointing._index import ADAPTER_FILE, RECIPE_STATE_FILE
 from torchtune.utils._checkpointing._io import (
     StagedWriter,
     load_state_dict_file,
@@ -52,7 +59,6 @@ from torchtune.utils._checkpointing._io import (
 
 __all__ = [
     "ADAPTER_FILE",
-    "PEFT_ADAPTER_DIR",
     "PEFT_ADAPTER_FILE",
     "PEFT_CONFIG_FILE",
     "RECIPE_STATE_FILE",
@@ -107,7 +113,7 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
 
     The family and sizes come from ``config.json`` in ``checkpoint_dir``. Saving writes the same
     file names (and a regenerated index) plus ``config.json`` and any generation/tokenizer files,
-    so ``AutoModelForCausalLM.from_pretrained(output_dir / f"epoch_{epoch}")`` loads it.
+    so ``AutoModelForCausalLM.from_pretrained(output_dir / "epoch_1")`` loads it.
 
     A multimodal checkpoint whose ``model_type`` a family lists in its ``multimodal`` format
     (a language model beside a vision tower) loads as its language model alone; the other
@@ -124,14 +130,18 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
             run's ``output_dir/epoch_N`` folder loads as it is.
         model_type: a family's legacy name in ``torchtune.models._families`` (any case); for
             HF checkpoints None means the family of config.json's ``model_type``.
-        output_dir: where ``epoch_{epoch}/`` folders are written (required).
+        output_dir: where checkpoint folders and ``checkpoints.json`` are written (required).
         adapter_checkpoint: optional LoRA adapter to load (our ``adapter.safetensors``, or
             PEFT's ``adapter_model.safetensors``).
-        recipe_checkpoint: ``recipe_state.pt`` to load when resuming.
+        recipe_checkpoint: ``recipe_state.pt`` to load when resuming; None with
+            ``resume_from_checkpoint`` resumes from the latest entry of
+            ``output_dir/checkpoints.json``.
         resume_from_checkpoint: merge the recipe state into ``load_checkpoint()``'s result.
+        keep_last_n_checkpoints: how many ``step_*`` checkpoints to keep (None: all).
 
     Raises:
-        FileNotFoundError: if a checkpoint file or ``config.json`` is missing.
+        FileNotFoundError: if a checkpoint file or ``config.json`` is missing, or on resume
+            without ``recipe_checkpoint`` when ``output_dir`` has no complete checkpoint.
         ValueError: on an unknown ``model_type``, one that config.json contradicts, or
             inconsistent arguments.
     """
@@ -226,7 +236,7 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
         validate_state_dict_shapes(self._expected, model, source=source)
         return model
 
-    def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], epoch_dir: Path):
+    def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], model_dir: Path):
         if self._tied and "output.weight" not in sd and "tok_embeddings.weight" in sd:
             # A tied model's parameters listed once (e.g. from named_parameters()): its
             # output projection is the table.
@@ -242,7 +252,7 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
                 log.warning(
                     "The output projection no longer equals the embedding table: saving "
                     "lm_head.weight and tie_word_embeddings=false in %s",
-                    epoch_dir,
+                    model_dir,
                 )
                 head, table = (
                     self._source_key("lm_head.weight"),
@@ -252,12 +262,12 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
                 config = {**self._config, "tie_word_embeddings": False}
         if self._multimodal is not None:
             hf_sd = self._multimodal.join(hf_sd, self._passthrough, self._layout)
-        self._write_shards(writer, hf_sd, epoch_dir, extra_keys=extra)
+        self._write_shards(writer, hf_sd, model_dir, extra_keys=extra)
         for name in _HF_AUX_FILES:
             if name == "config.json" and config is not self._config:
-                writer.write_text(json.dumps(config, indent=2) + "\n", epoch_dir / name)
+                writer.write_text(json.dumps(config, indent=2) + "\n", model_dir / name)
             elif (self._checkpoint_dir / name).is_file():
-                writer.copy_file(self._checkpoint_dir / name, epoch_dir / name)
+                writer.copy_file(self._checkpoint_dir / name, model_dir / name)
 
 
 class FullModelMetaCheckpointer(_Checkpointer):
@@ -310,12 +320,12 @@ class FullModelMetaCheckpointer(_Checkpointer):
             raise ValueError(f"{path} lacks keys that params.json implies: {missing[:8]}")
         return model
 
-    def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], epoch_dir: Path):
+    def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], model_dir: Path):
         meta_sd = self._family.tune_to_meta(sd, self._num_heads, self._num_kv_heads)
         if getattr(self, "_rope_freqs", None) is not None:
             meta_sd["rope.freqs"] = self._rope_freqs
-        writer.save_state_dict(meta_sd, epoch_dir / self._checkpoint_paths[0].name)
-        writer.copy_file(self._checkpoint_dir / "params.json", epoch_dir / "params.json")
+        writer.save_state_dict(meta_sd, model_dir / self._checkpoint_paths[0].name)
+        writer.copy_file(self._checkpoint_dir / "params.json", model_dir / "params.json")
 
 
 class FullModelTorchTuneCheckpointer(_ShardedCheckpointer):
@@ -332,5 +342,5 @@ class FullModelTorchTuneCheckpointer(_ShardedCheckpointer):
             model.update(shard)
         return model
 
-    def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], epoch_dir: Path):
-        self._write_shards(writer, sd, epoch_dir)
+    def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], model_dir: Path):
+        self._write_shards(writer, sd, model_dir)

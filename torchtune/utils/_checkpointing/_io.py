@@ -5,12 +5,18 @@ Reads never run pickled code: ``.bin``/``.pth``/``.pt`` go through
 ``torch.load(weights_only=True, mmap=True)`` (the tensors stay backed by the file until touched),
 ``.safetensors`` through safetensors. Writes go to ``<name>.tmp`` next to the target and are
 renamed only once every file of a checkpoint has been written, so a crash mid-save leaves each
-target file either as it was or absent, never half-written.
+target file either as it was or absent, never half-written. Which checkpoints are complete is
+recorded apart from the files (``checkpoints.json``, see ``_index.py``).
+
+``TORCHTUNE_TEST_WRITE_DELAY=<seconds>`` makes every staged write and rename sleep that long
+afterwards: a test hook, so that a test can kill a run in the middle of a checkpoint write.
 """
 
+import json
 import os
 import pickle
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
 
@@ -20,6 +26,23 @@ from safetensors.torch import load_file as _safetensors_load
 from safetensors.torch import save_file as _safetensors_save
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+_TEST_DELAY_ENV = "TORCHTUNE_TEST_WRITE_DELAY"
+
+
+def _test_delay() -> None:
+    delay = os.environ.get(_TEST_DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
+
+
+def write_json_atomic(obj: Any, path: Union[str, Path]) -> None:
+    """Write ``obj`` as JSON to ``path`` through ``<name>.tmp`` and one ``os.replace``: a
+    reader sees the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def safe_torch_load(path: Union[str, Path]) -> Any:
@@ -109,6 +132,7 @@ class StagedWriter:
         tmp = target.with_name(target.name + ".tmp")
         self._staged.append((tmp, target))
         write(tmp)
+        _test_delay()
 
     def save_state_dict(self, state_dict: Dict[str, torch.Tensor], target: Path) -> None:
         """Stage a state dict file; its suffix picks safetensors or ``torch.save``."""
@@ -130,6 +154,7 @@ class StagedWriter:
     def commit(self) -> None:
         for tmp, target in self._staged:
             os.replace(tmp, target)
+            _test_delay()
         self._staged = []
 
     def abort(self) -> None:
