@@ -242,7 +242,7 @@ class OomRetry:
             optimizer.zero_grad(set_to_none=True)
             if hasattr(model, "reset_iter_state"):  # FSDP2: the aborted iteration is lost
                 model.reset_iter_state()
-            gc.collect()  # the aborted step's graph is in reference cycles with its frames
+            gc.collect()  # whatever else of the aborted step sits in reference cycles
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self._halve(micro_batches, paired, error, ranks)
