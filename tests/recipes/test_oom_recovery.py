@@ -101,6 +101,7 @@ def test_single_device_oom_continues_with_half_the_micro_batch(tmp_path):
     oom, halved, unsplit = (logged_losses(d) for d in (runs["oom"][0], runs["halved"][0], out))
     assert len(oom) == len(halved) == len(unsplit) == 5
     torch.testing.assert_close(oom, halved, rtol=0, atol=1e-5)
+    print(f"max |loss diff| vs the halved run: {(oom - halved).abs().max():.2e}")
     # Before the error: the batch-4 run's steps, computed the same way.
     torch.testing.assert_close(oom[: OOM_STEP - 1], unsplit[: OOM_STEP - 1], rtol=0, atol=1e-6)
     log = runs["oom"][1].stderr
@@ -115,6 +116,7 @@ def test_single_device_lora_oom_continues_with_half_the_micro_batch(tmp_path):
     oom, halved = (logged_losses(runs[k][0]) for k in ("oom", "halved"))
     assert len(oom) == 5
     torch.testing.assert_close(oom, halved, rtol=0, atol=1e-5)
+    print(f"max |loss diff| vs the halved run: {(oom - halved).abs().max():.2e}")
     assert "micro-batch 4 -> 2" in runs["oom"][1].stderr
 
 
@@ -124,6 +126,7 @@ def test_single_device_dpo_oom_halves_the_pairs(tmp_path):
     oom, halved = (logged_losses(runs[k][0]) for k in ("oom", "halved"))
     assert len(oom) == 5
     torch.testing.assert_close(oom, halved, rtol=0, atol=1e-5)
+    print(f"max |loss diff| vs the halved run: {(oom - halved).abs().max():.2e}")
     assert "micro-batch 4 -> 2" in runs["oom"][1].stderr
 
 
@@ -165,6 +168,7 @@ def test_two_ranks_survive_an_oom_on_rank_one(tmp_path, recipe, config_name):
     oom, halved = (logged_losses(runs[k][0]) for k in ("oom", "halved"))
     assert len(oom) == 5
     torch.testing.assert_close(oom, halved, rtol=0, atol=1e-5)
+    print(f"max |loss diff| vs the halved run: {(oom - halved).abs().max():.2e}")
     log = runs["oom"][1].stderr
     assert f"Out of memory at step {OOM_STEP} on 1 of 2 ranks" in log
     assert "micro-batch 2 -> 1" in log

@@ -24,9 +24,13 @@ Which out-of-memory errors a run survives:
   reduce-scatters interleave with compute: it is re-raised at once with a message naming
   ``tune plan``, so torchrun stops the run rather than leave it hanging.
 
+After an error every rank drops the step's gradients (``zero_grad``), the tensors the
+exception's frames held, FSDP2's per-iteration state (``reset_iter_state`` on the root) and,
+on CUDA, the allocator's cached blocks, then retries the step from its first micro-batch.
 Splitting loaded batches (not rebuilding the loader) keeps the data order: the union of a
 step's micro-batches is the same samples, and the step's loss is normalised by the step's
-total of scored tokens (or pairs), so the gradient is the same up to float order.
+total of scored tokens (or pairs), so the gradient is the same up to float order. The agreement
+costs nothing on one device and one small all-reduce (a sync point) per micro-batch on N.
 """
 
 import gc
