@@ -159,6 +159,8 @@ def test_repeated_oom_stops_naming_tune_plan(tmp_path):
     [
         ("full_finetune_distributed", "tiny/full_distributed"),
         ("lora_finetune_distributed", "tiny/lora_distributed"),
+        ("lora_dpo_distributed", "tiny/lora_dpo_distributed"),
+        ("full_dpo_distributed", "tiny/full_dpo"),
     ],
 )
 def test_two_ranks_survive_an_oom_on_rank_one(tmp_path, recipe, config_name):
