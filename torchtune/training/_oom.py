@@ -17,12 +17,15 @@ Which out-of-memory errors a run survives:
   its forward (loss included) and its backward, so an error is survivable on any subset of
   ranks only where no FSDP collective is pending: after the model's forward has issued its
   last all-gather, i.e. in the final norm, the output projection and the loss (the
-  ``[n, vocab]`` logits, often the largest transient). The test hook raises there, after the
-  loss returns. Not survivable: an error inside a decoder layer's forward on some ranks only
-  (they enter the flag all-reduce while the others wait in the next layer's all-gather, until
-  the 10-minute collective timeout ends the run), and any error in backward, where the
-  reduce-scatters interleave with compute: it is re-raised at once with a message naming
-  ``tune plan``, so torchrun stops the run rather than leave it hanging.
+  ``[n, vocab]`` logits, often the largest transient). Tested on 2 gloo ranks: rank 1 raising
+  in the final norm (inside the root module's forward) and after the loss (the test hook).
+  Not survivable: an error inside a decoder layer's forward on some ranks only (they enter
+  the flag all-reduce while the others wait in the next layer's all-gather, until the
+  10-minute collective timeout ends the run; the same error on every rank at the same layer
+  should agree, untested), and any error in backward, where the reduce-scatters interleave
+  with compute: it is re-raised at once with a message naming ``tune plan``, so torchrun
+  stops the run rather than leave it hanging. The agreement is per micro-batch, not per
+  step, because it must come before each backward's reduce-scatters.
 
 After an error every rank drops the step's gradients (``zero_grad``), the tensors the
 exception's frames held, FSDP2's per-iteration state (``reset_iter_state`` on the root) and,
