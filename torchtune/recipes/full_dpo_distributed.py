@@ -118,6 +118,8 @@ class FullDPORecipeDistributed:
             num_training_steps=self._state.total_epochs * self._steps_per_epoch,
             global_step=self._state.global_step,
         )
+        # On out of memory, retry the step with half the micro-batch.
+        self._oom = training.OomRetry.from_config(cfg, self._device, self._state.global_step)
         if self._loop.resume:
             training.restore_rng_state(ckpt, self._device)  # last: building drew from the RNG
 
@@ -160,6 +162,7 @@ class FullDPORecipeDistributed:
             world_size=self._world_size,
             clip_grad_norm=self._loop.clip_grad_norm,
             lr_scheduler=self._lr_scheduler,
+            oom=self._oom,
         )
         for epoch in range(state.epochs_run, state.total_epochs):
             progress = training.StepLog(

@@ -130,6 +130,8 @@ class FullFinetuneRecipeDistributed:
             num_training_steps=self._state.total_steps(self._steps_per_epoch),
             global_step=self._state.global_step,
         )
+        # On out of memory, retry the step with half the micro-batch.
+        self._oom = training.OomRetry.from_config(cfg, self._device, self._state.global_step)
         if self._loop.resume:
             # Last: training continues from rank 0's saved RNG state on every rank.
             training.restore_rng_state(ckpt, self._device)
@@ -200,6 +202,7 @@ class FullFinetuneRecipeDistributed:
                     world_size=self._world_size,
                     clip_grad_norm=self._loop.clip_grad_norm,
                     lr_scheduler=self._lr_scheduler,
+                    oom=self._oom,
                 )
                 seconds = time.perf_counter() - t0
                 state.end_step()

@@ -106,6 +106,8 @@ class FullFinetuneRecipeSingleDevice:
             num_training_steps=self._state.total_steps(self._steps_per_epoch),
             global_step=self._state.global_step,
         )
+        # On out of memory, retry the step with half the micro-batch.
+        self._oom = training.OomRetry.from_config(cfg, self._device, self._state.global_step)
         if self._loop.resume:
             # Last: building the model above drew from the RNG; training continues from here.
             training.restore_rng_state(ckpt, self._device)
@@ -161,6 +163,7 @@ class FullFinetuneRecipeSingleDevice:
                     device=self._device,
                     clip_grad_norm=self._loop.clip_grad_norm,
                     lr_scheduler=self._lr_scheduler,
+                    oom=self._oom,
                 )
                 seconds = time.perf_counter() - t0
                 state.end_step()

@@ -113,6 +113,8 @@ class LoRADPORecipeSingleDevice:
             num_training_steps=self._state.total_epochs * self._steps_per_epoch,
             global_step=self._state.global_step,
         )
+        # On out of memory, retry the step with half the micro-batch.
+        self._oom = training.OomRetry.from_config(cfg, self._device, self._state.global_step)
         if self._loop.resume:
             training.restore_rng_state(ckpt, self._device)  # last: building drew from the RNG
 
@@ -193,6 +195,7 @@ class LoRADPORecipeSingleDevice:
                     reference=self._reference if self._loss_fn.needs_reference else None,
                     clip_grad_norm=self._loop.clip_grad_norm,
                     lr_scheduler=self._lr_scheduler,
+                    oom=self._oom,
                 )
                 state.end_step()
                 loss, tokens = metrics.pop("loss"), metrics.pop("tokens")

@@ -1,6 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """One optimizer step of preference tuning over a list of micro-batches of pairs."""
 
+from functools import partial
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -8,7 +9,8 @@ from torch import nn
 
 from torchtune import utils
 from torchtune.rlhf._logps import sequence_logps
-from torchtune.training import count_tokens
+from torchtune.training import OomRetry, count_tokens
+from torchtune.training._oom import UNGUARDED
 
 # Computes the reference's ``(logps, lengths)`` ``[2b]`` of a pair batch, without gradients.
 ReferenceFn = Callable[[Dict[str, Any]], Tuple[torch.Tensor, torch.Tensor]]
@@ -26,6 +28,7 @@ def preference_step(
     world_size: int = 1,
     clip_grad_norm: Optional[float] = None,
     lr_scheduler: Optional[Any] = None,
+    oom: Optional[OomRetry] = None,
 ) -> Dict[str, float]:
     """Backward over every micro-batch of pairs, then clip, step, zero the gradients, step the lr.
 
@@ -47,6 +50,8 @@ def preference_step(
             no reference (``loss_fn.needs_reference`` False).
         clip_grad_norm: max total gradient norm of ``params``, or None.
         lr_scheduler: stepped after the optimizer, or None.
+        oom: retries the step with fewer pairs per micro-batch when one runs out of memory
+            (:class:`~torchtune.training.OomRetry`); None lets the error through.
 
     Returns:
         The step's metrics under TRL's names, means over its pairs on all ranks: ``loss``,
@@ -59,24 +64,49 @@ def preference_step(
     """
     if loss_fn.needs_reference and reference is None:
         raise ValueError(f"{type(loss_fn).__name__} needs a reference model; reference is None")
+    step = partial(
+        _step,
+        model,
+        loss_fn,
+        optimizer,
+        params=list(params),  # a retried step clips them again
+        device=device,
+        reference=reference,
+        world_size=world_size,
+        clip_grad_norm=clip_grad_norm,
+        lr_scheduler=lr_scheduler,
+    )
+    if oom is None:
+        return step(micro_batches, guard=UNGUARDED)
+    return oom.run(
+        partial(step, guard=oom), micro_batches, model=model, optimizer=optimizer, paired=True
+    )
+
+
+def _step(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: List[Dict[str, Any]],
+    *,
+    params: List[nn.Parameter],
+    device: torch.device,
+    reference: Optional[ReferenceFn],
+    world_size: int,
+    clip_grad_norm: Optional[float],
+    lr_scheduler: Optional[Any],
+    guard: Any,
+) -> Dict[str, float]:
     num_pairs = sum(mb["tokens"].shape[0] // 2 for mb in micro_batches)
     if world_size > 1:
         num_pairs = int(utils.all_reduce_sum([num_pairs], device)[0])
     sums = torch.zeros(7, device=device, dtype=torch.float64)
     for mb in micro_batches:
-        ref_chosen = ref_rejected = None
-        if loss_fn.needs_reference:
-            with torch.no_grad():
-                ref_logps, _ = reference(mb)
-            ref_chosen, ref_rejected = ref_logps.chunk(2)
-        logps, lengths = sequence_logps(model, mb, device)
-        chosen, rejected = logps.chunk(2)
-        chosen_len, rejected_len = lengths.chunk(2)
-        losses, chosen_rewards, rejected_rewards = loss_fn(
-            chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len
+        losses, chosen_rewards, rejected_rewards, chosen, rejected = guard.forward(
+            _pair_losses, model, loss_fn, mb, device, reference
         )
         # FSDP averages gradients over ranks; times W, that mean is the global sum.
-        (losses.sum() / num_pairs * world_size).backward()
+        guard.backward(losses.sum() / num_pairs * world_size)
         per_pair = torch.stack(
             [
                 losses.detach(),
@@ -90,7 +120,7 @@ def preference_step(
         )  # [7, b]
         sums += per_pair.sum(dim=1).double()
     if clip_grad_norm is not None:
-        nn.utils.clip_grad_norm_(list(params), max_norm=float(clip_grad_norm))
+        nn.utils.clip_grad_norm_(params, max_norm=float(clip_grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if lr_scheduler is not None:
@@ -105,3 +135,26 @@ def preference_step(
     metrics = dict(zip(names, means))
     metrics["tokens"] = n_tokens
     return metrics
+
+
+def _pair_losses(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    mb: Dict[str, Any],
+    device: torch.device,
+    reference: Optional[ReferenceFn],
+) -> Tuple[torch.Tensor, ...]:
+    """One micro-batch's per-pair ``(losses, chosen_rewards, rejected_rewards, chosen_logps,
+    rejected_logps)``, each ``[b]``."""
+    ref_chosen = ref_rejected = None
+    if loss_fn.needs_reference:
+        with torch.no_grad():
+            ref_logps, _ = reference(mb)
+        ref_chosen, ref_rejected = ref_logps.chunk(2)
+    logps, lengths = sequence_logps(model, mb, device)
+    chosen, rejected = logps.chunk(2)
+    chosen_len, rejected_len = lengths.chunk(2)
+    losses, chosen_rewards, rejected_rewards = loss_fn(
+        chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len
+    )
+    return losses, chosen_rewards, rejected_rewards, chosen, rejected

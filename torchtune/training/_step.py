@@ -1,6 +1,7 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
 """One optimizer step over a list of micro-batches, on one device or on N FSDP ranks."""
 
+from functools import partial
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -10,6 +11,7 @@ from torchtune import utils
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.training._data import count_tokens
 from torchtune.training._next_token_loss import next_token_loss_sum
+from torchtune.training._oom import UNGUARDED, OomRetry
 
 
 def optimizer_step(
@@ -23,6 +25,7 @@ def optimizer_step(
     world_size: int = 1,
     clip_grad_norm: Optional[float] = None,
     lr_scheduler: Optional[Any] = None,
+    oom: Optional[OomRetry] = None,
 ) -> Tuple[float, int]:
     """Backward over every micro-batch, then clip, step, zero the gradients, step the lr.
 
@@ -42,11 +45,42 @@ def optimizer_step(
         world_size: ranks whose gradients FSDP averages (1 on one device).
         clip_grad_norm: max total gradient norm of ``params``, or None.
         lr_scheduler: stepped after the optimizer, or None.
+        oom: retries the step with smaller micro-batches when one runs out of memory
+            (:class:`~torchtune.training.OomRetry`); None lets the error through.
 
     Returns:
         ``(loss, tokens)``: the step's mean token loss over all ranks, and the tokens
         (padding included) all ranks processed. A CPU-GPU sync point.
     """
+    step = partial(
+        _step,
+        model,
+        loss_fn,
+        optimizer,
+        params=list(params),  # a retried step clips them again
+        device=device,
+        world_size=world_size,
+        clip_grad_norm=clip_grad_norm,
+        lr_scheduler=lr_scheduler,
+    )
+    if oom is None:
+        return step(micro_batches, guard=UNGUARDED)
+    return oom.run(partial(step, guard=oom), micro_batches, model=model, optimizer=optimizer)
+
+
+def _step(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: List[Dict[str, Any]],
+    *,
+    params: List[nn.Parameter],
+    device: torch.device,
+    world_size: int,
+    clip_grad_norm: Optional[float],
+    lr_scheduler: Optional[Any],
+    guard: Any,
+) -> Tuple[float, int]:
     # Counted up front, over all ranks, so each backward is already scaled for the step.
     num_scored = sum(
         int((mb["labels"][:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum()) for mb in micro_batches
@@ -56,12 +90,12 @@ def optimizer_step(
     denom = max(num_scored, 1)
     total = torch.zeros((), device=device)
     for mb in micro_batches:
-        loss_sum, _ = next_token_loss_sum(model, loss_fn, mb, device)
+        loss_sum, _ = guard.forward(next_token_loss_sum, model, loss_fn, mb, device)
         # FSDP averages gradients over ranks; times W, that mean is the global sum.
-        (loss_sum / denom * world_size).backward()  # exact for world_size=1
+        guard.backward(loss_sum / denom * world_size)  # exact for world_size=1
         total += loss_sum.detach()
     if clip_grad_norm is not None:
-        nn.utils.clip_grad_norm_(list(params), max_norm=float(clip_grad_norm))
+        nn.utils.clip_grad_norm_(params, max_norm=float(clip_grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if lr_scheduler is not None:
