@@ -11,6 +11,7 @@ from torchtune.training._data import (
 from torchtune.training._linear_ce import LinearCrossEntropyLoss
 from torchtune.training._loss import ChunkedCrossEntropyLoss
 from torchtune.training._lr_schedulers import get_cosine_schedule_with_warmup
+from torchtune.training._model_folder import tokenizer_output_files, training_chat_template
 from torchtune.training._next_token_loss import next_token_loss_sum
 from torchtune.training._progress import StepLog
 from torchtune.training._recipe_state import LoopSettings, RecipeState, restore_rng_state
@@ -40,4 +41,6 @@ __all__ = [
     "optimizer_step",
     "restore_rng_state",
     "steps_per_epoch",
+    "tokenizer_output_files",
+    "training_chat_template",
 ]

@@ -39,6 +39,7 @@ from torchtune.utils._checkpointing._base import (
     PEFT_ADAPTER_FILE,
     PEFT_CONFIG_FILE,
     RECIPE_STATE_FILE,
+    TOKENIZER_FILES,
     _Checkpointer,
     _read_json,
     _ShardedCheckpointer,
@@ -189,10 +190,13 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
                 config = {**self._config, "tie_word_embeddings": False}
         self._write_shards(writer, hf_sd, epoch_dir, extra_keys=extra)
         for name in _HF_AUX_FILES:
+            if name in TOKENIZER_FILES and self._model_folder_files is not None:
+                continue  # the run's tokenizer, written below
             if name == "config.json" and config is not self._config:
                 writer.write_text(json.dumps(config, indent=2) + "\n", epoch_dir / name)
             elif (self._checkpoint_dir / name).is_file():
                 writer.copy_file(self._checkpoint_dir / name, epoch_dir / name)
+        self._write_model_folder_files(writer, epoch_dir)
 
 
 class FullModelMetaCheckpointer(_Checkpointer):
@@ -251,6 +255,7 @@ class FullModelMetaCheckpointer(_Checkpointer):
             meta_sd["rope.freqs"] = self._rope_freqs
         writer.save_state_dict(meta_sd, epoch_dir / self._checkpoint_paths[0].name)
         writer.copy_file(self._checkpoint_dir / "params.json", epoch_dir / "params.json")
+        self._write_model_folder_files(writer, epoch_dir)
 
 
 class FullModelTorchTuneCheckpointer(_ShardedCheckpointer):
@@ -269,3 +274,4 @@ class FullModelTorchTuneCheckpointer(_ShardedCheckpointer):
 
     def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], epoch_dir: Path):
         self._write_shards(writer, sd, epoch_dir)
+        self._write_model_folder_files(writer, epoch_dir)
