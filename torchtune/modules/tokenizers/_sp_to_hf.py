@@ -2,17 +2,20 @@
 """Hugging Face tokenizer files for a SentencePiece BPE model (Llama 2's ``tokenizer.model``).
 
 A folder with only ``tokenizer.model`` loads in transformers 5 only with ``protobuf``
-installed (it converts the model on every load) and as whichever pipeline it guesses. The
-files written here make ``AutoTokenizer.from_pretrained(folder)`` work without it and encode
-exactly as :class:`SentencePieceTokenizer` does:
+installed (it converts the model on every load). The files written here make
+``AutoTokenizer.from_pretrained(folder)`` work without it and encode exactly as
+:class:`SentencePieceTokenizer` does:
 
-- ``tokenizer.json``: the pieces as a byte-fallback BPE vocabulary, the merges derived from
+- ``tokenizer.json``: the pieces as a byte-fallback BPE vocabulary; the merges derived from
   it (SentencePiece BPE stores none: a piece ``a + b`` merges from its halves, earlier
-  pieces first, as SentencePiece prefers the higher-scored piece), the word-boundary
-  marker prepended to every segment between special tokens (``legacy: true``; what
-  ``encode(text)`` does once per text) and ``<s>`` prepended by the post-processor;
-- ``tokenizer_config.json``: ``LlamaTokenizer``, bos / eos / unk / pad, ``add_bos_token``,
-  ``model_max_length`` and the chat template;
+  pieces first, as SentencePiece prefers the higher-scored piece); a normalizer that starts
+  every segment between special tokens with the word-boundary marker (what ``encode(text)``
+  does once per text, so ``"<s>" + text`` encodes as ``[bos] + encode(text)``, as a chat
+  template needs) and turns spaces into it; ``<s>`` added by the post-processor;
+- ``tokenizer_config.json``: ``PreTrainedTokenizerFast`` (which runs tokenizer.json as
+  written; transformers 5's ``LlamaTokenizer`` rebuilds its own pipeline, whose pre-tokenizer
+  adds no marker before a leading space: ``" "`` would be one token instead of our two),
+  bos / eos / unk / pad, ``add_bos_token``, ``model_max_length`` and the chat template;
 - ``special_tokens_map.json``.
 
 Only models whose encoding that pipeline reproduces are converted: BPE, identity
