@@ -181,6 +181,8 @@ def test_tokenizer_json_family_output_loads_in_transformers(root):
     model_dir = _model_folder(root, "mistral")
     _hf_model(folders["model"])
     tok = AutoTokenizer.from_pretrained(str(folders["model"]))
+    tok_json = (folders["model"] / "tokenizer.json").read_bytes()
+    assert tok_json == (model_dir / "tokenizer.json").read_bytes()  # the run's, copied
     source = json.loads((model_dir / "tokenizer_config.json").read_text())
     assert tok.chat_template == source["chat_template"]  # chat data: the model's own template
     ours = hf_tokenizer(model_dir)
