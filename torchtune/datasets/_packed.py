@@ -126,6 +126,8 @@ class PackedDataset(Dataset):
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.max_seq_len = max_seq_len
         self.padding_idx = padding_idx
+        # Its prompt format is the one the model learns (training.tokenizer_output_files).
+        self.source_dataset = ds
         self._packs: List[Dict[str, torch.Tensor]] = []
         samples: List[torch.Tensor] = []  # [2, n] int32: tokens and shifted-in-place labels
         num_truncated = 0

@@ -104,6 +104,9 @@ class LoRADPORecipeDistributed:
             rank=self._rank,
             collate_fn=padded_collate_pairs,
         )
+        # The model folder gets the tokenizer and the chat template of this training data.
+        files = training.tokenizer_output_files(cfg, self._tokenizer, self._dataloader.dataset)
+        self._checkpointer.set_model_folder_files(files)
         self._steps_per_epoch = training.steps_per_epoch(
             len(self._dataloader),
             self._loop.gradient_accumulation_steps,

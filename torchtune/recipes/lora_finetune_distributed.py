@@ -119,6 +119,9 @@ class LoRAFinetuneRecipeDistributed:
         self._state.signature = training.run_signature(cfg, dataset, self._world_size)
         if self._loop.resume:  # the same batches as the run resumed, or a ValueError
             training.check_resume_signature(ckpt, self._state.signature)
+        # The model folder gets the tokenizer and the chat template of this training data.
+        files = training.tokenizer_output_files(cfg, self._tokenizer, self._dataloader.dataset)
+        self._checkpointer.set_model_folder_files(files)
         self._steps_per_epoch = training.steps_per_epoch(
             len(self._dataloader),
             self._loop.gradient_accumulation_steps,

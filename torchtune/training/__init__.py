@@ -12,6 +12,7 @@ from torchtune.training._data import (
 from torchtune.training._linear_ce import LinearCrossEntropyLoss
 from torchtune.training._loss import ChunkedCrossEntropyLoss
 from torchtune.training._lr_schedulers import get_cosine_schedule_with_warmup
+from torchtune.training._model_folder import tokenizer_output_files, training_chat_template
 from torchtune.training._next_token_loss import next_token_loss_sum
 from torchtune.training._oom import OomRetry, StepOutOfMemory, is_out_of_memory, split_batch
 from torchtune.training._progress import StepLog
@@ -66,6 +67,8 @@ __all__ = [
     "run_signature",
     "split_batch",
     "steps_per_epoch",
+    "tokenizer_output_files",
+    "training_chat_template",
     "validation_dataset_config",
     "validation_loss",
 ]

@@ -6,7 +6,7 @@ writes each key of a multi-file checkpoint back to the file it came from."""
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -42,6 +42,13 @@ _WEIGHT_PATTERNS = (
 )
 _NOT_MODEL_FILES = (ADAPTER_FILE, PEFT_ADAPTER_FILE, RECIPE_STATE_FILE)
 PathLike = Union[str, Path]
+# The tokenizer's files in a model folder; set_model_folder_files replaces the input's.
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def find_checkpoint_files(checkpoint_dir: Path) -> List[str]:
@@ -188,6 +195,43 @@ class _Checkpointer:
         self._recipe_path = None
         if self._resume:
             self._recipe_path = self._resolve([recipe_checkpoint], "recipe_checkpoint")[0]
+        self._model_folder_files: Optional[Dict[str, Union[Path, str]]] = None
+
+    def set_model_folder_files(self, files: Optional[Mapping[str, Union[Path, str]]]) -> None:
+        """Files every later save writes into the model folder instead of the tokenizer files
+        of ``checkpoint_dir`` (the recipes pass ``training.tokenizer_output_files``).
+
+        Args:
+            files: name in the model folder -> a file to copy (Path) or the text to write
+                (str); None: copy ``checkpoint_dir``'s tokenizer files, as without a call.
+
+        Raises:
+            FileNotFoundError: if a file to copy is missing.
+            ValueError: if a name leaves the model folder or is not a tokenizer-side file.
+        """
+        if files is None:
+            self._model_folder_files = None
+            return
+        for name, source in files.items():
+            parts = Path(name).parts
+            if Path(name).is_absolute() or ".." in parts or not parts:
+                raise ValueError(
+                    f"model folder file name {name!r} must be a relative path inside it"
+                )
+            if isinstance(source, Path) and not source.is_file():
+                raise FileNotFoundError(f"{source} (for {name} in the model folder) not found")
+            if not isinstance(source, (Path, str)):
+                raise ValueError(
+                    f"{name}: expected a Path to copy or the text to write, got {source!r:.80}"
+                )
+        self._model_folder_files = dict(files)
+
+    def _write_model_folder_files(self, writer: StagedWriter, model_dir: Path) -> None:
+        for name, source in (self._model_folder_files or {}).items():
+            if isinstance(source, Path):
+                writer.copy_file(source, model_dir / name)
+            else:
+                writer.write_text(source, model_dir / name)
 
     def _resolve(self, names: Sequence[PathLike], argument: str = "checkpoint_files") -> List[Path]:
         """Paths relative to checkpoint_dir (absolute ones as given); all must exist."""

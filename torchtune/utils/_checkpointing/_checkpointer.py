@@ -46,6 +46,7 @@ from torchtune.models._families import family_for_hf_model_type
 from torchtune.utils._checkpointing._base import (
     PEFT_ADAPTER_FILE,
     PEFT_CONFIG_FILE,
+    TOKENIZER_FILES,
     _Checkpointer,
     _read_json,
     _ShardedCheckpointer,
@@ -264,10 +265,13 @@ class FullModelHFCheckpointer(_ShardedCheckpointer):
             hf_sd = self._multimodal.join(hf_sd, self._passthrough, self._layout)
         self._write_shards(writer, hf_sd, model_dir, extra_keys=extra)
         for name in _HF_AUX_FILES:
+            if name in TOKENIZER_FILES and self._model_folder_files is not None:
+                continue  # the run's tokenizer, written below
             if name == "config.json" and config is not self._config:
                 writer.write_text(json.dumps(config, indent=2) + "\n", model_dir / name)
             elif (self._checkpoint_dir / name).is_file():
                 writer.copy_file(self._checkpoint_dir / name, model_dir / name)
+        self._write_model_folder_files(writer, model_dir)
 
 
 class FullModelMetaCheckpointer(_Checkpointer):
@@ -326,6 +330,7 @@ class FullModelMetaCheckpointer(_Checkpointer):
             meta_sd["rope.freqs"] = self._rope_freqs
         writer.save_state_dict(meta_sd, model_dir / self._checkpoint_paths[0].name)
         writer.copy_file(self._checkpoint_dir / "params.json", model_dir / "params.json")
+        self._write_model_folder_files(writer, model_dir)
 
 
 class FullModelTorchTuneCheckpointer(_ShardedCheckpointer):
@@ -344,3 +349,4 @@ class FullModelTorchTuneCheckpointer(_ShardedCheckpointer):
 
     def _save_model(self, writer: StagedWriter, sd: Dict[str, torch.Tensor], model_dir: Path):
         self._write_shards(writer, sd, model_dir)
+        self._write_model_folder_files(writer, model_dir)
