@@ -21,7 +21,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -137,17 +137,25 @@ def _describe(batch: Dict[str, Any]) -> MicroBatch:
     return MicroBatch(cut[0]["tokens"].numel(), int(scored.sum()), True)
 
 
-def warm_runtime_bytes(retain: bool) -> int:
+def warm_runtime_bytes(retain: bool, quantized: bool = False) -> int:
     """RSS of this process once the libraries a training step touches have run once (a toy
-    decoder's forward, backward and AdamW step: thread pools, kernel scratch), in bytes."""
+    decoder's forward, backward and AdamW step: thread pools, kernel scratch; with
+    ``quantized`` a QLoRA toy, which loads bitsandbytes), in bytes."""
     from torchtune._cli._plan_measure import rss_bytes
-    from torchtune.models.llama2 import llama2
+    from torchtune.models.llama2 import llama2, lora_llama2
 
     if retain:
         utils.retain_freed_cpu_memory()
-    toy = llama2(vocab_size=64, num_layers=1, num_heads=2, num_kv_heads=2, embed_dim=32,
-                 intermediate_dim=64, max_seq_len=64)  # fmt: skip
-    opt = torch.optim.AdamW(toy.parameters())
+    kw = dict(vocab_size=64, num_layers=1, num_heads=2, num_kv_heads=2, embed_dim=64,
+              intermediate_dim=128, max_seq_len=64)  # fmt: skip
+    if quantized:
+        toy = lora_llama2(lora_attn_modules=["q_proj"], lora_rank=2, lora_alpha=4,
+                          quantize_base=True, **kw)  # fmt: skip
+        for w in [m for m in toy.modules() if hasattr(m, "quantize_")]:
+            w.quantize_(torch.randn(w.out_dim, w.in_dim))
+    else:
+        toy = llama2(**kw)
+    opt = torch.optim.AdamW([p for p in toy.parameters() if p.requires_grad])
     tokens = torch.randint(0, 64, (2, 48))
     batch = {"tokens": tokens, "labels": tokens}
     loss, _ = training.next_token_loss_sum(
@@ -162,10 +170,11 @@ def warm_runtime_bytes(retain: bool) -> int:
 
 @dataclass
 class Inputs:
-    """What the estimate needs besides the config: measured runtime bytes, the checkpoint's
+    """What the estimate needs besides the config: the measured runtime share at setup
+    (libraries, tokenizer, dataset) and in training (after a warm-up step), the checkpoint's
     bytes, the micro-batches, and the device."""
 
-    runtime: int
+    runtime: Tuple[int, int]
     checkpoint: int
     steps: List[List[MicroBatch]]
     device: str = "cpu"
@@ -189,7 +198,13 @@ def estimate(cfg: DictConfig, inp: Inputs) -> Plan:
         trainable, bool(opt_cfg.get("fused", False)), bool(opt_cfg.get("foreach", False))
     )
     world = max(inp.nproc, 1)
-    params, grads = params // world, grads // world
+    # FSDP: each rank holds 1/N of the parameters, gradients and optimizer state, plus the
+    # all-gathered layer it runs and the next one, prefetched.
+    layer_bytes = max(
+        sum(t.numel() * t.element_size() for t in layer.parameters()) for layer in model.layers
+    )
+    gathered = 2 * layer_bytes if world > 1 else 0
+    params, grads = params // world + gathered, grads // world
     opt_state, opt_tmp = adam["state"] // world, adam["transient"] // world
     loss_cfg = cfg.loss
     chunks = (
@@ -218,23 +233,44 @@ def estimate(cfg: DictConfig, inp: Inputs) -> Plan:
     accum = max(len(s) for s in inp.steps)
     heaviest = max((mb for s in inp.steps for mb in s), key=lambda mb: (mb.tokens, mb.scored))
     acts, logits, bwd, _ = step_costs(heaviest)
+    cpu = inp.device == "cpu"
+    plain_acts = acts
+    if cpu and quantized:
+        # glibc's default heap (the QLoRA recipes keep it): the per-layer dequantized weights
+        # are freed between saved activations, and the holes they leave below the top of
+        # the heap stay resident. Modelled as every activation byte costing two: calibrated
+        # on the ``small`` QLoRA runs of benchmarks/plan_accuracy.py, not derived. The save
+        # that follows reuses those holes (its weights go where they were).
+        acts *= 2
     o_live = opt_state if multi_step else 0
     g_prev = grads if accum > 1 else 0
-    moments = {
-        "forward (loss)": params + o_live + g_prev + acts + logits,
-        "backward start": params + o_live + g_prev + acts + out_grads // world + bwd,
-        "backward end": params + o_live + grads + bwd,
-        "optimizer step": params + grads + opt_state + opt_tmp,
-    }
+    # Under the retained heap a later step's optimizer temporaries do not fit the pieces that
+    # step 1's left, now carved up by activations and gradients: they extend the heap again
+    # (small full fine-tune: +154 MiB at step 2's optimizer.step for 187 MiB of temporaries).
+    retained = cpu and not quantized
+    opt_again = opt_tmp if (multi_step and retained) else 0
+
+    def moments_for(acts: int) -> Dict[str, int]:
+        return {
+            "forward (loss)": params + o_live + g_prev + acts + logits,
+            "backward start": params + o_live + g_prev + acts + out_grads // world + bwd,
+            "backward end": params + o_live + grads + bwd,
+            "optimizer step": params + grads + opt_state + opt_tmp + opt_again,
+        }
+
+    moments = moments_for(acts)
     when = max(moments, key=moments.get)
     train_peak = moments[when]
-    step_note = "step 2" if multi_step and when != "optimizer step" else "step 1"
-    # Setup: the model and the checkpoint's (touched, file-backed) tensors at once; a
-    # quantized base also holds one weight's quantization temporaries.
+    step_note = "step 2" if multi_step else "step 1"
+    # Setup: the model and the checkpoint's (touched, file-backed) tensors at once.
     ckpt = inp.checkpoint // world if world > 1 else inp.checkpoint
     setup = params + ckpt
     save_new = _save_allocations(model, quantized, itemsize) // world
-    phases = {"setup": setup, "train": train_peak, "save": train_peak + save_new}
+    phases = {
+        "setup": setup,
+        "train": train_peak,
+        "save": max(moments_for(plain_acts).values()) + save_new,
+    }
     components = {
         **{f"parameters[{k}]": v // world for k, v in sorted(by_dtype.items())},
         "gradients": grads,
@@ -244,17 +280,18 @@ def estimate(cfg: DictConfig, inp: Inputs) -> Plan:
         "loss logits buffer": logits,
         "backward transient": bwd,
         "checkpoint (setup)": ckpt,
+        "FSDP gathered layers": gathered,
         "save: merged weights": save_new,
     }
-    runtime = inp.runtime
+    setup_runtime, runtime = inp.runtime
     if inp.device == "cuda":
         expandable = True
-        runtime = _CUDA_CONTEXT
+        setup_runtime = runtime = _CUDA_CONTEXT
         phases = {k: int(v * (1 + _CUDA_FRAGMENTATION[expandable])) for k, v in phases.items()}
         # The checkpoint is read to host memory, not the GPU.
         phases["setup"] = int(params * (1 + _CUDA_FRAGMENTATION[expandable]))
-    phases = {k: v + runtime for k, v in phases.items()}
-    components["runtime"] = runtime
+    phases = {k: v + (setup_runtime if k == "setup" else runtime) for k, v in phases.items()}
+    components["runtime"] = setup_runtime if max(phases, key=phases.get) == "setup" else runtime
     peak_phase = max(phases, key=phases.get)
     where = {"setup": "setup (checkpoint loaded into the model)",
              "train": f"train, {step_note}: {when} of the heaviest micro-batch "
@@ -266,10 +303,12 @@ def estimate(cfg: DictConfig, inp: Inputs) -> Plan:
 
 def _save_allocations(model: torch.nn.Module, quantized: bool, itemsize: int) -> int:
     """New tensors the LoRA recipes' save builds: a merged weight per LoRA layer (and, with
-    a quantized base, its dequantized weight in the state dict too)."""
-    total = 0
+    a quantized base, its dequantized weight in the state dict too), plus the two fp32
+    temporaries of the largest fold (``B @ A`` and its scaled copy)."""
+    total, largest = 0, 0
     for m in model.modules():
         if isinstance(m, LoRALinear):
             w = m.out_dim * m.in_dim * itemsize
             total += w * (2 if quantized else 1)
-    return total
+            largest = max(largest, m.out_dim * m.in_dim * 4)
+    return total + 2 * largest

@@ -97,9 +97,15 @@ class Planner:
         self._datasets: Dict[str, Any] = {}
         self._dataset(cfg)
         from torchtune._cli._plan_estimate import warm_runtime_bytes
+        from torchtune._cli._plan_measure import rss_bytes
 
-        retain = device == "cpu" and not cfg.model.get("quantize_base", False)
-        self.runtime = warm_runtime_bytes(retain)
+        quantized = bool(cfg.model.get("quantize_base", False))
+        if quantized:
+            from torchtune.modules.peft._nf4 import _bnb_ops
+
+            _bnb_ops()  # the run imports bitsandbytes while it builds the model
+        setup_rss = rss_bytes()
+        self.runtime = (setup_rss, warm_runtime_bytes(device == "cpu" and not quantized, quantized))
         self.notes: List[str] = []
 
     def _dataset(self, cfg):
