@@ -216,11 +216,15 @@ def estimate(cfg: DictConfig, inp: Inputs) -> Plan:
         p.numel() * p.element_size() for p in model.output.parameters() if p.requires_grad
     )
 
+    per_layer: List[int] = []  # the kept tensors' sizes, for the heaviest micro-batch
+
     def step_costs(mb: MicroBatch) -> Tuple[int, int, int, int]:
         kept, recompute, rg = 0, 0, model.tok_embeddings.weight.requires_grad
+        per_layer.clear()
         for s in shapes:
             k, r = F.layer_activation_bytes(s, mb.tokens, itemsize, rg, ac, mb.by_document)
             kept, recompute = kept + k, max(recompute, r)
+            per_layer.extend(_holes(s, k, mb.tokens, itemsize, ac))
             rg = True
         head = F.head_activation_bytes(model, mb.tokens, mb.scored, itemsize, chunks)
         d, h = shapes[0].dim, shapes[0].hidden_dim
@@ -265,7 +269,11 @@ def estimate(cfg: DictConfig, inp: Inputs) -> Plan:
     # Setup: the model and the checkpoint's (touched, file-backed) tensors at once.
     ckpt = inp.checkpoint // world if world > 1 else inp.checkpoint
     setup = params + ckpt
-    save_new = _save_allocations(model, quantized, itemsize) // world
+    save_sizes = [n // world for n in _save_allocations(model, quantized, itemsize)]
+    save_total = sum(save_sizes)
+    # Retained heap: the save's weights first fill the holes training's activations left
+    # (each kept tensor's), and only what does not fit extends the heap.
+    save_new = _unplaced(save_sizes, per_layer) if retained else save_total
     phases = {
         "setup": setup,
         "train": train_peak,
@@ -281,7 +289,7 @@ def estimate(cfg: DictConfig, inp: Inputs) -> Plan:
         "backward transient": bwd,
         "checkpoint (setup)": ckpt,
         "FSDP gathered layers": gathered,
-        "save: merged weights": save_new,
+        "save: merged weights": save_total,
     }
     setup_runtime, runtime = inp.runtime
     if inp.device == "cuda":
@@ -301,14 +309,38 @@ def estimate(cfg: DictConfig, inp: Inputs) -> Plan:
     return Plan(phases, components, peak_phase, where[peak_phase], notes)
 
 
-def _save_allocations(model: torch.nn.Module, quantized: bool, itemsize: int) -> int:
+def _holes(s: F.LayerShape, kept: int, n: int, itemsize: int, ac: Any) -> List[int]:
+    """Approximate sizes of one layer's kept tensors: its ``[n, hidden]`` ones (SwiGLU's two
+    inputs, w2's input when trained, w1's and w3's outputs under selective checkpointing),
+    the rest as ``[n, d]`` pieces."""
+    big, small = n * s.hidden_dim * itemsize, n * s.dim * itemsize
+    count = 0 if ac == "full" else 2 + int(s.trained["w2"] or s.rank["w2"] > 0)
+    count += 2 if ac == "selective" else 0
+    count = min(count, kept // max(big, 1))
+    return [big] * count + [small] * ((kept - count * big) // max(small, 1))
+
+
+def _unplaced(sizes: List[int], holes: List[int]) -> int:
+    """Bytes of ``sizes`` that do not fit, first-fit and largest first, into ``holes``."""
+    free = sorted(holes, reverse=True)
+    left = 0
+    for size in sorted(sizes, reverse=True):
+        for i, hole in enumerate(free):
+            if hole >= size:
+                free[i] -= size
+                break
+        else:
+            left += size
+    return left
+
+
+def _save_allocations(model: torch.nn.Module, quantized: bool, itemsize: int) -> List[int]:
     """New tensors the LoRA recipes' save builds: a merged weight per LoRA layer (and, with
     a quantized base, its dequantized weight in the state dict too), plus the two fp32
     temporaries of the largest fold (``B @ A`` and its scaled copy)."""
-    total, largest = 0, 0
+    sizes, largest = [], 0
     for m in model.modules():
         if isinstance(m, LoRALinear):
-            w = m.out_dim * m.in_dim * itemsize
-            total += w * (2 if quantized else 1)
+            sizes += [m.out_dim * m.in_dim * itemsize] * (2 if quantized else 1)
             largest = max(largest, m.out_dim * m.in_dim * 4)
-    return total + 2 * largest
+    return sizes + ([largest, largest] if largest else [])
