@@ -174,19 +174,25 @@ def alternatives(planner: Planner, cfg, budget: int) -> Tuple[List[Dict], Option
     halvings = [k for k in range(0, 8) if batch % (2**k) == 0]
     acs = [None, "selective", True]
     qlora = [False, True] if lora and not cfg.model.get("quantize_base", False) else [False]
+    # AdamW's fused kernel: no parameter-sized temporaries, and not slower.
+    adam = cfg.optimizer._component_ in ("torch.optim.AdamW", "torch.optim.Adam")
+    fuse = adam and not cfg.optimizer.get("fused", False)
 
-    def overrides_for(k, ac, q) -> List[str]:
-        out = []
+    def new(key: str) -> str:  # an override of a key the config lacks needs a leading +
+        return key if OmegaConf.select(cfg, key) is not None else "+" + key
+
+    def overrides_for(k, ac, q, fused=False) -> List[str]:
+        out = [f"{new('optimizer.fused')}=True"] if fused else []
         if k:
             out += [f"batch_size={batch // 2**k}", f"gradient_accumulation_steps={accum * 2**k}"]
         if ac != ac_now:
             out.append(f"enable_activation_checkpointing={ac if ac else False}")
         if q:
-            out.append("model.quantize_base=True")
+            out.append(f"{new('model.quantize_base')}=True")
         return out
 
     def evaluate(ovr: List[str], speed: float) -> Dict:
-        c = OmegaConf.merge(cfg, OmegaConf.from_dotlist(ovr))
+        c = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in ovr]))
         peak = planner.plan(c).peak
         return {"overrides": ovr, "predicted_peak_bytes": peak, "saved_bytes": base - peak,
                 "throughput_kept": round(speed, 3)}  # fmt: skip
@@ -203,6 +209,8 @@ def alternatives(planner: Planner, cfg, budget: int) -> Tuple[List[Dict], Option
             singles.append(evaluate([f"model.lora_rank={rank // 2}"], 1.0))
         if True in qlora:
             singles.append(evaluate(overrides_for(0, ac_now, True), _QLORA_SPEED))
+    if fuse:
+        singles.append(evaluate(overrides_for(0, ac_now, False, True), 1.0))
     seq = cfg.dataset.get("max_seq_len")
     if seq:
         # Changes what is trained on (longer samples are cut): listed, never recommended.
@@ -210,11 +218,11 @@ def alternatives(planner: Planner, cfg, budget: int) -> Tuple[List[Dict], Option
     singles.sort(key=lambda r: (-r["saved_bytes"], -r["throughput_kept"]))
     best = None
     combos = sorted(
-        product(halvings, acs, qlora),
+        product(halvings, acs, qlora, [True] if fuse else [False]),
         key=lambda c: -(_HALVING_SPEED ** c[0]) * _AC_SPEED[c[1]] * (_QLORA_SPEED if c[2] else 1),
     )
-    for k, ac, q in combos:
-        ovr = overrides_for(k, ac, q)
+    for k, ac, q, fused in combos:
+        ovr = overrides_for(k, ac, q, fused)
         speed = _HALVING_SPEED**k * _AC_SPEED[ac] * (_QLORA_SPEED if q else 1)
         result = evaluate(ovr, speed)
         if result["predicted_peak_bytes"] <= budget:
