@@ -252,7 +252,8 @@ def estimate(cfg: DictConfig, inp: Inputs) -> Plan:
     # step 1's left, now carved up by activations and gradients: they extend the heap again
     # (small full fine-tune: +154 MiB at step 2's optimizer.step for 187 MiB of temporaries).
     retained = cpu and not quantized
-    opt_again = opt_tmp if (multi_step and retained) else 0
+    fused = bool(opt_cfg.get("fused", False))
+    opt_again = opt_tmp if (multi_step and retained and not fused) else 0
 
     def moments_for(acts: int) -> Dict[str, int]:
         return {

@@ -174,7 +174,7 @@ def alternatives(planner: Planner, cfg, budget: int) -> Tuple[List[Dict], Option
     halvings = [k for k in range(0, 8) if batch % (2**k) == 0]
     acs = [None, "selective", True]
     qlora = [False, True] if lora and not cfg.model.get("quantize_base", False) else [False]
-    # AdamW's fused kernel: no parameter-sized temporaries, and not slower.
+    # AdamW's fused kernel: its temporaries are not rebuilt in later steps, and it is not slower.
     adam = cfg.optimizer._component_ in ("torch.optim.AdamW", "torch.optim.Adam")
     fuse = adam and not cfg.optimizer.get("fused", False)
 

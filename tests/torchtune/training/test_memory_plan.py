@@ -122,7 +122,7 @@ def test_adamw_state_matches_a_stepped_optimizer():
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
     assert state == adamw_state_bytes(params, fused=False, foreach=False)["state"]
     sizes = [p.numel() * 4 for p in params.values()]
-    assert adamw_state_bytes(params, fused=True, foreach=False)["transient"] == 0
+    assert adamw_state_bytes(params, fused=True, foreach=False)["transient"] == 2 * max(sizes)
     assert adamw_state_bytes(params, fused=False, foreach=True)["transient"] == sum(sizes)
 
 
