@@ -6,7 +6,7 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 from torchtune import __version__
-from torchtune._cli import cp, download, ls, run, validate
+from torchtune._cli import cp, download, ls, plan, run, validate
 from torchtune._cli._names import CLIError
 
 COMMANDS: Dict[str, Callable[[List[str]], int]] = {
@@ -14,12 +14,13 @@ COMMANDS: Dict[str, Callable[[List[str]], int]] = {
     "cp": cp.main,
     "download": download.main,
     "validate": validate.main,
+    "plan": plan.main,
 }
 
 _HELP = """\
 usage: tune [options] <recipe> [recipe_args]
        tune run [options] <recipe> [recipe_args]
-       tune {ls,cp,download,validate} ...
+       tune {ls,cp,download,validate,plan} ...
 
 torchtune: fine-tune, evaluate and generate with LLMs in native PyTorch.
 
@@ -39,6 +40,7 @@ commands:
   cp          copy a packaged recipe or config to edit it
   download    download a model from the Hugging Face Hub
   validate    check a config without running it
+  plan        predict a run's peak memory per component (--memory: what fits)
 
 Run 'tune <command> --help' for a command's options.
 
@@ -48,6 +50,7 @@ examples:
   tune lora_finetune_single_device --config my_config.yaml epochs=1
   tune --nnodes 1 --nproc_per_node 2 full_finetune_distributed --config llama2/7B_full
   tune validate --config llama2/7B_lora
+  tune plan --config llama3_1/8B_lora_single_device --memory 24GiB
   tune download --repo-id meta-llama/Llama-2-7b-hf --output-dir /tmp/Llama-2-7b-hf
 
 """

@@ -3,7 +3,10 @@
 
 import argparse
 import sys
-from typing import List
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+from omegaconf import DictConfig
 
 from torchtune import config as tt_config
 from torchtune._cli._names import resolve_config
@@ -30,18 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check(path: Path, overrides: List[str]) -> Tuple[Optional[DictConfig], List[Any]]:
+    """Load ``path`` with ``overrides`` and find its problems: ``(cfg, [])`` when it is valid,
+    ``(None, problems)`` otherwise. ``tune plan`` checks its config with this too."""
+    try:
+        cfg = tt_config.load_config(path, overrides)
+        problems = tt_config.find_problems(cfg)
+    except tt_config.ConfigError as e:
+        return None, e.problems
+    return (None if problems else cfg), problems
+
+
+def print_problems(path: Path, problems: List[Any]) -> None:
+    print(f"{path}: {len(problems)} problem{'s' if len(problems) > 1 else ''}", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
 def main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
     path = resolve_config(args.config)
-    try:
-        cfg = tt_config.load_config(path, args.overrides)
-        problems = tt_config.find_problems(cfg)
-    except tt_config.ConfigError as e:
-        problems = e.problems
+    _, problems = check(path, args.overrides)
     if problems:
-        print(f"{path}: {len(problems)} problem{'s' if len(problems) > 1 else ''}", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
+        print_problems(path, problems)
         return 1
     print(f"{path}: config is valid")
     return 0
