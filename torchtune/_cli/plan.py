@@ -291,9 +291,9 @@ def main(argv: List[str]) -> int:
         result["budget_bytes"] = budget
         result["fits"] = plan.peak <= budget
         result["alternatives"] = singles
-        result["recommended_overrides"] = (best or {}).get(
-            "overrides", [] if plan.peak <= budget else None
-        )
+        # Nothing to change when it already fits; None when no combination does.
+        fits = plan.peak <= budget
+        result["recommended_overrides"] = [] if fits else (best or {}).get("overrides")
     if measured is not None:
         result["measured"] = measured
     if args.json:

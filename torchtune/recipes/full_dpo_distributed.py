@@ -46,7 +46,7 @@ class FullDPORecipeDistributed:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        self._compile = bool(cfg.get("compile", False))
+        self._compile_models = bool(cfg.get("compile", False))  # policy and reference
         self._device, self._dtype, self._world_size, self._rank = training.init_distributed_device(
             cfg.device, cfg.dtype
         )
@@ -136,7 +136,7 @@ class FullDPORecipeDistributed:
         with utils.set_default_dtype(torch.float32), torch.device("meta"):
             model = config.instantiate(cfg_model)
         utils.apply_activation_checkpointing(model, enable_activation_checkpointing)
-        if self._compile:  # `compile: true`; lazy, the first forward compiles
+        if self._compile_models:  # `compile: true`; lazy, the first forward compiles
             utils.compile_layers(model)
         param_dtype = self._dtype if self._dtype != torch.float32 else None
         utils.shard_model(
