@@ -98,7 +98,8 @@ def _windows(args, n_rounds: int):
 def _build(side: str, args, method: str, levers: Levers, weights, adapter, device):
     dtype = DTYPES[args.dtype]
     if side == "hf":
-        return build_hf(args.shape, method, weights, adapter, device, dtype)
+        gc = getattr(args, "ref_ac", False)
+        return build_hf(args.shape, method, weights, adapter, device, dtype, gc)
     return build_ours(args.shape, method, levers, weights, adapter, device, dtype)
 
 
@@ -302,6 +303,10 @@ def qlora_vs_lora(results: List[Dict]) -> Optional[Dict]:
 
 def markdown(report: Dict) -> str:
     m, a = report["machine"], report["args"]
+
+    def ref_name(method: str) -> str:
+        return _REFERENCE[method] + (" (grad. ckpt.)" if a.get("ref_ac") else "")
+
     lines = [
         f"# Fine-tuning benchmark: shape `{a['shape']}`, {a['dtype']}, batch {a['batch_size']} x "
         f"max_seq_len {a['max_seq_len']}, Alpaca-like data",
@@ -322,6 +327,11 @@ def markdown(report: Dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
+        "Activation checkpointing: ours "
+        + ", ".join(f"{r['method']} `{r['levers_default']['ac']}`" for r in report["results"])
+        + "; the reference "
+        + ("recomputes each layer (`--ref-ac`)." if a.get("ref_ac") else "keeps everything."),
+        "",
         "| method | side | non-pad tok/s | all tok/s | s/step | padding | MFU (non-pad) | MFU (all) | peak memory GiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -334,7 +344,7 @@ def markdown(report: Dict) -> str:
             if "peak_reserved_gib" in peak:
                 mem_s += f" (reserved {peak['peak_reserved_gib']:.2f})"
             lines.append(
-                f"| {res['method']} | {'ours' if side == 'ours' else _REFERENCE[res['method']]} "
+                f"| {res['method']} | {'ours' if side == 'ours' else ref_name(res['method'])} "
                 f"| {s['tok_s_real']:.0f} | {s['tok_s_all']:.0f} | {s['s_per_step']:.3f} "
                 f"| {s['padding_fraction']:.0%} | {s['mfu_real']:.0%} | {s['mfu_all']:.0%} | {mem_s} |"
             )
@@ -408,6 +418,12 @@ def parse_args(argv: Optional[List[str]] = None):
         choices=["none", "full", "selective"],
         default=None,
         help="our side's enable_activation_checkpointing (False / True / selective); default: none",
+    )
+    p.add_argument(
+        "--ref-ac",
+        action="store_true",
+        help="the reference recomputes each layer in backward (transformers' gradient "
+        "checkpointing, on by default in PEFT's QLoRA preparation); compare with --ac full",
     )
     p.add_argument(
         "--optim",
