@@ -460,9 +460,13 @@ def build_hf(
     adapter: Optional[Dict],
     device: torch.device,
     dtype: torch.dtype,
+    gradient_checkpointing: bool = False,
 ) -> Callable[[Dict[str, torch.Tensor]], float]:
     """A plain HF loop (``LlamaForCausalLM`` with its default SDPA attention, + PEFT LoRA on q/v,
     ``torch.optim.AdamW`` with its defaults but the same lr/weight decay); ``step(batch) -> loss``.
+    ``gradient_checkpointing`` recomputes each decoder layer in backward (transformers'
+    ``gradient_checkpointing_enable``, non-reentrant), as PEFT's QLoRA preparation
+    (``prepare_model_for_kbit_training``) turns on by default.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -504,6 +508,8 @@ def build_hf(
         result = set_peft_model_state_dict(model, peft_sd)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"PEFT adapter keys not loaded: {result.unexpected_keys[:4]}")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **ADAMW)
 

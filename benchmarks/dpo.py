@@ -23,6 +23,7 @@ import json
 import subprocess
 import sys
 from functools import partial
+from pathlib import Path
 from typing import Dict, List
 
 import torch
@@ -30,7 +31,16 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from benchmarks import _measure as M
-from benchmarks._sides import ADAMW, LORA, PAD_ID, ROPE, SHAPES, build_hf, make_weights
+from benchmarks._sides import (
+    ADAMW,
+    LORA,
+    PAD_ID,
+    ROPE,
+    SHAPES,
+    apply_cpu_heap,
+    build_hf,
+    make_weights,
+)
 from benchmarks.alpaca_like_data import AlpacaLikeDataset
 from torchtune import config, rlhf, utils
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_pairs
@@ -139,6 +149,7 @@ def _pairs_per_s(stats, args) -> float:
 def worker(side: str, args) -> Dict:
     """One side in a fresh process: setup, warm-up steps, reset the peak, timed steps."""
     torch.set_num_threads(args.threads)
+    apply_cpu_heap(args.cpu_heap, torch.device(args.device))
     step, device = _build(side, args)
     batches = make_pair_batches(args)
     M.alternate({"x": (step, [batches[: args.warmup]])}, warmup=1, device=device)
@@ -162,12 +173,22 @@ def main(argv=None) -> None:
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cpu-heap",
+        choices=["retain", "default"],
+        default="retain",
+        help="this process's malloc: retain freed memory as the DPO recipes do on CPU (both "
+        "sides run under it), or glibc's defaults",
+    )
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     p.add_argument("--worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return
     torch.set_num_threads(args.threads)
+    apply_cpu_heap(args.cpu_heap, torch.device(args.device))
+    machine = M.machine_info(torch.device(args.device))  # load average before the run
     ours, device = _build("ours", args)
     theirs, _ = _build("theirs", args)
     batches = make_pair_batches(args)
@@ -175,8 +196,9 @@ def main(argv=None) -> None:
     stats = M.alternate({"ours": (ours, rounds), "theirs": (theirs, rounds)}, args.warmup, device)
     first = {n: s["losses"][0] for n, s in stats.items()}
     result = {
-        "machine": M.machine_info(device),
+        "machine": machine,
         "args": vars(args),
+        "command": "python -m benchmarks.dpo " + " ".join(sys.argv[1:] if argv is None else argv),
         "first_step_loss": first,
         "pairs_per_s": {n: _pairs_per_s(s, args) for n, s in stats.items()},
     }
@@ -184,7 +206,52 @@ def main(argv=None) -> None:
         cmd = [sys.executable, "-m", "benchmarks.dpo", "--worker", side, *(argv or sys.argv[1:])]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         result[f"memory_{side}"] = json.loads(out.strip().splitlines()[-1])
+    result["load_after"] = f"{M.machine_info(device).get('loadavg_1min', '?')}"
     print(json.dumps(result, indent=1))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        out.with_suffix(".md").write_text(markdown(result))
+
+
+def markdown(result: Dict) -> str:
+    """The result as a short table: pairs/s and peak memory, ours / theirs."""
+    m, a = result["machine"], result["args"]
+    speed, first = result["pairs_per_s"], result["first_step_loss"]
+
+    def peak(side):
+        p = result[f"memory_{side}"]["peak"]
+        return p.get("peak_rss_gib", p.get("peak_allocated_gib"))
+
+    def fresh(side):
+        return result[f"memory_{side}"]["pairs_per_s"]
+
+    rows = [
+        f"# DPO benchmark: shape `{a['shape']}`, {a['dtype']}, {a['pairs_per_step']} pairs a step",
+        "",
+        f"Machine: {m.get('cpu', '?')}; torch {m['torch']}, {a['threads']} threads; load "
+        f"average {m.get('loadavg_1min', '?')} at the start, {result.get('load_after', '?')} "
+        f"at the end. Malloc (both sides): `cpu_heap={a.get('cpu_heap', 'default')}`.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "| side | pairs/s (alternating, one process) | pairs/s (fresh process) "
+        "| peak memory GiB | first-step loss |",
+        "|---|---|---|---|---|",
+    ]
+    for side, name in (("ours", "ours"), ("theirs", "transformers + PEFT")):
+        rows.append(
+            f"| {name} | {speed[side]:.3f} | {fresh(side):.3f} | {peak(side):.2f} "
+            f"| {first[side]:.6f} |"
+        )
+    rows += [
+        "",
+        f"ours / theirs: **{speed['ours'] / speed['theirs']:.2f}x** pairs/s alternating "
+        f"({fresh('ours') / fresh('theirs'):.2f}x in fresh processes), "
+        f"**{peak('ours') / peak('theirs'):.2f}x** peak memory.",
+    ]
+    return "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":

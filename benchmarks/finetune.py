@@ -98,7 +98,8 @@ def _windows(args, n_rounds: int):
 def _build(side: str, args, method: str, levers: Levers, weights, adapter, device):
     dtype = DTYPES[args.dtype]
     if side == "hf":
-        return build_hf(args.shape, method, weights, adapter, device, dtype)
+        gc = getattr(args, "ref_ac", False)
+        return build_hf(args.shape, method, weights, adapter, device, dtype, gc)
     return build_ours(args.shape, method, levers, weights, adapter, device, dtype)
 
 
@@ -154,9 +155,29 @@ def fresh_process(
     raise RuntimeError(f"worker {side}/{method} failed:\n{proc.stderr[-3000:]}")
 
 
-def _peak_gib(result: Dict) -> float:
-    peak = result["peak"]
+def _peak_of(peak: Dict) -> float:
     return peak.get("peak_rss_gib", peak.get("peak_allocated_gib"))
+
+
+def _peak_gib(result: Dict) -> float:
+    return _peak_of(result["peak"])
+
+
+def _combine(results: List[Dict]) -> Dict:
+    """One side's speed over several worker processes: their timed tokens over their time."""
+    seconds = sum(r["s_per_step"] * r["steps"] for r in results)
+    steps = sum(r["steps"] for r in results)
+    real = sum(r["tok_s_real"] * r["s_per_step"] * r["steps"] for r in results)
+    total = sum(r["tok_s_all"] * r["s_per_step"] * r["steps"] for r in results)
+    return {
+        "tok_s_real": real / seconds,
+        "tok_s_all": total / seconds,
+        "s_per_step": seconds / steps,
+        "padding_fraction": 1 - real / total,
+        "steps": steps,
+        "round_tok_s_real": [x for r in results for x in r["round_tok_s_real"]],
+        "process_tok_s_real": [round(r["tok_s_real"], 2) for r in results],
+    }
 
 
 # ---------------------------------------------------------------- the comparison
@@ -189,22 +210,18 @@ def compare(method: str, args, device) -> Dict:
 
     peak_flops = M.gemm_peak_flops(device, dtype)
     if args.isolate:
-        speed = {side: fresh_process(side, method, base, args) for side in ("ours", "hf")}
-        speed = {
-            k: {
-                kk: v[kk]
-                for kk in (
-                    "tok_s_real",
-                    "tok_s_all",
-                    "s_per_step",
-                    "padding_fraction",
-                    "steps",
-                    "round_tok_s_real",
-                )
-            }
-            for k, v in speed.items()
-        }
-        mem = None
+        # Each side in its own processes, in ABBA order when repeated (the host's speed
+        # drifts); each process's peak is a fresh-process measurement, so the memory
+        # reported is the highest of a side's processes and none are run just for memory.
+        order = ["ours", "hf", "hf", "ours"] * args.isolate_repeats
+        runs = {"ours": [], "hf": []}
+        for side in order[: 2 * args.isolate_repeats]:
+            runs[side].append(fresh_process(side, method, base, args))
+        speed, mem = {}, {}
+        for side, results in runs.items():
+            speed[side] = _combine(results)
+            mem[side] = {"peak": max((r["peak"] for r in results), key=lambda p: _peak_of(p))}
+            mem[side]["setup"] = max((r["setup"] for r in results), key=lambda p: _peak_of(p))
     else:
         weights, adapter = make_weights(args.shape, method, args.seed, args.device, dtype)
         ours = _build("ours", args, method, base, weights, adapter, device)
@@ -226,8 +243,9 @@ def compare(method: str, args, device) -> Dict:
         s = speed[side]
         s["mfu_real"] = M.mfu(s["tok_s_real"], n_params, method, peak_flops)
         s["mfu_all"] = M.mfu(s["tok_s_all"], n_params, method, peak_flops)
-    if not args.skip_memory:
+    if not args.skip_memory and not args.isolate:
         mem = {side: fresh_process(side, method, base, args) for side in ("ours", "hf")}
+    if mem is not None:
         for side in ("ours", "hf"):
             speed[side]["peak"] = mem[side]["peak"]
             speed[side]["setup_memory"] = mem[side]["setup"]
@@ -302,6 +320,10 @@ def qlora_vs_lora(results: List[Dict]) -> Optional[Dict]:
 
 def markdown(report: Dict) -> str:
     m, a = report["machine"], report["args"]
+
+    def ref_name(method: str) -> str:
+        return _REFERENCE[method] + (" (grad. ckpt.)" if a.get("ref_ac") else "")
+
     lines = [
         f"# Fine-tuning benchmark: shape `{a['shape']}`, {a['dtype']}, batch {a['batch_size']} x "
         f"max_seq_len {a['max_seq_len']}, Alpaca-like data",
@@ -322,6 +344,11 @@ def markdown(report: Dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
+        "Activation checkpointing: ours "
+        + ", ".join(f"{r['method']} `{r['levers_default']['ac']}`" for r in report["results"])
+        + "; the reference "
+        + ("recomputes each layer (`--ref-ac`)." if a.get("ref_ac") else "keeps everything."),
+        "",
         "| method | side | non-pad tok/s | all tok/s | s/step | padding | MFU (non-pad) | MFU (all) | peak memory GiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -334,7 +361,7 @@ def markdown(report: Dict) -> str:
             if "peak_reserved_gib" in peak:
                 mem_s += f" (reserved {peak['peak_reserved_gib']:.2f})"
             lines.append(
-                f"| {res['method']} | {'ours' if side == 'ours' else _REFERENCE[res['method']]} "
+                f"| {res['method']} | {'ours' if side == 'ours' else ref_name(res['method'])} "
                 f"| {s['tok_s_real']:.0f} | {s['tok_s_all']:.0f} | {s['s_per_step']:.3f} "
                 f"| {s['padding_fraction']:.0%} | {s['mfu_real']:.0%} | {s['mfu_all']:.0%} | {mem_s} |"
             )
@@ -410,6 +437,12 @@ def parse_args(argv: Optional[List[str]] = None):
         help="our side's enable_activation_checkpointing (False / True / selective); default: none",
     )
     p.add_argument(
+        "--ref-ac",
+        action="store_true",
+        help="the reference recomputes each layer in backward (transformers' gradient "
+        "checkpointing, on by default in PEFT's QLoRA preparation); compare with --ac full",
+    )
+    p.add_argument(
         "--optim",
         choices=["loop", "foreach", "fused"],
         default=None,
@@ -429,6 +462,12 @@ def parse_args(argv: Optional[List[str]] = None):
         "--isolate",
         action="store_true",
         help="time each side in its own process (for models too big to hold twice)",
+    )
+    p.add_argument(
+        "--isolate-repeats",
+        type=int,
+        default=1,
+        help="with --isolate: processes per side (2 = ours, hf, hf, ours)",
     )
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-lever-memory", action="store_true")

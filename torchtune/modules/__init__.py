@@ -1,5 +1,5 @@
 # Copyright (c) torchtune contributors. BSD-3-Clause license.
-from torchtune.modules.attention import CausalSelfAttention, DocumentMask
+from torchtune.modules.attention import CausalSelfAttention, DocumentMask, SharedPrefixMask
 from torchtune.modules.feed_forward import FeedForward
 from torchtune.modules.kv_cache import KVCache
 from torchtune.modules.position_embeddings import RotaryPositionalEmbeddings
@@ -14,6 +14,7 @@ __all__ = [
     "KVCache",
     "RMSNorm",
     "RotaryPositionalEmbeddings",
+    "SharedPrefixMask",
     "TransformerDecoder",
     "TransformerDecoderLayer",
     "init_weights_",

@@ -44,6 +44,48 @@ class DocumentMask:
         return torch.repeat_interleave(torch.arange(len(self.lengths), device=device), counts)
 
 
+@dataclass(frozen=True)
+class SharedPrefixMask:
+    """Groups of sequences that begin with the same tokens, the shared prefix stored once.
+
+    A preference pair's chosen and rejected rows start with the same prompt: laid out as
+    ``[prefix, branch_1, branch_2, ...]``, each branch attends to the prefix and causally to
+    itself, never to another branch, so every position computes what it would in its own row
+    (``prefix + branch``) while the prefix goes through the model once. Groups follow each
+    other over the ``b * s`` tokens of a batch (a flattened batch is one row), and attention
+    runs one SDPA call per prefix and per branch.
+
+    Attributes:
+        groups: per group ``(prefix_len, branch_len, ...)``; the prefix may be empty, each
+            branch has at least one token.
+
+    Raises:
+        ValueError: if a group has no branch, a negative prefix or an empty branch.
+    """
+
+    groups: Tuple[Tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        groups = tuple(tuple(g) for g in self.groups)
+        for g in groups:
+            ints = all(isinstance(n, int) and not isinstance(n, bool) for n in g)
+            if len(g) < 2 or not ints or g[0] < 0 or min(g[1:]) < 1:
+                raise ValueError(
+                    "SharedPrefixMask groups must be (prefix_len >= 0, branch_len >= 1, ...) "
+                    f"ints; got {g}"
+                )
+        object.__setattr__(self, "groups", groups)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(sum(g) for g in self.groups)
+
+    @property
+    def max_sequence_len(self) -> int:
+        """The longest ``prefix + branch``: what each position's row would be."""
+        return max(g[0] + max(g[1:]) for g in self.groups)
+
+
 # Below this mean document length, one batched causal SDPA over padded rows costs less than
 # cutting the padding off and looping over the rows as documents.
 _MIN_MEAN_DOCUMENT_LEN = 32
@@ -208,6 +250,69 @@ def _attention_by_document(
     return torch.cat(outs).view(b, s, n_h * h_d)
 
 
+@torch.compiler.disable
+def _attention_shared_prefix(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: SharedPrefixMask,
+    dropout_p: float,
+    scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention of :class:`SharedPrefixMask` groups: the prefix causally within itself, each
+    branch over ``[prefix, branch]`` (all of the prefix, causal within the branch).
+
+    Args:
+        q: ``[b, s, n_h, h_d]``; k, v: ``[b, s, n_kv, h_d]``, after positional embeddings.
+        mask: the groups, covering the ``b * s`` tokens.
+        dropout_p: attention dropout.
+        scale: logit scale; SDPA's ``h_d ** -0.5`` when None.
+        softcap: tanh cap on the logits, or None.
+
+    Returns:
+        ``[b, s, n_h * h_d]``.
+
+    Raises:
+        ValueError: if the groups do not cover ``b * s`` tokens.
+    """
+    b, s, n_h, h_d = q.shape
+    if mask.num_tokens != b * s:
+        raise ValueError(
+            f"SharedPrefixMask groups cover {mask.num_tokens} tokens, expected b * s = {b * s}"
+        )
+    if k.shape[2] != n_h:  # branches pass explicit masks, whose kernels may not share kv heads
+        k = k.repeat_interleave(n_h // k.shape[2], dim=2)  # [b, s, n_h, h_d], as repeat_kv
+        v = v.repeat_interleave(n_h // v.shape[2], dim=2)
+    segments = [n for g in mask.groups for n in g if n > 0]
+    # [1, n_h, l, h_d] per segment; split's backward is one cat per input.
+    pieces = [
+        [t.transpose(0, 1).unsqueeze(0) for t in ts]
+        for ts in zip(*(t.flatten(0, 1).split(segments) for t in (q, k, v)))
+    ]
+    outs, i = [], 0
+    for group in mask.groups:
+        prefix = None
+        if group[0] > 0:
+            prefix = pieces[i]
+            i += 1
+            outs.append(_attend(*prefix, None, True, dropout_p, scale, softcap))
+        for n in group[1:]:
+            qb, kb, vb = pieces[i]
+            i += 1
+            if prefix is None:
+                outs.append(_attend(qb, kb, vb, None, True, dropout_p, scale, softcap))
+                continue
+            p = group[0]
+            # [n, p + n]: all of the prefix, then causal within the branch
+            allowed = torch.ones(n, p + n, dtype=torch.bool, device=q.device)
+            allowed[:, p:] = allowed[:, p:].tril()
+            kk, vv = torch.cat([prefix[1], kb], dim=2), torch.cat([prefix[2], vb], dim=2)
+            outs.append(_attend(qb, kk, vv, allowed, False, dropout_p, scale, softcap))
+    out = torch.cat([o.squeeze(0).transpose(0, 1) for o in outs])  # [b * s, n_h, h_d]
+    return out.reshape(b, s, n_h * h_d)
+
+
 class CausalSelfAttention(nn.Module):
     """Causal self-attention with multi-head, grouped-query and multi-query variants.
 
@@ -220,6 +325,8 @@ class CausalSelfAttention(nn.Module):
       * no cache, ``mask=None``: plain causal attention (SDPA's ``is_causal``, no mask built).
       * no cache, a :class:`DocumentMask` (packed samples): causal attention within each
         document, one SDPA call per document.
+      * no cache, a :class:`SharedPrefixMask` (preference pairs with their prompt once): each
+        branch attends to its group's prefix and causally to itself. No sliding window.
       * ``mask`` ``BoolTensor[b, s, s]`` (True = may attend): used as given, e.g. a padding
         mask. It must include causality itself.
       * with a KV cache and ``mask=None``: the query at position ``p`` attends cache slots
@@ -368,6 +475,14 @@ class CausalSelfAttention(nn.Module):
         q = self.pos_embeddings(q, input_pos=input_pos)
         k = self.pos_embeddings(k, input_pos=input_pos)
 
+        if isinstance(mask, SharedPrefixMask):
+            if self.kv_cache is not None or self.sliding_window is not None:
+                raise ValueError(
+                    "a SharedPrefixMask is for cache-free forwards without a sliding window"
+                )
+            dropout_p = self.attn_dropout if self.training else 0.0
+            out = _attention_shared_prefix(q, k, v, mask, dropout_p, self.scale, self.softcap)
+            return self.output_proj(out)
         if isinstance(mask, DocumentMask):
             if self.kv_cache is not None:
                 raise ValueError("a DocumentMask is for cache-free forwards; got a KV cache")

@@ -4,7 +4,7 @@ from typing import List, Optional, Union
 import torch
 from torch import nn
 
-from torchtune.modules.attention import CausalSelfAttention, DocumentMask
+from torchtune.modules.attention import CausalSelfAttention, DocumentMask, SharedPrefixMask
 from torchtune.modules.kv_cache import KVCache
 
 
@@ -176,7 +176,9 @@ class TransformerDecoder(nn.Module):
                 the ``b * s`` tokens, with ``input_pos``; what ``padded_collate`` gives packed
                 rows): attention runs causally within each document, with no work on the
                 blocks between them. The batch may then be flattened to one row of documents
-                longer than ``max_seq_len``; each document may not. Otherwise an optional
+                longer than ``max_seq_len``; each document may not. Preference pairs may pass
+                a :class:`~torchtune.modules.attention.SharedPrefixMask` (a prompt once,
+                then its answers, with ``input_pos``). Otherwise an optional
                 ``BoolTensor[b, s, s]`` (True = may attend), e.g. a padding mask, used as
                 given (it must include causality). With KV caches on it is
                 ``[b, s, cache_len]`` over cache slots (e.g. left-padded generation: pass
@@ -215,6 +217,17 @@ class TransformerDecoder(nn.Module):
                 )
             if input_pos is None:
                 raise ValueError("A DocumentMask needs input_pos: positions restart per document")
+        elif isinstance(mask, SharedPrefixMask):
+            # Each position's own row is its group's prefix plus its branch.
+            if mask.max_sequence_len > self.max_seq_len:
+                raise ValueError(
+                    f"Prefix + branch length {mask.max_sequence_len} exceeds max_seq_len "
+                    f"{self.max_seq_len}"
+                )
+            if input_pos is None:
+                raise ValueError(
+                    "A SharedPrefixMask needs input_pos: each branch continues its prefix"
+                )
         elif s > max_len:
             raise ValueError(f"Sequence length {s} exceeds max_seq_len {max_len}")
         if caches_on:

@@ -148,7 +148,7 @@ class FullDPORecipeDistributed:
 
     def _reference_logps(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            return rlhf.sequence_logps(self._ref_model, batch, self._device)
+            return rlhf.sequence_logps(self._ref_model, batch, self._device, pairs=True)
 
     def train(self) -> None:
         """Run the remaining epochs; rank 0 logs every ``log_every_n_steps`` optimizer steps."""

@@ -91,7 +91,7 @@ def lora_reference_logps(
     adapter_params: Dict[str, nn.Parameter],
     reference_adapter: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The reference policy's :func:`~torchtune.rlhf.sequence_logps` of a pair batch, from
+    """The reference policy's :func:`~torchtune.rlhf.sequence_logps` (``pairs``) of a pair batch, from
     the policy model itself: its adapters switched off (``reference_adapter`` None, a fresh
     adapter) or ``reference_adapter`` copied in. In eval mode (no dropout), without gradients;
     the model is left in train mode.
@@ -114,6 +114,6 @@ def lora_reference_logps(
     model.eval()
     try:
         with torch.no_grad(), as_reference:
-            return sequence_logps(model, batch, device)
+            return sequence_logps(model, batch, device, pairs=True)
     finally:
         model.train()

@@ -36,7 +36,8 @@ def preference_step(
     ranks (each micro-batch's backward is scaled by its share of the step's pairs, counted up
     front), so ``k`` micro-batches on ``W`` ranks give the gradient of one batch ``k * W`` times
     larger. Chosen and
-    rejected rows go through the model together (:func:`sequence_logps`).
+    rejected rows go through the model together, their shared prompt once
+    (:func:`sequence_logps` with ``pairs``).
 
     Args:
         model: the policy (FSDP-sharded when ``world_size > 1``).
@@ -151,7 +152,7 @@ def _pair_losses(
         with torch.no_grad():
             ref_logps, _ = reference(mb)
         ref_chosen, ref_rejected = ref_logps.chunk(2)
-    logps, lengths = sequence_logps(model, mb, device)
+    logps, lengths = sequence_logps(model, mb, device, pairs=True)
     chosen, rejected = logps.chunk(2)
     chosen_len, rejected_len = lengths.chunk(2)
     losses, chosen_rewards, rejected_rewards = loss_fn(

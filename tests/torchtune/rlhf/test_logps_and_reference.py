@@ -64,27 +64,65 @@ def _hf_logps(hf_model, batch):
     return (token_logps * scored).sum(1), scored.sum(1)
 
 
-def test_sequence_logps_match_transformers(hf):
+def _awkward_pairs():
+    """Pairs whose shared prefix is cut by every rule: a prompt, none (the rows differ at
+    token 0), a chosen row that is a prefix of its rejected one, identical rows, and scored
+    prompt tokens (``train_on_input``) inside the shared prefix."""
+    g = torch.Generator().manual_seed(5)
+
+    def toks(n):
+        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+    prompt, a, b = toks(6), toks(5), toks(4)
+    samples = [
+        ((prompt, a), (prompt, b)),
+        (([7] + a, None), ([8] + b, None)),
+        ((prompt, a), (prompt, a + b)),
+        ((prompt, a), (prompt, a)),
+    ]
+    out = []
+    for (cp, ca), (rp, ra) in samples:
+        sample = {}
+        for side, (p_, a_) in (("chosen", (cp, ca)), ("rejected", (rp, ra))):
+            if a_ is None:  # everything scored
+                sample[f"{side}_tokens"], sample[f"{side}_labels"] = p_, list(p_)
+            else:
+                sample[f"{side}_tokens"] = p_ + a_
+                sample[f"{side}_labels"] = [IGNORE] * len(p_) + a_
+        out.append(sample)
+    # train_on_input: the prompt's tokens are scored in both rows
+    full = {"chosen_tokens": prompt + a, "rejected_tokens": prompt + b}
+    full["chosen_labels"], full["rejected_labels"] = list(prompt + a), list(prompt + b)
+    out.append(full)
+    return padded_collate_pairs(out, padding_idx=0)
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+@pytest.mark.parametrize("make_batch", [_pairs, _awkward_pairs])
+def test_sequence_logps_match_transformers(hf, pairs, make_batch):
     from torchtune.models.llama2 import llama2
 
     ours = llama2(**SIZES)
     ours.load_state_dict(hf_to_tune(hf.state_dict()))
-    batch = _pairs()
+    batch = make_batch()
     expected, lengths = _hf_logps(hf, batch)
     with torch.no_grad():
-        logps, our_lengths = sequence_logps(ours.eval(), batch, torch.device("cpu"))
+        logps, our_lengths = sequence_logps(ours.eval(), batch, torch.device("cpu"), pairs=pairs)
     torch.testing.assert_close(logps, expected, rtol=0, atol=2e-5)
     torch.testing.assert_close(our_lengths, lengths, rtol=0, atol=0)
 
 
-def test_sequence_logps_gradients_match_transformers(hf):
+@pytest.mark.parametrize("pairs", [False, True])
+@pytest.mark.parametrize("make_batch", [lambda: _pairs(seed=1), _awkward_pairs])
+def test_sequence_logps_gradients_match_transformers(hf, pairs, make_batch):
     from torchtune.models.llama2 import llama2
 
     ours = llama2(**SIZES)
     ours.load_state_dict(hf_to_tune(hf.state_dict()))
-    batch = _pairs(seed=1)
+    batch = make_batch()
     weights = torch.linspace(-1, 1, batch["tokens"].shape[0])
-    (sequence_logps(ours, batch, torch.device("cpu"))[0] * weights).sum().backward()
+    logps = sequence_logps(ours, batch, torch.device("cpu"), pairs=pairs)[0]
+    (logps * weights).sum().backward()
     hf.zero_grad()
     (_hf_logps(hf, batch)[0] * weights).sum().backward()
     hf_grads = hf_to_tune({k: p.grad for k, p in hf.named_parameters()})

@@ -85,7 +85,7 @@ def test_metrics_are_per_pair_means():
     params = _trained(model)
     batch = _pairs(n_pairs=3, seed=5)
     with torch.no_grad():
-        logps, lengths = sequence_logps(model, batch, CPU)
+        logps, lengths = sequence_logps(model, batch, CPU, pairs=True)  # as preference_step
     (pc, pr), (nc, nr) = logps.chunk(2), lengths.chunk(2)
     losses, cr, rr = SimPOLoss(2.0, 0.3)(pc, pr, None, None, nc, nr)
     opt = torch.optim.SGD(params.values(), lr=0.0)

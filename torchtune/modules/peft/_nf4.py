@@ -102,11 +102,29 @@ def dequantize_nf4(
     ops, _ = _bnb_ops()
     absmax = q["absmax"]
     if "absmax_scale" in q:
-        absmax = ops.dequantize_blockwise(
-            absmax, q["absmax_scale"], q["absmax_code"], SCALE_BLOCK_SIZE, torch.float32
-        )
-        absmax = absmax + q["absmax_offset"]
+        absmax = _dequantize_scales(absmax, q["absmax_scale"], q["absmax_code"])
+        absmax += q["absmax_offset"]
     return ops.dequantize_4bit(q["packed"], absmax, BLOCK_SIZE, "nf4", list(shape), dtype)
+
+
+def _dequantize_scales(codes: torch.Tensor, scales: torch.Tensor, code: torch.Tensor):
+    """``code[codes] * scales[block]`` over blocks of 256, in fp32: the same products as
+    bitsandbytes' ``dequantize_blockwise`` (one fp32 multiply each), written as a gather and
+    one broadcast multiply because its CPU kernel took 17x as long here (12.6 ms against 0.7
+    for the 262k scales of an 8192 x 2048 weight, 2 threads), a fifth of a dequantization.
+
+    Args:
+        codes: ``uint8[n]``; scales: ``[ceil(n / 256)]`` fp32; code: the 256 code values.
+
+    Returns:
+        ``[n]`` fp32.
+    """
+    out = code[codes.long()]  # [n], a fresh tensor: scaled in place
+    full = out.numel() - out.numel() % SCALE_BLOCK_SIZE
+    out[:full].view(-1, SCALE_BLOCK_SIZE).mul_(scales[: full // SCALE_BLOCK_SIZE, None])
+    if full < out.numel():  # the last, partial block
+        out[full:].mul_(scales[-1])
+    return out
 
 
 class NF4Weight(nn.Module):

@@ -41,6 +41,9 @@ NF4_CODE = torch.tensor(
     ]
 )
 SHAPES = [(37, 53), (64, 64), (96, 40), (5, 3)]  # odd sizes: blocks cross rows, a short tail
+# Past 256 blocks, double quantization has whole blocks of scales: 500 (one whole and a
+# partial one) and 1024 (exactly four).
+MANY_BLOCKS = [(160, 200), (128, 512)]
 
 
 def _weight(shape, dtype, seed=0):
@@ -62,7 +65,7 @@ def _plain_nf4(w: torch.Tensor):
     return (NF4_CODE[idx] * per_elem).view(w.shape), normed, per_elem
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + MANY_BLOCKS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_dequantized_weight_is_bitsandbytes_round_trip(shape, dtype, double_quant):
