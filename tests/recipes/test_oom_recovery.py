@@ -111,18 +111,15 @@ def test_single_device_oom_continues_with_half_the_micro_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_single_device_lora_oom_continues_with_half_the_micro_batch(tmp_path):
-    runs = _oom_vs_halved(tmp_path, "lora_finetune_single_device", "tiny/lora", batch=4)
-    oom, halved = (logged_losses(runs[k][0]) for k in ("oom", "halved"))
-    assert len(oom) == 5
-    torch.testing.assert_close(oom, halved, rtol=0, atol=1e-5)
-    print(f"max |loss diff| vs the halved run: {(oom - halved).abs().max():.2e}")
-    assert "micro-batch 4 -> 2" in runs["oom"][1].stderr
-
-
-@pytest.mark.slow
-def test_single_device_dpo_oom_halves_the_pairs(tmp_path):
-    runs = _oom_vs_halved(tmp_path, "lora_dpo_single_device", "tiny/lora_dpo", batch=4)
+@pytest.mark.parametrize(
+    "recipe,config",
+    [("lora_finetune_single_device", "tiny/lora"), ("lora_dpo_single_device", "tiny/lora_dpo")],
+    ids=["lora", "dpo_pairs"],
+)
+def test_single_device_lora_and_dpo_oom_continue_with_half_the_micro_batch(
+    tmp_path, recipe, config
+):
+    runs = _oom_vs_halved(tmp_path, recipe, config, batch=4)
     oom, halved = (logged_losses(runs[k][0]) for k in ("oom", "halved"))
     assert len(oom) == 5
     torch.testing.assert_close(oom, halved, rtol=0, atol=1e-5)

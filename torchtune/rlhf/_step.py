@@ -58,7 +58,8 @@ def preference_step(
         The step's metrics under TRL's names, means over its pairs on all ranks: ``loss``,
         ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
         ``logps/chosen``, ``logps/rejected`` (summed policy log-probabilities), and ``tokens``
-        (padding included, all ranks). A CPU-GPU sync point (and all-reduces on N ranks).
+        (scored ones, ``count_tokens``, all ranks). A CPU-GPU sync point (and all-reduces on N
+        ranks).
 
     Raises:
         ValueError: if the loss needs a reference and none is given.

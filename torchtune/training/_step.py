@@ -50,7 +50,7 @@ def optimizer_step(
 
     Returns:
         ``(loss, tokens)``: the step's mean token loss over all ranks, and the tokens
-        (padding included) all ranks processed. A CPU-GPU sync point.
+        (scored ones, ``count_tokens``) all ranks processed. A CPU-GPU sync point.
     """
     step = partial(
         _step,
