@@ -17,6 +17,7 @@ from tests.recipes.test_family_recipes import BASE, FAMILIES
 from tests.recipes.test_full_finetune_distributed import run_tune_distributed
 from tests.test_utils import randomise_norms_and_biases_, sample_conversations
 from tests.tokenizer_fixtures import QWEN3_LIKE_TEMPLATE, build_hf_tokenizer_dir
+from tests.torchtune.models.test_gemma3_multimodal import TINY_SIGLIP
 from torchtune import config
 from torchtune._recipe_registry import RECIPES, get_config
 from torchtune.models import hf_tokenizer
@@ -131,14 +132,7 @@ def _multimodal_folder(root: Path, folder: str) -> Path:
         return out
     text_dir = _model_folder(root, folder)  # the tokenizer and the text decoder's settings
     text = transformers.AutoConfig.from_pretrained(text_dir)
-    vision = transformers.SiglipVisionConfig(
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-    )
+    vision = transformers.SiglipVisionConfig(**TINY_SIGLIP)
     hf_config = transformers.Gemma3Config(
         text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4
     )

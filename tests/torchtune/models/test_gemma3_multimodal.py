@@ -19,6 +19,16 @@ VOCAB = BASE["vocab_size"]
 # Text only; the image token (VOCAB - 1) never appears.
 TOKENS = torch.randint(0, VOCAB - 4, (2, 19), generator=torch.Generator().manual_seed(1))
 
+# A one-layer SigLIP tower: the vision side of every tiny multimodal Gemma 3 in the tests.
+TINY_SIGLIP = dict(
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+)
+
 
 def tiny_multimodal(seed: int = 0, **text_overrides):
     """A random fp32 Gemma3ForConditionalGeneration: the gemma3-all text decoder (q/k norms,
@@ -26,14 +36,7 @@ def tiny_multimodal(seed: int = 0, **text_overrides):
     import transformers
 
     text = transformers.Gemma3TextConfig(**{**BASE, **CASES["gemma3-all"][2], **text_overrides})
-    vision = transformers.SiglipVisionConfig(
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-    )
+    vision = transformers.SiglipVisionConfig(**TINY_SIGLIP)
     config = transformers.Gemma3Config(
         text_config=text.to_dict(),
         vision_config=vision.to_dict(),
