@@ -5,6 +5,7 @@ transformers + PEFT preference-tuning loop (DPO, IPO, SimPO)."""
 import json
 import math
 import random
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -293,3 +294,54 @@ def test_dora_and_qlora_start_at_the_reference(assets, tmp_path, variant):
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert rows[0][name] == pytest.approx(0.0, abs=1e-6)
     assert abs(rows[1]["rewards/margins"]) > 1e-6
+
+
+def test_step_checkpoint_resume_by_one_switch_matches_the_uninterrupted_run(
+    assets, peft_adapter, tmp_path
+):
+    """From a PEFT adapter (so the frozen reference adapter must come back from
+    ``recipe_state.pt``), with dropout drawing from the RNG: a copy of the finished run cut
+    back to its mid-epoch ``step_6`` resumes with ``resume_from_checkpoint=True`` alone and logs
+    the uninterrupted run's steps 7-10 and ends with its adapter, bit for bit."""
+    from safetensors.torch import load_file
+
+    from torchtune.utils import read_checkpoints
+
+    straight = tmp_path / "straight"
+    extra = [f"checkpointer.adapter_checkpoint={peft_adapter}", "save_every_n_steps=3"]
+    extra += ["model.lora_dropout=0.1"]
+    run_tune(RECIPE, CONFIG, _overrides(assets, straight, *extra), cwd=tmp_path)
+    entries = read_checkpoints(straight)
+    names = ["step_3", "epoch_1", "step_6", "step_9", "epoch_2"]
+    assert [e["name"] for e in entries] == names
+    assert [e["final"] for e in entries] == [False] * 4 + [True]
+    assert (entries[2]["epochs_run"], entries[2]["steps_in_epoch"]) == (1, 1)
+
+    cut = tmp_path / "cut"
+    shutil.copytree(straight, cut)
+    index = json.loads((cut / "checkpoints.json").read_text())
+    index["checkpoints"] = index["checkpoints"][:3]  # as if killed during step 7
+    (cut / "checkpoints.json").write_text(json.dumps(index))
+    log_dir = tmp_path / "resumed_log"
+    resume = [f"metric_logger.log_dir={log_dir}", "resume_from_checkpoint=True"]
+    # The PEFT folder stays in the config: the one switch takes the run's own adapter.
+    run_tune(RECIPE, CONFIG, _overrides(assets, cut, *extra, *resume), cwd=tmp_path)
+    ours, theirs = read_disk_log(log_dir), read_disk_log(straight)[6:]
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(7, 11))
+    for name in (*METRICS, "lr"):
+        assert [r[name] for r in ours] == [r[name] for r in theirs], (name, ours, theirs)
+    a = load_file(straight / "epoch_2_adapter" / "adapter.safetensors")
+    b = load_file(cut / "epoch_2_adapter" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+def test_max_steps_ends_the_run_mid_epoch(assets, tmp_path):
+    run_tune(RECIPE, CONFIG, _overrides(assets, tmp_path, "max_steps=7"), cwd=tmp_path)
+    assert [r["step"] for r in read_disk_log(tmp_path)] == list(range(1, 8))
+    from torchtune.utils import read_checkpoints
+
+    entries = read_checkpoints(tmp_path)
+    assert [(e["name"], e["final"]) for e in entries] == [("epoch_1", False), ("step_7", True)]
+    assert (tmp_path / "step_7_peft" / "adapter_config.json").is_file()

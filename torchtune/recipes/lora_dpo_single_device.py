@@ -18,8 +18,10 @@ reference, and none is computed.
 
 Every step logs TRL's metric names: ``loss``, ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, plus ``lr``,
-``tokens_per_second`` and ``peak_memory_gib``. Outputs and resuming as in
-``lora_finetune_single_device``.
+``tokens_per_second`` and ``peak_memory_gib``. Outputs, step checkpoints
+(``save_every_n_steps``, ``keep_last_n_checkpoints``), ``max_steps`` and resuming
+(``resume_from_checkpoint=True`` alone continues from the latest complete checkpoint, mid-epoch
+with the same batches) as in ``lora_finetune_single_device``.
 """
 
 import logging
@@ -70,17 +72,15 @@ class LoRADPORecipeSingleDevice:
     def setup(self, cfg: DictConfig) -> None:
         """Build everything from the config; on resume, restore the recipe state last."""
         self._metric_logger = config.instantiate(cfg.metric_logger)
-        self._checkpointer = config.instantiate(
-            cfg.checkpointer, resume_from_checkpoint=self._loop.resume
-        )
+        self._checkpointer = training.build_checkpointer(cfg)
         ckpt = self._checkpointer.load_checkpoint()
         if self._loop.resume:
+            self._state = self._state.resumed_from(ckpt)
+            utils.set_seed(self._state.seed)  # later epochs' data order derives from it
             if "adapter" not in ckpt:
                 raise ValueError(
                     "resume_from_checkpoint=True needs checkpointer.adapter_checkpoint"
                 )
-            self._state = self._state.resumed_from(ckpt)
-            utils.set_seed(self._state.seed)
         self._model = self._setup_model(cfg.model, cfg.enable_activation_checkpointing, ckpt)
         self._reference = partial(
             rlhf.lora_reference_logps,
@@ -94,14 +94,18 @@ class LoRADPORecipeSingleDevice:
         self._optimizer = config.instantiate(cfg.optimizer, list(self._adapter_params.values()))
         if "optimizer" in ckpt:
             self._optimizer.load_state_dict(ckpt["optimizer"])
+        dataset = config.instantiate(cfg.dataset, tokenizer=self._tokenizer)
         self._dataloader = training.build_dataloader(
-            config.instantiate(cfg.dataset, tokenizer=self._tokenizer),
+            dataset,
             batch_size=cfg.batch_size,
             pad_id=padding_id(self._tokenizer),
             shuffle=cfg.shuffle,
             seed=self._state.seed,
             collate_fn=padded_collate_pairs,
         )
+        self._state.signature = training.run_signature(cfg, dataset)
+        if self._loop.resume:  # the same batches as the run resumed, or a ValueError
+            training.check_resume_signature(ckpt, self._state.signature)
         # The model folder gets the tokenizer and the chat template of this training data.
         files = training.tokenizer_output_files(cfg, self._tokenizer, self._dataloader.dataset)
         self._checkpointer.set_model_folder_files(files)
@@ -113,7 +117,7 @@ class LoRADPORecipeSingleDevice:
         self._lr_scheduler = training.build_lr_scheduler(
             cfg.lr_scheduler,
             self._optimizer,
-            num_training_steps=self._state.total_epochs * self._steps_per_epoch,
+            num_training_steps=self._state.total_steps(self._steps_per_epoch),
             global_step=self._state.global_step,
         )
         # On out of memory, retry the step with half the micro-batch.
@@ -169,20 +173,24 @@ class LoRADPORecipeSingleDevice:
 
     def train(self) -> None:
         """Run the remaining epochs, logging every ``log_every_n_steps`` optimizer steps."""
-        state = self._state
+        state, steps_per_epoch = self._state, self._steps_per_epoch
+        if state.finished:
+            log.info("Nothing to do: %d of %d epochs run", state.epochs_run, state.total_epochs)
         self._model.train()
-        for epoch in range(state.epochs_run, state.total_epochs):
-            progress = training.StepLog(
-                self._metric_logger,
-                self._loop.log_every_n_steps,
-                self._device,
-                self._steps_per_epoch,
-                desc=f"epoch {epoch + 1}/{state.total_epochs}",
-            )
+        progress = training.StepLog(
+            self._metric_logger,
+            self._loop.log_every_n_steps,
+            self._device,
+            state.total_steps(steps_per_epoch),
+            desc="train",
+            initial=state.global_step,
+        )
+        for epoch in state.remaining_epochs():  # stops at max_steps
+            progress.set_description(f"epoch {epoch + 1}/{state.total_epochs}")
             for micro_batches in training.epoch_micro_batches(
                 self._dataloader,
                 epoch,
-                self._steps_per_epoch,
+                state.epoch_steps(steps_per_epoch),
                 self._loop.gradient_accumulation_steps,
                 start_step=state.steps_in_epoch,
             ):
@@ -204,21 +212,24 @@ class LoRADPORecipeSingleDevice:
                 loss, tokens = metrics.pop("loss"), metrics.pop("tokens")
                 seconds = time.perf_counter() - t0
                 progress.step(state.global_step, loss, lr, tokens, seconds, extra=metrics)
-            progress.close()
-            state.end_epoch()
-            self.save_checkpoint(epoch)
+                if state.step_checkpoint_due(self._loop.save_every_n_steps, steps_per_epoch):
+                    self.save_checkpoint()
+            state.close_epoch(steps_per_epoch)
+            self.save_checkpoint()  # epoch_N, or step_N where max_steps ends the run
+        progress.close()
         log.info("Peak memory: %s", utils.get_memory_stats(self._device))
 
-    def save_checkpoint(self, epoch: int) -> None:
-        """The merged model and the adapter; unless this was the last epoch, also the state
-        to resume from, with the frozen reference adapter when there is one."""
+    def save_checkpoint(self) -> None:
+        """The merged model and the adapter; unless this ends the run, also the state to
+        resume from, with the frozen reference adapter when there is one."""
         sd = {k: v.detach().cpu() for k, v in self._model.state_dict().items()}
         ckpt: Dict[str, Any] = {
             "model": get_merged_lora_state_dict(self._model, sd),
             "adapter": get_adapter_state_dict(self._model, sd),
             "adapter_config": get_lora_config(self._model),
         }
-        if not self._state.finished:
+        intermediate = not self._state.finished
+        if intermediate:
             ckpt.update(self._state.state_dict(self._device))
             ckpt["optimizer"] = self._optimizer.state_dict()
             if self._reference_adapter is not None:
@@ -226,7 +237,10 @@ class LoRADPORecipeSingleDevice:
                     k: v.cpu() for k, v in self._reference_adapter.items()
                 }
         self._checkpointer.save_checkpoint(
-            ckpt, epoch=epoch + 1, intermediate_checkpoint=not self._state.finished
+            ckpt,
+            intermediate_checkpoint=intermediate,
+            name=self._state.checkpoint_name,
+            info=self._state.checkpoint_info(),
         )
 
     def cleanup(self) -> None:

@@ -175,8 +175,15 @@ class _Checkpointer:
             entry = self.resume_entry = latest_checkpoint(self._output_dir)
             files = entry["files"]
             if files.get("adapter"):  # LoRA: the same base, the saved adapter
-                if adapter_checkpoint is None:
-                    adapter_checkpoint = self._output_dir / files["adapter"]
+                # A configured adapter_checkpoint is the run's starting adapter; the state
+                # resumed belongs with the saved one.
+                if adapter_checkpoint is not None:
+                    log.info(
+                        "Resuming: the saved adapter replaces adapter_checkpoint %s (the "
+                        "run's start)",
+                        adapter_checkpoint,
+                    )
+                adapter_checkpoint = self._output_dir / files["adapter"]
             else:  # full fine-tuning: the saved model, under the input's file names
                 checkpoint_dir = self._output_dir / files["model"]
                 names = [Path(n).name for n in names]
