@@ -83,3 +83,31 @@ def test_resume_gives_the_uninterrupted_run(assets, peft_adapter, tmp_path):  # 
     ]
     run_tune_distributed(RECIPE, CONFIG, overrides + resume, cwd=resumed)
     _assert_same_metrics(read_disk_log(resumed), read_disk_log(full)[2:], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_step_checkpoint_resume_by_one_switch_on_two_ranks(assets, peft_adapter, tmp_path):  # noqa: F811
+    """A step checkpoint in the middle of epoch 1, resumed with ``resume_from_checkpoint=True``
+    alone (the run's PEFT starting adapter still in the config), logs the uninterrupted run."""
+    import json
+    import shutil
+
+    from torchtune.utils import read_checkpoints
+
+    extra = [f"checkpointer.adapter_checkpoint={peft_adapter}", "save_every_n_steps=1"]
+    straight = tmp_path / "straight"
+    overrides = _overrides(assets, straight, True, *extra)
+    run_tune_distributed(RECIPE, CONFIG, overrides, cwd=tmp_path)
+    names = [e["name"] for e in read_checkpoints(straight)]
+    assert names == ["step_1", "epoch_1", "step_3", "epoch_2"]
+    cut = tmp_path / "cut"
+    shutil.copytree(straight, cut)
+    index = json.loads((cut / "checkpoints.json").read_text())
+    index["checkpoints"] = index["checkpoints"][:1]  # as if killed during step 2
+    (cut / "checkpoints.json").write_text(json.dumps(index))
+    log_dir = tmp_path / "resumed_log"
+    resume = [f"output_dir={cut}", f"metric_logger.log_dir={log_dir}"]
+    run_tune_distributed(
+        RECIPE, CONFIG, overrides + resume + ["resume_from_checkpoint=True"], cwd=tmp_path
+    )
+    _assert_same_metrics(read_disk_log(log_dir), read_disk_log(straight)[1:], atol=1e-6)

@@ -8,9 +8,11 @@ the policy (so each rank holds 1/W of it), built from ``ref_checkpointer`` when 
 one, else from the same checkpoint as the policy. SimPO has no reference, and none is built.
 The loss of a step is the mean over all ranks' pairs, as in ``lora_dpo_distributed``.
 
-Resuming reads the policy from an ``epoch_N`` folder (``checkpointer.checkpoint_dir``), so the
-reference must then come from the original model: ``ref_checkpointer`` is required, e.g. a copy
-of the first run's ``checkpointer`` node.
+Step checkpoints (``save_every_n_steps``), ``max_steps`` and ``resume_from_checkpoint=True``
+alone as in the other recipes. Resuming reads the policy from the checkpoint resumed (the
+latest complete one, or ``checkpointer.checkpoint_dir``), so the reference must then come from
+the original model: ``ref_checkpointer`` is required, e.g. a copy of the first run's
+``checkpointer`` node.
 """
 
 import logging
@@ -69,9 +71,7 @@ class FullDPORecipeDistributed:
                 "resume_from_checkpoint=True needs ref_checkpointer (the original model, the "
                 "reference); checkpointer now reads the trained epoch"
             )
-        self._checkpointer = config.instantiate(
-            cfg.checkpointer, resume_from_checkpoint=self._loop.resume
-        )
+        self._checkpointer = training.build_checkpointer(cfg)
         ckpt = training.load_checkpoint_on_rank_zero(self._checkpointer, self._is_rank_zero)
         if self._loop.resume:
             self._state = self._state.resumed_from(ckpt)
@@ -97,8 +97,9 @@ class FullDPORecipeDistributed:
         self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
         if "optimizer" in ckpt:  # on every rank: loading is collective
             utils.load_optimizer_state_dict(self._model, self._optimizer, ckpt["optimizer"])
+        dataset = config.instantiate(cfg.dataset, tokenizer=self._tokenizer)
         self._dataloader = training.build_dataloader(
-            config.instantiate(cfg.dataset, tokenizer=self._tokenizer),
+            dataset,
             batch_size=cfg.batch_size,
             pad_id=padding_id(self._tokenizer),
             shuffle=cfg.shuffle,
@@ -107,6 +108,9 @@ class FullDPORecipeDistributed:
             rank=self._rank,
             collate_fn=padded_collate_pairs,
         )
+        self._state.signature = training.run_signature(cfg, dataset, self._world_size)
+        if self._loop.resume:  # the same global batches as the run resumed, or a ValueError
+            training.check_resume_signature(ckpt, self._state.signature)
         # The model folder gets the tokenizer and the chat template of this training data.
         files = training.tokenizer_output_files(cfg, self._tokenizer, self._dataloader.dataset)
         self._checkpointer.set_model_folder_files(files)
@@ -118,7 +122,7 @@ class FullDPORecipeDistributed:
         self._lr_scheduler = training.build_lr_scheduler(
             cfg.lr_scheduler,
             self._optimizer,
-            num_training_steps=self._state.total_epochs * self._steps_per_epoch,
+            num_training_steps=self._state.total_steps(self._steps_per_epoch),
             global_step=self._state.global_step,
         )
         # On out of memory, retry the step with half the micro-batch.
@@ -152,7 +156,7 @@ class FullDPORecipeDistributed:
 
     def train(self) -> None:
         """Run the remaining epochs; rank 0 logs every ``log_every_n_steps`` optimizer steps."""
-        state = self._state
+        state, steps_per_epoch = self._state, self._steps_per_epoch
         reference = self._reference_logps if self._ref_model is not None else None
         step = partial(
             rlhf.preference_step,
@@ -167,19 +171,23 @@ class FullDPORecipeDistributed:
             lr_scheduler=self._lr_scheduler,
             oom=self._oom,
         )
-        for epoch in range(state.epochs_run, state.total_epochs):
-            progress = training.StepLog(
-                self._metric_logger,
-                self._loop.log_every_n_steps,
-                self._device,
-                self._steps_per_epoch,
-                desc=f"epoch {epoch + 1}/{state.total_epochs}",
-                show=self._is_rank_zero,
-            )
+        if state.finished:
+            log.info("Nothing to do: %d of %d epochs run", state.epochs_run, state.total_epochs)
+        progress = training.StepLog(
+            self._metric_logger,
+            self._loop.log_every_n_steps,
+            self._device,
+            state.total_steps(steps_per_epoch),
+            desc="train",
+            show=self._is_rank_zero,
+            initial=state.global_step,
+        )
+        for epoch in state.remaining_epochs():  # stops at max_steps
+            progress.set_description(f"epoch {epoch + 1}/{state.total_epochs}")
             for micro_batches in training.epoch_micro_batches(
                 self._dataloader,
                 epoch,
-                self._steps_per_epoch,
+                state.epoch_steps(steps_per_epoch),
                 self._loop.gradient_accumulation_steps,
                 start_step=state.steps_in_epoch,
             ):
@@ -190,13 +198,15 @@ class FullDPORecipeDistributed:
                 loss, tokens = metrics.pop("loss"), metrics.pop("tokens")
                 seconds = time.perf_counter() - t0
                 progress.step(state.global_step, loss, lr, tokens, seconds, extra=metrics)
-            progress.close()
-            state.end_epoch()
-            self.save_checkpoint(epoch)
+                if state.step_checkpoint_due(self._loop.save_every_n_steps, steps_per_epoch):
+                    self.save_checkpoint()
+            state.close_epoch(steps_per_epoch)
+            self.save_checkpoint()  # epoch_N, or step_N where max_steps ends the run
+        progress.close()
 
-    def save_checkpoint(self, epoch: int) -> None:
+    def save_checkpoint(self) -> None:
         """Gather the policy on rank 0 and write it there (plus, unless this was the last
-        epoch, the state to resume from). Every rank must call this."""
+        end of the run, the state to resume from). Every rank must call this."""
         last = self._state.finished
         ckpt: Dict[str, Any] = {"model": utils.gather_full_state_dict(self._model, self._dtype)}
         if not last:
@@ -204,7 +214,10 @@ class FullDPORecipeDistributed:
             ckpt["optimizer"] = utils.gather_optimizer_state_dict(self._model, self._optimizer)
         if self._is_rank_zero:
             self._checkpointer.save_checkpoint(
-                ckpt, epoch=epoch + 1, intermediate_checkpoint=not last
+                ckpt,
+                intermediate_checkpoint=not last,
+                name=self._state.checkpoint_name,
+                info=self._state.checkpoint_info(),
             )
         torch.distributed.barrier()  # nobody reads or resumes before the files exist
 

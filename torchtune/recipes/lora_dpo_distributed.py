@@ -9,7 +9,9 @@ every ``W``-th pair of the shared order: the step's loss is the mean over all ra
 ``W`` ranks with batches of ``b`` log the single-device run with batches of ``W * b``. The
 reference is the base model (adapters switched off) for a fresh adapter, or the starting
 adapter frozen: a copy of this rank's adapter shards, copied in for the reference forward
-and saved (gathered) in ``recipe_state.pt`` for resuming.
+and saved (gathered) in ``recipe_state.pt`` for resuming. Step checkpoints
+(``save_every_n_steps``), ``max_steps`` and ``resume_from_checkpoint=True`` alone as in
+``lora_dpo_single_device``; a run resumes on any number of ranks with the same global batch.
 """
 
 import logging
@@ -70,9 +72,7 @@ class LoRADPORecipeDistributed:
     def setup(self, cfg: DictConfig) -> None:
         """Build everything from the config; on resume, restore the recipe state last."""
         self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero else None
-        self._checkpointer = config.instantiate(
-            cfg.checkpointer, resume_from_checkpoint=self._loop.resume
-        )
+        self._checkpointer = training.build_checkpointer(cfg)
         ckpt = training.load_checkpoint_on_rank_zero(self._checkpointer, self._is_rank_zero)
         if self._loop.resume:
             if "adapter" not in ckpt:  # the key is on every rank, the tensors on rank 0
@@ -94,8 +94,9 @@ class LoRADPORecipeDistributed:
         self._optimizer = config.instantiate(cfg.optimizer, list(self._adapter_params.values()))
         if "optimizer" in ckpt:  # on every rank: loading is collective
             utils.load_optimizer_state_dict(self._model, self._optimizer, ckpt["optimizer"])
+        dataset = config.instantiate(cfg.dataset, tokenizer=self._tokenizer)
         self._dataloader = training.build_dataloader(
-            config.instantiate(cfg.dataset, tokenizer=self._tokenizer),
+            dataset,
             batch_size=cfg.batch_size,
             pad_id=padding_id(self._tokenizer),
             shuffle=cfg.shuffle,
@@ -104,6 +105,9 @@ class LoRADPORecipeDistributed:
             rank=self._rank,
             collate_fn=padded_collate_pairs,
         )
+        self._state.signature = training.run_signature(cfg, dataset, self._world_size)
+        if self._loop.resume:  # the same global batches as the run resumed, or a ValueError
+            training.check_resume_signature(ckpt, self._state.signature)
         # The model folder gets the tokenizer and the chat template of this training data.
         files = training.tokenizer_output_files(cfg, self._tokenizer, self._dataloader.dataset)
         self._checkpointer.set_model_folder_files(files)
@@ -115,7 +119,7 @@ class LoRADPORecipeDistributed:
         self._lr_scheduler = training.build_lr_scheduler(
             cfg.lr_scheduler,
             self._optimizer,
-            num_training_steps=self._state.total_epochs * self._steps_per_epoch,
+            num_training_steps=self._state.total_steps(self._steps_per_epoch),
             global_step=self._state.global_step,
         )
         # On out of memory, retry the step with half the micro-batch.
@@ -176,21 +180,25 @@ class LoRADPORecipeDistributed:
 
     def train(self) -> None:
         """Run the remaining epochs; rank 0 logs every ``log_every_n_steps`` optimizer steps."""
-        state = self._state
+        state, steps_per_epoch = self._state, self._steps_per_epoch
         self._model.train()
-        for epoch in range(state.epochs_run, state.total_epochs):
-            progress = training.StepLog(
-                self._metric_logger,
-                self._loop.log_every_n_steps,
-                self._device,
-                self._steps_per_epoch,
-                desc=f"epoch {epoch + 1}/{state.total_epochs}",
-                show=self._is_rank_zero,
-            )
+        if state.finished:
+            log.info("Nothing to do: %d of %d epochs run", state.epochs_run, state.total_epochs)
+        progress = training.StepLog(
+            self._metric_logger,
+            self._loop.log_every_n_steps,
+            self._device,
+            state.total_steps(steps_per_epoch),
+            desc="train",
+            show=self._is_rank_zero,
+            initial=state.global_step,
+        )
+        for epoch in state.remaining_epochs():  # stops at max_steps
+            progress.set_description(f"epoch {epoch + 1}/{state.total_epochs}")
             for micro_batches in training.epoch_micro_batches(
                 self._dataloader,
                 epoch,
-                self._steps_per_epoch,
+                state.epoch_steps(steps_per_epoch),
                 self._loop.gradient_accumulation_steps,
                 start_step=state.steps_in_epoch,
             ):
@@ -213,13 +221,15 @@ class LoRADPORecipeDistributed:
                 loss, tokens = metrics.pop("loss"), metrics.pop("tokens")
                 seconds = time.perf_counter() - t0
                 progress.step(state.global_step, loss, lr, tokens, seconds, extra=metrics)
-            progress.close()
-            state.end_epoch()
-            self.save_checkpoint(epoch)
+                if state.step_checkpoint_due(self._loop.save_every_n_steps, steps_per_epoch):
+                    self.save_checkpoint()
+            state.close_epoch(steps_per_epoch)
+            self.save_checkpoint()  # epoch_N, or step_N where max_steps ends the run
+        progress.close()
 
-    def save_checkpoint(self, epoch: int) -> None:
+    def save_checkpoint(self) -> None:
         """Gather on rank 0 and write the merged model and the adapter (plus, unless this was
-        the last epoch, the state to resume from). Every rank must call this."""
+        the run's end, the state to resume from). Every rank must call this."""
         full_sd = utils.gather_full_state_dict(self._model)  # fp32 masters; {} off rank 0
         ckpt: Dict[str, Any] = {}
         if self._is_rank_zero:
@@ -239,7 +249,10 @@ class LoRADPORecipeDistributed:
                 }
         if self._is_rank_zero:
             self._checkpointer.save_checkpoint(
-                ckpt, epoch=epoch + 1, intermediate_checkpoint=not last
+                ckpt,
+                intermediate_checkpoint=not last,
+                name=self._state.checkpoint_name,
+                info=self._state.checkpoint_info(),
             )
         torch.distributed.barrier()  # nobody reads or resumes before the files exist
 

@@ -4,6 +4,7 @@
 so either resumes the other's run)."""
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterator, Mapping, Optional
@@ -251,7 +252,7 @@ class RecipeState:
 def run_signature(cfg: Mapping[str, Any], dataset: Any, world_size: int = 1) -> Dict[str, Any]:
     """What a resumed run must share with the run it resumes to see the same batches: the
     global batch (``world_size`` x ``batch_size``, both recorded), gradient accumulation and
-    the dataset (its length and a sha256 of its resolved config node).
+    the dataset (its length and a sha256 of its resolved config node, keys sorted).
 
     Args:
         cfg: the recipe config (``dataset``, ``batch_size``, ``gradient_accumulation_steps``).
@@ -259,7 +260,10 @@ def run_signature(cfg: Mapping[str, Any], dataset: Any, world_size: int = 1) -> 
         world_size: number of ranks.
     """
     node = cfg["dataset"]
-    text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else repr(node)
+    if isinstance(node, DictConfig):  # key order is not meaning: a rewritten YAML still resumes
+        text = json.dumps(OmegaConf.to_container(node, resolve=True), sort_keys=True, default=str)
+    else:
+        text = repr(node)
     return {
         "world_size": int(world_size),
         "batch_size": int(cfg["batch_size"]),

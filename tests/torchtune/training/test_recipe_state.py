@@ -194,3 +194,17 @@ def test_resume_signature_refuses_other_batches():
     other = run_signature({**cfg, "dataset": {"source": "json", "max_seq_len": 32}}, range(40))
     with pytest.raises(ValueError, match=f"config hash {ours['dataset']['config_sha256'][:12]}"):
         check_resume_signature(saved, other)
+
+
+def test_resume_signature_ignores_the_key_order_of_the_dataset_node():
+    from omegaconf import OmegaConf
+
+    from torchtune.training import run_signature
+
+    def sig(node):
+        cfg = OmegaConf.create({"dataset": node, "batch_size": 4, "gradient_accumulation_steps": 1})
+        return run_signature(cfg, range(40))["dataset"]["config_sha256"]
+
+    a = {"_component_": "x.y", "source": "json", "max_seq_len": 64}
+    assert sig(a) == sig(dict(reversed(list(a.items()))))  # e.g. a YAML rewritten sorted
+    assert sig(a) != sig({**a, "max_seq_len": 32})
